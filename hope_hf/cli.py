@@ -1,0 +1,713 @@
+"""The ``hope-hf`` command line: ``train``, ``eval``, ``generate`` and ``convert``.
+
+Every command is built on ``HfArgumentParser``; ``hope-hf COMMAND --help`` explains every option. ``train`` runs
+unchanged under ``accelerate launch`` / ``torchrun`` (it is a ``Trainer`` run).
+
+The main job, on a fresh machine after ``pip install hope-hf`` (CPU, a few minutes, no download)::
+
+    hope-hf train --output_dir hope-tiny
+
+trains a byte-level BPE tokenizer and the ``tiny`` preset on the embedded corpus (the Python standard library's
+source), prints train and eval loss and perplexity next to the unigram baseline of the same data, saves model,
+tokenizer and a model card in ``hope-tiny/`` and prints a sample generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["main"]
+
+COMMANDS = {
+    "train": "train a HOPE model (a preset from scratch, or continue a saved model) with Trainer",
+    "eval": "perplexity of a saved model on held-out data (through the shipped `evaluate` metric)",
+    "generate": "generate text from a saved model",
+    "convert": "convert a Llama-family checkpoint into a HOPE model (attention variant)",
+}
+
+
+class CliError(ValueError):
+    """A usage error: the message names the option and what it accepts."""
+
+
+# ============================================================================================ arguments
+@dataclass
+class ModelArguments:
+    preset: str = field(
+        default="tiny",
+        metadata={"help": "Model size to train from scratch: a name known to `hope_hf.presets.get_preset` (e.g. "
+                          "'tiny'). Ignored with --model_name_or_path."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved HOPE model folder to continue training from instead of a fresh preset; its "
+                          "tokenizer is used unless --tokenizer_name_or_path is given."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated config fields to override on the preset, e.g. "
+                          "'num_hidden_layers=2,hidden_size=128,chunk_size=16'. Values are parsed as JSON when "
+                          "possible (numbers, true/false, lists), else kept as strings."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved Transformers tokenizer folder. Without it a byte-level BPE tokenizer of "
+                          "--vocab_size entries is trained on the training data (or reused from --output_dir when "
+                          "resuming)."},
+    )
+    vocab_size: int = field(
+        default=4096,
+        metadata={"help": "Vocabulary size of the trained tokenizer (>= 258); the model's vocab_size follows it."},
+    )
+    continuum: bool = field(
+        default=True,
+        metadata={"help": "Step each CMS level only every `period` tokens on its summed gradients "
+                          "(ContinuumOptimizer, DESIGN §2.3). --no_continuum steps every parameter every step."},
+    )
+
+
+@dataclass
+class DataArguments:
+    data: str = field(
+        default="stdlib",
+        metadata={"help": "Training data: 'stdlib' (the embedded corpus: the Python standard library's source, no "
+                          "download), a local .txt/.json/.jsonl/.py/.md file, a directory or glob of them, or a "
+                          "`datasets` name ('name' or 'name:config')."},
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation data (same forms as --data). Default: every --eval_every-th document of --data "
+                          "is held out."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON data or datasets."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per packed training sequence (>= 2)."})
+    max_corpus_chars: int | None = field(
+        default=4_000_000,
+        metadata={"help": "Only for --data stdlib: read standard-library files (sorted by path) up to about this "
+                          "many characters."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the data (a `datasets.IterableDataset`); needs --max_steps."},
+    )
+    eval_every: int = field(
+        default=20, metadata={"help": "Without --eval_data, hold out every N-th document for evaluation (N >= 2)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many packed sequences."}
+    )
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete what --output_dir holds and start a fresh run. Without it, a folder with "
+                          "checkpoints is resumed from its last checkpoint and any other non-empty folder is an "
+                          "error: nothing is ever overwritten silently."},
+    )
+    sample_prompt: str = field(
+        default="def ", metadata={"help": "Prompt of the sample generation printed after training."}
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "Length of the sample generation printed after training (0: none)."}
+    )
+
+
+def _training_arguments_class():
+    from transformers import TrainingArguments
+
+    @dataclass
+    class HopeTrainingArguments(TrainingArguments):
+        """`TrainingArguments` with defaults sized for the tiny preset on CPU (a few minutes)."""
+
+        output_dir: str | None = field(
+            default=None, metadata={"help": "Where checkpoints, the final model, tokenizer and model card go (required)."}
+        )
+        max_steps: int = field(default=600, metadata={"help": "Total optimizer steps (-1: use num_train_epochs)."})
+        per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
+        per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device for evaluation."})
+        learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
+        weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices."})
+        lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+        warmup_steps: float = field(
+            default=30, metadata={"help": "Linear warm-up steps (a float < 1 is a fraction of the run)."}
+        )
+        logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
+        logging_first_step: bool = field(default=True, metadata={"help": "Log the loss of the first step too."})
+        eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+        eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
+        save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
+        save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+        report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers ('none')."})
+
+    return HopeTrainingArguments
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "A saved HOPE model folder (with its tokenizer) to evaluate (required)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder, if not the model's."}
+    )
+    data: str = field(default="stdlib", metadata={"help": "Data to score; same forms as `train --data`."})
+    split: str = field(
+        default="heldout",
+        metadata={"help": "'heldout': the documents `train` holds out (every --eval_every-th); 'all': every document."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON data or datasets."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per scored sequence (>= 2)."})
+    max_corpus_chars: int | None = field(default=4_000_000, metadata={"help": "As `train --max_corpus_chars`."})
+    eval_every: int = field(default=20, metadata={"help": "As `train --eval_every`."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Score at most this many sequences."})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."})
+    output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+
+
+@dataclass
+class GenerateArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "A saved HOPE model folder (required)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer folder, if not the model's."})
+    prompt: str = field(default="def ", metadata={"help": "The prompt to continue."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate (>= 1)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0), with --do_sample."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens, with --do_sample."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass, with --do_sample."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."})
+
+
+@dataclass
+class ConvertArguments:
+    llama_model: str = field(
+        default=None, metadata={"help": "A local Llama-family checkpoint folder (LlamaForCausalLM) to convert (required)."}
+    )
+    output_dir: str = field(default=None, metadata={"help": "Where the HOPE model and the tokenizer are saved (required)."})
+    extra_levels: str | None = field(
+        default=None,
+        metadata={"help": "Extra CMS levels after the converted MLP, as JSON, e.g. "
+                          "'[{\"period\": 2048, \"intermediate_size\": 256}]'; their down-projections start at zero "
+                          "so the converted model computes the Llama logits."},
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype to load and save in: float32, bfloat16, float16."})
+
+
+# ============================================================================================ helpers
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+def _parse_overrides(text: str | None) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--config_overrides: expected 'key=value' items separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise CliError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from err
+
+
+def _load_model(path: str, device=None):
+    from transformers import AutoConfig
+
+    import hope_hf  # noqa: F401  (registers the HOPE auto classes)
+    from hope_hf import HopeForCausalLM
+
+    if not os.path.isdir(path):
+        raise CliError(f"--model_name_or_path {path!r} is not a folder (a model saved with save_pretrained)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CliError(f"--model_name_or_path {path!r} has no config.json: not a saved model folder")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != HopeForCausalLM.config_class.model_type:
+        raise CliError(
+            f"--model_name_or_path {path!r} holds a {config.model_type!r} model, not a HOPE model "
+            f"({HopeForCausalLM.config_class.model_type!r}); convert Llama models with `hope-hf convert`"
+        )
+    model = HopeForCausalLM.from_pretrained(path)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _load_tokenizer(path: str, option: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path) or not any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def unigram_baseline(train_ids, eval_ids, vocab_size: int) -> float:
+    """Perplexity on ``eval_ids`` (predicted positions: all but the first of each sequence) of the add-one-smoothed
+    unigram distribution of ``train_ids``; both are lists of token-id sequences."""
+    import numpy as np
+
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for seq in train_ids:
+        counts += np.bincount(np.asarray(seq[1:], dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+    nll, n = 0.0, 0
+    for seq in eval_ids:
+        tgt = np.asarray(seq[1:], dtype=np.int64)
+        nll -= float(logp[tgt].sum())
+        n += tgt.size
+    return math.exp(nll / n)
+
+
+def _prepare_output_dir(path: str, overwrite: bool, is_main: bool) -> str | None:
+    """Return the checkpoint to resume from (or None); refuse to overwrite anything silently."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(path) or not os.listdir(path):
+        return None
+    if overwrite:
+        if is_main:
+            _log(f"--overwrite_output_dir: deleting the contents of {path}")
+            for entry in os.listdir(path):
+                full = os.path.join(path, entry)
+                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+        return None
+    finished = os.path.exists(os.path.join(path, "all_results.json"))
+    last = get_last_checkpoint(path)
+    if finished:
+        raise CliError(
+            f"--output_dir {path!r} already holds a finished run (all_results.json); choose another --output_dir "
+            "or pass --overwrite_output_dir to replace it"
+        )
+    if last is None:
+        raise CliError(
+            f"--output_dir {path!r} exists, is not empty and holds no checkpoint to resume; choose another "
+            "--output_dir or pass --overwrite_output_dir to replace its contents"
+        )
+    return last
+
+
+def _write_model_card(output_dir: str, *, preset: str, data: str, metrics: dict, config, num_params: int) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data_name = "python-stdlib-source" if data == "stdlib" else data
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["hope", "nested-learning", "continuum-memory-system", "custom_code"],
+        model_name=os.path.basename(os.path.abspath(output_dir)),
+    )
+    ppl = metrics.get("eval_perplexity")
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {card_data.model_name}",
+        "",
+        "A HOPE model (Nested Learning, NeurIPS 2025: self-modifying Titans mixer + Continuum Memory System), "
+        f"preset `{preset}`, {num_params:,} parameters, trained with `hope-hf train` on `{data_name}`.",
+        "",
+        "## Training",
+        "",
+        f"- data: `{data_name}`; sequences of {metrics.get('seq_len')} tokens; {metrics.get('train_tokens', 0):,} "
+        "training tokens seen",
+        f"- CMS levels (period in tokens, 0 = frozen): {[lvl['period'] for lvl in getattr(config, 'cms_levels', [])]}",
+        f"- steps: {metrics.get('global_step')}, wall time {metrics.get('train_runtime', 0):.0f} s",
+        "",
+        "## Evaluation (held-out documents of the same data)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| train loss (mean over the run) | {metrics.get('train_loss', float('nan')):.4f} |",
+        f"| eval loss | {metrics.get('eval_loss', float('nan')):.4f} |",
+        f"| eval perplexity | {ppl if ppl is None else f'{ppl:.2f}'} |",
+        f"| unigram baseline perplexity | {metrics.get('unigram_perplexity', float('nan')):.2f} |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import hope_hf",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{output_dir}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{output_dir}")',
+        "```",
+        "",
+        "A tiny demonstration model: it knows some Python syntax, nothing more.",
+        "",
+    ]
+    ModelCard("\n".join(lines)).save(os.path.join(output_dir, "README.md"))
+
+
+def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwargs) -> str:
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if enc["input_ids"].shape[1] == 0:
+        enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]])}
+    enc = {k: v.to(device) for k, v in enc.items()}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
+    model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+# ============================================================================================ train
+def cmd_train(argv: list[str]) -> dict:
+    import torch
+    from transformers import HfArgumentParser, set_seed
+
+    from .data import DataError, build_lm_datasets, load_documents, split_documents, check_seq_len
+    from .tokenizer import check_tokenizer_matches, train_tokenizer
+    from .training import HopeTrainer
+
+    # Under a multi-process launcher on a machine without GPU, Trainer must be told to use the CPU (gloo); without
+    # it every rank would silently train its own copy.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        argv = [*argv, "--use_cpu"]
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, RunArguments, _training_arguments_class()),
+        prog="hope-hf train",
+        description=COMMANDS["train"] + ". Every `TrainingArguments` option is accepted as well.",
+    )
+    model_args, data_args, run_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if not args.output_dir:
+        raise CliError("--output_dir is required (where checkpoints, the model, tokenizer and model card go)")
+    if data_args.streaming and args.max_steps <= 0:
+        raise CliError("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
+    check_seq_len(data_args.seq_len)
+    is_main = args.process_index == 0
+    with args.main_process_first(desc="output dir"):
+        resume = args.resume_from_checkpoint
+        if resume is None:
+            resume = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, is_main)
+        elif not os.path.isdir(resume):
+            raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    if resume:
+        _log(f"Resuming the interrupted run from {resume}")
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- tokenizer: given, saved by the run being resumed, or trained on the training data (main process first)
+    with args.main_process_first(desc="tokenizer"):
+        if model_args.tokenizer_name_or_path:
+            tokenizer = _load_tokenizer(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
+        elif model_args.model_name_or_path:
+            tokenizer = _load_tokenizer(model_args.model_name_or_path, "--model_name_or_path")
+        elif os.path.exists(os.path.join(args.output_dir, "tokenizer.json")):
+            tokenizer = _load_tokenizer(args.output_dir, "--output_dir")
+        else:
+            t0 = time.time()
+            docs = load_documents(
+                data_args.data, text_column=data_args.text_column, streaming=data_args.streaming,
+                max_chars=data_args.max_corpus_chars,
+            )
+            if data_args.eval_data is None:
+                docs = split_documents(docs, data_args.eval_every)[0]
+            if data_args.streaming:
+                docs = docs.take(20_000)
+            tokenizer = train_tokenizer(docs, model_args.vocab_size)
+            if is_main:
+                tokenizer.save_pretrained(args.output_dir)
+            _log(f"Trained a byte-level BPE tokenizer of {len(tokenizer)} tokens in {time.time() - t0:.1f} s")
+
+    # ---- model
+    if model_args.model_name_or_path:
+        model = _load_model(model_args.model_name_or_path)
+        if model_args.config_overrides:
+            raise CliError("--config_overrides applies to a fresh --preset, not to --model_name_or_path")
+    else:
+        from .presets import get_preset
+
+        overrides = {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **_parse_overrides(model_args.config_overrides),
+        }
+        try:
+            config = get_preset(model_args.preset, **overrides)
+        except (KeyError, ValueError) as err:
+            raise CliError(f"--preset {model_args.preset!r} / --config_overrides: {err}") from err
+        from hope_hf import HopeForCausalLM
+
+        model = HopeForCausalLM(config)
+    check_tokenizer_matches(tokenizer, model.config)
+    check_seq_len(data_args.seq_len, model.config)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"Model: {n_params:,} parameters; layer types {model.config.layer_types}; "
+         f"CMS periods {[lvl['period'] for lvl in model.config.cms_levels]}")
+
+    # ---- data
+    with args.main_process_first(desc="packing the data"):
+        datasets = build_lm_datasets(
+            tokenizer, data_args.seq_len, data_args.data, eval_source=data_args.eval_data,
+            text_column=data_args.text_column, streaming=data_args.streaming,
+            max_chars=data_args.max_corpus_chars, eval_every=data_args.eval_every, config=model.config,
+        )
+    train_ds, eval_ds = datasets["train"], datasets["eval"]
+    if data_args.max_eval_samples is not None:
+        eval_ds = eval_ds.take(data_args.max_eval_samples) if data_args.streaming else eval_ds.select(
+            range(min(data_args.max_eval_samples, len(eval_ds))))
+    if not data_args.streaming:
+        _log(f"Data: {len(train_ds)} training and {len(eval_ds)} evaluation sequences of {data_args.seq_len} tokens")
+    if args.eval_strategy == "no" or str(args.eval_strategy).endswith("NO"):
+        pass
+
+    # ---- train
+    trainer_cls = HopeTrainer if model_args.continuum else __import__("transformers").Trainer
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+    )
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    wall = time.time() - t0
+    eval_metrics = trainer.evaluate()
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_runtime": wall,
+        "global_step": trainer.state.global_step,
+        "seq_len": data_args.seq_len,
+        "train_tokens": trainer.state.global_step * args.per_device_train_batch_size
+        * args.gradient_accumulation_steps * args.world_size * data_args.seq_len,
+        "eval_loss": eval_metrics["eval_loss"],
+        "eval_perplexity": math.exp(eval_metrics["eval_loss"]),
+        "num_parameters": n_params,
+    }
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if logged:
+        metrics["first_logged_train_loss"], metrics["last_logged_train_loss"] = logged[0], logged[-1]
+    if not data_args.streaming:
+        metrics["unigram_perplexity"] = unigram_baseline(train_ds["input_ids"], eval_ds["input_ids"], len(tokenizer))
+
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        _write_model_card(
+            args.output_dir, preset=model_args.model_name_or_path or model_args.preset, data=data_args.data,
+            metrics=metrics, config=model.config, num_params=n_params,
+        )
+        sample = None
+        if run_args.sample_max_new_tokens > 0:
+            sample = _generate_text(trainer.model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens)
+            metrics["sample"] = sample
+        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        _log("")
+        _log(f"train loss  {metrics['train_loss']:.4f} (mean over the run)"
+             + (f"; first logged {logged[0]:.4f}, last logged {logged[-1]:.4f}" if logged else ""))
+        _log(f"train perplexity of the last logged loss  {math.exp(logged[-1]) if logged else float('nan'):.2f}")
+        _log(f"eval loss   {metrics['eval_loss']:.4f}   eval perplexity {metrics['eval_perplexity']:.2f}")
+        if "unigram_perplexity" in metrics:
+            _log(f"unigram baseline perplexity of the same data  {metrics['unigram_perplexity']:.2f}")
+        _log(f"wall time of training  {wall:.0f} s; saved model, tokenizer and model card to {args.output_dir}")
+        if sample is not None:
+            _log(f"sample ({run_args.sample_prompt!r} ->):\n{sample}")
+    return metrics
+
+
+# ============================================================================================ eval
+def evaluate_perplexity(model, tokenizer, dataset, batch_size: int = 8, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on a packed dataset (``input_ids``/``labels``), through the shipped metric module."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .metrics import load_perplexity_metric
+
+    metric = load_perplexity_metric()
+    device = next(model.parameters()).device
+    model.eval()
+    n = len(dataset)
+    for start in tqdm(range(0, n, batch_size), desc="Evaluating", disable=not progress, unit="batch"):
+        rows = dataset[start : start + batch_size]
+        input_ids = torch.tensor(rows["input_ids"], device=device)
+        labels = torch.tensor(rows["labels"], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits.float()
+        nll = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+        ).sum(dim=1)
+        counts = (labels[:, 1:] != -100).sum(dim=1)
+        metric.add_batch(nll_sum=nll.tolist(), num_tokens=counts.tolist())
+    return metric.compute()
+
+
+def cmd_eval(argv: list[str]) -> dict:
+    from transformers import HfArgumentParser
+
+    from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len
+    from .tokenizer import check_tokenizer_matches
+
+    parser = HfArgumentParser(EvalArguments, prog="hope-hf eval", description=COMMANDS["eval"] + ".")
+    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    if not a.model_name_or_path:
+        raise CliError("--model_name_or_path is required")
+    if a.split not in ("heldout", "all"):
+        raise CliError(f"--split must be 'heldout' or 'all', got {a.split!r}")
+    if a.batch_size < 1:
+        raise CliError(f"--batch_size must be >= 1, got {a.batch_size}")
+    model = _load_model(a.model_name_or_path, _device(a.device))
+    tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
+                                "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
+    check_tokenizer_matches(tokenizer, model.config)
+    check_seq_len(a.seq_len, model.config)
+    if a.split == "heldout":
+        ds = build_lm_datasets(tokenizer, a.seq_len, a.data, text_column=a.text_column, max_chars=a.max_corpus_chars,
+                               eval_every=a.eval_every, config=model.config)["eval"]
+    else:
+        docs = load_documents(a.data, text_column=a.text_column, max_chars=a.max_corpus_chars)
+        ds = pack_dataset(docs, tokenizer, a.seq_len)
+    if a.max_eval_samples is not None:
+        ds = ds.select(range(min(a.max_eval_samples, len(ds))))
+    result = evaluate_perplexity(model, tokenizer, ds, a.batch_size)
+    result = {"model": a.model_name_or_path, "data": a.data, "split": a.split, "seq_len": a.seq_len,
+              "sequences": len(ds), **result}
+    print(json.dumps(result, indent=2))
+    if a.output_file:
+        Path(a.output_file).write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ============================================================================================ generate
+def cmd_generate(argv: list[str]) -> str:
+    import torch
+    from transformers import HfArgumentParser, TextStreamer
+
+    from .tokenizer import check_tokenizer_matches
+
+    parser = HfArgumentParser(GenerateArguments, prog="hope-hf generate", description=COMMANDS["generate"] + ".")
+    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    if not a.model_name_or_path:
+        raise CliError("--model_name_or_path is required")
+    if a.max_new_tokens < 1:
+        raise CliError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
+    if a.do_sample and a.temperature <= 0:
+        raise CliError(f"--temperature must be > 0 with --do_sample, got {a.temperature}")
+    if a.num_beams < 1:
+        raise CliError(f"--num_beams must be >= 1, got {a.num_beams}")
+    model = _load_model(a.model_name_or_path, _device(a.device))
+    tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
+                                "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
+    check_tokenizer_matches(tokenizer, model.config)
+    torch.manual_seed(a.seed)
+    kwargs = {"do_sample": a.do_sample, "num_beams": a.num_beams}
+    if a.do_sample:
+        kwargs.update(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    if a.num_beams == 1:  # stream the tokens as they come (a live progress display)
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_special_tokens=True)
+    text = _generate_text(model, tokenizer, a.prompt, a.max_new_tokens, **kwargs)
+    if a.num_beams > 1:
+        print(text)
+    return text
+
+
+# ============================================================================================ convert
+def cmd_convert(argv: list[str]) -> str:
+    import torch
+    from transformers import AutoTokenizer, HfArgumentParser
+
+    parser = HfArgumentParser(ConvertArguments, prog="hope-hf convert", description=COMMANDS["convert"] + ".")
+    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    if not a.llama_model or not a.output_dir:
+        raise CliError("--llama_model and --output_dir are required")
+    if not os.path.isdir(a.llama_model):
+        raise CliError(f"--llama_model {a.llama_model!r} is not a local folder")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if a.dtype not in dtypes:
+        raise CliError(f"--dtype must be one of {sorted(dtypes)}, got {a.dtype!r}")
+    if os.path.isdir(a.output_dir) and os.listdir(a.output_dir):
+        if not a.overwrite_output_dir:
+            raise CliError(f"--output_dir {a.output_dir!r} is not empty; choose another or pass --overwrite_output_dir")
+        shutil.rmtree(a.output_dir)
+    extra = None
+    if a.extra_levels:
+        try:
+            extra = json.loads(a.extra_levels)
+        except json.JSONDecodeError as err:
+            raise CliError(f"--extra_levels must be a JSON list of {{'period', 'intermediate_size'}} dicts: {err}") from err
+        if not isinstance(extra, list):
+            raise CliError("--extra_levels must be a JSON list")
+    from transformers import LlamaForCausalLM
+
+    from .convert import convert_llama_to_hope
+
+    llama = LlamaForCausalLM.from_pretrained(a.llama_model, dtype=dtypes[a.dtype])
+    hope = convert_llama_to_hope(llama, extra_levels=extra) if extra is not None else convert_llama_to_hope(llama)
+    hope.save_pretrained(a.output_dir)
+    try:
+        AutoTokenizer.from_pretrained(a.llama_model).save_pretrained(a.output_dir)
+    except (OSError, ValueError):
+        _log("(no tokenizer found next to the Llama checkpoint; saved the model only)")
+    _log(f"Converted {a.llama_model} -> {a.output_dir} ({sum(p.numel() for p in hope.parameters()):,} parameters)")
+    return a.output_dir
+
+
+# ============================================================================================ main
+def _usage() -> str:
+    lines = ["usage: hope-hf COMMAND [options]   (hope-hf COMMAND --help explains every option)", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}
+    if command not in handlers:
+        print(f"hope-hf: unknown command {command!r}; choose one of {', '.join(handlers)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    from .data import DataError
+    from .tokenizer import TokenizerMismatchError
+
+    try:
+        handlers[command](rest)
+    except (CliError, DataError, TokenizerMismatchError) as err:
+        print(f"hope-hf {command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Packed causal-LM datasets built with `datasets`.
+
+Sources (``source`` argument of :func:`load_documents` / :func:`build_lm_datasets`):
+
+* ``"stdlib"`` (the default): the embedded corpus, the Python standard library's own ``.py`` source found through
+  ``sysconfig`` (tests, ``idlelib``, ``lib2to3``, ``ensurepip`` and ``site-packages`` left out). It needs no download, so
+  every example and test runs anywhere.
+* a local file, a directory, or a list of files: ``.txt``/``.text`` (one paragraph per document), ``.json``/``.jsonl``
+  (the ``text_column`` field of each record), any other suffix such as ``.py`` or ``.md`` (one file per document).
+* anything else is taken as a dataset name for ``datasets.load_dataset`` (``"name"`` or ``"name:config"``); offline
+  that fails with datasets' own error unless the dataset is in the local cache.
+
+Every source can be loaded ``streaming=True`` (an ``IterableDataset``). Packing tokenizes the documents, appends the
+EOS token to each, concatenates them and cuts the stream into blocks of exactly ``seq_len`` tokens (the remainder of
+each map batch is dropped). Each example has ``input_ids`` and ``labels`` (equal: the model shifts them).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+
+__all__ = [
+    "DataError",
+    "EMBEDDED_CORPUS",
+    "build_lm_datasets",
+    "check_seq_len",
+    "load_documents",
+    "pack_dataset",
+    "split_documents",
+    "stdlib_source_files",
+]
+
+EMBEDDED_CORPUS = "stdlib"
+_EXCLUDED_STDLIB_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+_TEXT_SUFFIXES = {".txt", ".text"}
+_JSON_SUFFIXES = {".json", ".jsonl"}
+
+
+class DataError(ValueError):
+    """The data given for training or evaluation cannot be used (missing, empty, too short, ...)."""
+
+
+# --------------------------------------------------------------------------------------------- embedded corpus
+def stdlib_source_files(max_chars: int | None = None) -> list[Path]:
+    """The embedded corpus: the standard library's ``.py`` files, sorted by path, up to ``max_chars`` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if any(part in _EXCLUDED_STDLIB_PARTS or part.startswith("test") for part in rel[:-1]):
+            continue
+        if rel[-1].startswith("test_"):
+            continue
+        files.append(path)
+    if not files:
+        raise DataError(f"the embedded corpus is empty: no .py files found under the standard library at {root}")
+    if max_chars is not None:
+        kept, total = [], 0
+        for path in files:
+            if total >= max_chars:
+                break
+            kept.append(path)
+            total += path.stat().st_size
+        files = kept
+    return files
+
+
+def _read_files(paths: list[str]) -> Iterator[dict[str, str]]:
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield {"text": text}
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _expand_local(source: str | list[str]) -> list[str] | None:
+    """The local files ``source`` names, or None when it names none (then it is a dataset name)."""
+    items = [source] if isinstance(source, str) else list(source)
+    files: list[str] = []
+    local = False
+    for item in items:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            local = True
+            found = sorted(
+                f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                if os.path.isfile(f) and not os.path.basename(f).startswith(".")
+            )
+            if not found:
+                raise DataError(f"data directory {item!r} contains no files")
+            files.extend(found)
+        elif os.path.isfile(item):
+            local = True
+            files.append(item)
+        elif glob.has_magic(item):
+            local = True
+            found = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+            if not found:
+                raise DataError(f"data pattern {item!r} matches no files")
+            files.extend(found)
+        elif isinstance(source, list) or os.sep in item or Path(item).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | {".py", ".md"}:
+            raise DataError(f"data file {item!r} does not exist")
+    if not local:
+        return None
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"data file {f!r} is empty")
+    return files
+
+
+def load_documents(
+    source: str | list[str] | None = EMBEDDED_CORPUS,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    streaming: bool = False,
+    max_chars: int | None = None,
+) -> Dataset | IterableDataset:
+    """Load documents (one ``text_column`` string per row) from ``source`` (see the module docstring)."""
+    if source is None or source == EMBEDDED_CORPUS:
+        paths = [str(p) for p in stdlib_source_files(max_chars)]
+        if streaming:
+            return IterableDataset.from_generator(_read_files, gen_kwargs={"paths": paths})
+        return Dataset.from_list(list(_read_files(paths)))
+
+    files = _expand_local(source)
+    if files is None:  # a dataset name
+        name, _, config = str(source).partition(":")
+        try:
+            ds = load_dataset(name, config or None, split=split, streaming=streaming)
+        except Exception as err:  # noqa: BLE001 - re-raised with the name of the argument
+            raise DataError(f"could not load dataset {source!r} (split {split!r}) with datasets.load_dataset: {err}") from err
+    else:
+        suffixes = {Path(f).suffix.lower() for f in files}
+        if suffixes <= _JSON_SUFFIXES:
+            ds = load_dataset("json", data_files=files, split="train", streaming=streaming)
+        elif suffixes <= _TEXT_SUFFIXES:
+            ds = load_dataset("text", data_files=files, split="train", streaming=streaming, sample_by="paragraph")
+        else:
+            text_column = "text"
+            if streaming:
+                ds = IterableDataset.from_generator(_read_files, gen_kwargs={"paths": files})
+            else:
+                ds = Dataset.from_list(list(_read_files(files)))
+                if len(ds) == 0:
+                    raise DataError(f"the data files {files[:3]}{'...' if len(files) > 3 else ''} contain only whitespace")
+    columns = ds.column_names
+    if columns is not None and text_column not in columns:
+        raise DataError(f"text_column {text_column!r} is not a column of {source!r}; its columns are {columns}")
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    if columns is not None and len(columns) > 1:
+        ds = ds.select_columns(["text"])
+    if not streaming and len(ds) == 0:
+        raise DataError(f"data source {source!r} has no documents")
+    return ds
+
+
+def split_documents(docs: Dataset | IterableDataset, eval_every: int = 20) -> tuple[Any, Any]:
+    """Deterministic train/eval split by document: every ``eval_every``-th document goes to evaluation."""
+    if eval_every < 2:
+        raise DataError(f"eval_every must be >= 2, got {eval_every}")
+    if isinstance(docs, IterableDataset):
+        train = docs.filter(lambda _, i: i % eval_every != 0, with_indices=True)
+        evals = docs.filter(lambda _, i: i % eval_every == 0, with_indices=True)
+        return train, evals
+    n = len(docs)
+    if n < 2:
+        raise DataError(f"need at least 2 documents to split off an evaluation set, got {n}; pass eval data separately")
+    eval_idx = [i for i in range(n) if i % eval_every == 0]
+    train_idx = [i for i in range(n) if i % eval_every != 0]
+    return docs.select(train_idx), docs.select(eval_idx)
+
+
+# --------------------------------------------------------------------------------------------- packing
+def check_seq_len(seq_len: int, config: Any | None = None) -> None:
+    """Raise if ``seq_len`` is not usable for training (too short, or longer than the model's positions)."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"seq_len must be an int >= 2 (one input and one target token), got {seq_len!r}")
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if limit is not None and seq_len > limit:
+        raise DataError(
+            f"seq_len={seq_len} is longer than the model can take: config.max_position_embeddings={limit}"
+        )
+
+
+def _pack_batch(batch: dict[str, list], tokenizer, seq_len: int, eos_id: int | None) -> dict[str, list]:
+    encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+    stream: list[int] = []
+    for ids in encoded:
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    usable = (len(stream) // seq_len) * seq_len
+    blocks = [stream[i : i + seq_len] for i in range(0, usable, seq_len)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def pack_dataset(
+    docs: Dataset | IterableDataset,
+    tokenizer,
+    seq_len: int,
+    *,
+    add_eos: bool = True,
+    batch_size: int = 256,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Tokenize ``docs`` (a ``text`` column) and pack them into blocks of ``seq_len`` tokens."""
+    check_seq_len(seq_len)
+    eos_id = tokenizer.eos_token_id if add_eos else None
+    if add_eos and eos_id is None:
+        raise DataError("the tokenizer has no eos_token; set one or pass add_eos=False")
+    kwargs: dict[str, Any] = dict(
+        batched=True,
+        batch_size=batch_size,
+        remove_columns=["text"],
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "eos_id": eos_id},
+    )
+    if isinstance(docs, IterableDataset):
+        return docs.map(_pack_batch, **kwargs)
+    packed = docs.map(_pack_batch, num_proc=num_proc, desc=f"Packing into blocks of {seq_len} tokens", **kwargs)
+    if len(packed) == 0:
+        n_tokens = sum(len(x) for x in tokenizer(docs["text"][:1000], add_special_tokens=False, verbose=False)["input_ids"])
+        raise DataError(
+            f"the data is too short for even one block of seq_len={seq_len} tokens per {batch_size}-document batch "
+            f"(~{n_tokens} tokens in total); use more data or a smaller seq_len"
+        )
+    return packed
+
+
+def build_lm_datasets(
+    tokenizer,
+    seq_len: int,
+    source: str | list[str] | None = EMBEDDED_CORPUS,
+    *,
+    eval_source: str | list[str] | None = None,
+    text_column: str = "text",
+    streaming: bool = False,
+    max_chars: int | None = None,
+    eval_every: int = 20,
+    config: Any | None = None,
+) -> DatasetDict | dict[str, IterableDataset]:
+    """Packed ``{"train", "eval"}`` datasets. Without ``eval_source`` every ``eval_every``-th document is held out."""
+    check_seq_len(seq_len, config)
+    docs = load_documents(source, text_column=text_column, streaming=streaming, max_chars=max_chars)
+    if eval_source is None:
+        train_docs, eval_docs = split_documents(docs, eval_every)
+    else:
+        train_docs = docs
+        eval_docs = load_documents(eval_source, text_column=text_column, streaming=streaming)
+    out = {"train": pack_dataset(train_docs, tokenizer, seq_len), "eval": pack_dataset(eval_docs, tokenizer, seq_len)}
+    return out if streaming else DatasetDict(out)
+
+
+def iter_texts(docs: Dataset | IterableDataset, batch_size: int = 256) -> Iterator[list[str]]:
+    """Batches of document texts (for tokenizer training)."""
+    batch: list[str] = []
+    for row in docs:
+        batch.append(row["text"])
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

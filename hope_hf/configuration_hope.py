@@ -1,0 +1,300 @@
+"""Configuration of HOPE (Nested Learning, Behrouz et al., NeurIPS 2025; arXiv 2512.24695).
+
+A Transformers-5 dataclass config (`@strict`). Every invalid value raises a `ValueError` at construction that names
+the field and the allowed values (see `HopeConfigError`). This file is model code: it is copied next to the weights by
+`save_pretrained` and must import nothing but torch, transformers, huggingface_hub and flat siblings (`from .x`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from transformers.configuration_utils import PreTrainedConfig
+
+
+__all__ = ["HopeConfig", "HopeConfigError", "HOPE_LAYER_TYPES", "CMS_VARIANTS", "default_cms_levels"]
+
+# Mixer per layer. "linear_attention" is the self-modifying Titans memory (the name is one of the values that
+# Transformers 5 accepts in `layer_types`; it also makes `DynamicCache(config=...)` treat the layer as recurrent).
+HOPE_LAYER_TYPES = ("linear_attention", "full_attention", "sliding_attention")
+CMS_VARIANTS = ("sequential", "independent")
+CMS_LEVEL_KEYS = ("period", "intermediate_size")
+
+# Default CMS periods in tokens: paper Fig. 3 ("Hope in Nested Learning"): 16, 1M (2**20) and 16M (2**24).
+DEFAULT_CMS_PERIODS = (16, 2**20, 2**24)
+
+
+def default_cms_levels(hidden_size: int) -> list[dict]:
+    """The chain used when `cms_levels` is not given: three levels at periods 16 / 2**20 / 2**24 tokens (paper
+    Fig. 3), each of width 3/4 * hidden_size rounded up to a multiple of 64. With 64-wide heads at hidden size 1024
+    a layer then holds about as many parameters as a Llama layer (12 * hidden_size**2), see docs/design.md."""
+    width = 64 * max(1, -(-3 * hidden_size // 256))  # ceil(3/4 * hidden_size / 64) * 64
+    return [{"period": p, "intermediate_size": width} for p in DEFAULT_CMS_PERIODS]
+
+
+class HopeConfigError(StrictDataclassError, ValueError):
+    """Raised for an invalid `HopeConfig`. A `ValueError` (what users catch) that is also the `StrictDataclassError`
+    that `@strict` would have raised (what code written against huggingface_hub catches)."""
+
+
+def _value_errors(cls):
+    """Make construction raise `HopeConfigError` (a ValueError) where `@strict` raises its own errors, which are not
+    ValueErrors (`StrictDataclassFieldValidationError` for a wrong type, `StrictDataclassClassValidationError` for a
+    failed `validate_*`)."""
+    inner = cls.__init__
+
+    @functools.wraps(inner)
+    def __init__(self, *args, **kwargs):
+        try:
+            inner(self, *args, **kwargs)
+        except HopeConfigError:
+            raise
+        except StrictDataclassError as err:
+            raise HopeConfigError(str(err)) from err
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@_value_errors
+@strict
+class HopeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a HOPE model ([`HopeModel`], [`HopeForCausalLM`]).
+
+    Stack: `embed -> N x HopeDecoderLayer -> RMSNorm -> lm_head`. A decoder layer is
+    `h = x + Mixer(RMSNorm(x))` followed by the Continuum Memory System (CMS), a chain of SwiGLU MLP levels.
+
+    Args:
+        vocab_size (`int`, defaults to 32000): vocabulary size.
+        hidden_size (`int`, defaults to 1024): width D of the residual stream.
+        num_hidden_layers (`int`, defaults to 24): number of decoder layers.
+        num_attention_heads (`int`, defaults to 16): heads H of every mixer (Titans memories and attention).
+        num_key_value_heads (`int`, *optional*): key/value heads of attention layers (grouped-query attention);
+            defaults to `num_attention_heads`. Must divide it.
+        head_dim (`int`, *optional*): head size d; defaults to `hidden_size // num_attention_heads`, in which case
+            `hidden_size` must be divisible by `num_attention_heads`.
+        layer_types (`list[str]`, *optional*): mixer of every layer, one of `"linear_attention"` (self-modifying
+            Titans, the default for every layer), `"full_attention"`, `"sliding_attention"` (needs `sliding_window`).
+        sliding_window (`int`, *optional*): window of `"sliding_attention"` layers, in tokens.
+        max_position_embeddings (`int`, defaults to 4096): the context the rotary embedding of attention layers is
+            built for (used by scaled RoPE types only; Titans layers have no position limit).
+        chunk_size (`int`, defaults to 16): tokens per chunk of the Titans memory update (paper Fig. 3: 16).
+        memory_expansion (`int`, defaults to 2): hidden width m = memory_expansion * d of each memory MLP.
+        eta_max (`float`, defaults to 0.5): upper bound of the inner learning rate eta, in (0, 1].
+        conv_kernel_size (`int`, defaults to 4): width of the causal depthwise convolutions on the q and u streams.
+        self_modifying (`bool`, defaults to `True`): k, v, eta, alpha generated by their own adaptive memories.
+        adaptive_k (`bool`, defaults to `True`) / adaptive_v (`bool`, defaults to `True`): keys / values from
+            adaptive memories (False: static per-head projections).
+        dgd (`bool`, defaults to `True`): delta gradient descent (erase + curvature-normalised steps).
+        retention (`bool`, defaults to `True`): alpha gate (weight decay) on the memories.
+        retain_toward_init (`bool`, defaults to `True`): retention pulls toward the meta-learned initial state.
+        detach_self_targets (`bool`, defaults to `False`): stop the gradient through self-generated targets.
+        cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
+            "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
+            [`default_cms_levels`]`(hidden_size)`.
+        cms_variant (`str`, defaults to `"sequential"`): `"sequential"` (chained levels, paper Eq. 70/73) or
+            `"independent"` (parallel levels, learned weighted sum, Eq. 74).
+        rope_theta (`float`, defaults to 10000.0): RoPE base of attention layers. Kept equal to
+            `rope_parameters["rope_theta"]`, which is what Transformers' rotary machinery reads.
+        rope_parameters (`dict`, *optional*): Transformers RoPE parameters (`rope_type`, scaling, ...).
+        attention_bias (`bool`, defaults to `False`): biases in the attention q/k/v/o projections.
+        attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities (training only).
+        rms_norm_eps (`float`, defaults to 1e-6): epsilon of every RMSNorm.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
+        tie_word_embeddings (`bool`, defaults to `True`): share `lm_head.weight` with the input embedding.
+        use_cache (`bool`, defaults to `True`): return a cache from the forward pass.
+        pad_token_id / bos_token_id / eos_token_id: special token ids.
+    """
+
+    model_type = "nested_hope"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    # self-modifying Titans
+    chunk_size: int = 16
+    memory_expansion: int = 2
+    eta_max: float | int = 0.5
+    conv_kernel_size: int = 4
+    self_modifying: bool = True
+    adaptive_k: bool = True
+    adaptive_v: bool = True
+    dgd: bool = True
+    retention: bool = True
+    retain_toward_init: bool = True
+    detach_self_targets: bool = False
+    # continuum memory system
+    cms_levels: list[dict] | None = None
+    cms_variant: str = "sequential"
+    # attention
+    rope_theta: float | int = 10000.0
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    # common
+    rms_norm_eps: float | int = 1e-6
+    initializer_range: float | int = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        heads = self.num_attention_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(heads) and heads > 0:
+            if self.hidden_size % heads != 0:
+                raise HopeConfigError(
+                    f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` ({heads}) when "
+                    "`head_dim` is not given; set `head_dim` explicitly or choose a divisible `hidden_size`."
+                )
+            self.head_dim = self.hidden_size // heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = heads
+        if self.layer_types is None and _is_int(self.num_hidden_layers) and self.num_hidden_layers > 0:
+            self.layer_types = ["linear_attention"] * self.num_hidden_layers
+        elif self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+        if self.cms_levels is None and _is_int(self.hidden_size) and self.hidden_size > 0:
+            self.cms_levels = default_cms_levels(self.hidden_size)
+        elif isinstance(self.cms_levels, (list, tuple)):
+            # copy, so that the caller's list is never aliased (and a tuple becomes the list JSON gives back)
+            self.cms_levels = [dict(level) if isinstance(level, dict) else level for level in self.cms_levels]
+        for name in ("eta_max", "rope_theta", "attention_dropout", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if _is_int(value):
+                setattr(self, name, float(value))
+        self._sync_rope_theta()
+        super().__post_init__(**kwargs)
+
+    def _sync_rope_theta(self):
+        """`rope_theta` is the public name; Transformers' rotary code reads `rope_parameters["rope_theta"]`.
+        A given `rope_parameters` dict wins; a non-default `rope_theta` that contradicts it is an error."""
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+            return
+        if not isinstance(self.rope_parameters, dict):
+            return  # the type check of `@strict` reports it
+        self.rope_parameters = dict(self.rope_parameters)
+        given = self.rope_parameters.get("rope_theta")
+        if given is None:
+            self.rope_parameters["rope_theta"] = self.rope_theta
+        elif _is_number(given):
+            if self.rope_theta != 10000.0 and float(given) != self.rope_theta:
+                raise HopeConfigError(
+                    f"`rope_theta` ({self.rope_theta}) contradicts `rope_parameters['rope_theta']` ({given}); "
+                    "give one of them, or the same value in both."
+                )
+            self.rope_theta = float(given)
+
+    # ---------------------------------------------------------------------------------------------- validation
+    # `@strict` runs every `validate_*` method after `__init__` (and again in `save_pretrained`), in alphabetical
+    # order; `validate_architecture` therefore runs before the library's generic `validate_layer_type`, so users see
+    # HOPE's own messages (with HOPE's allowed values).
+    def validate_architecture(self):
+        """All HOPE-specific checks. Each error names the field and what it allows."""
+
+        def positive_int(name, minimum=1):
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "num_key_value_heads", "max_position_embeddings", "chunk_size", "memory_expansion",
+                     "conv_kernel_size"):
+            positive_int(name)
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+
+        if not _is_number(self.eta_max) or not (0.0 < self.eta_max <= 1.0):
+            raise ValueError(f"`eta_max` must be a number in (0, 1], got {self.eta_max!r}.")
+        if not _is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
+            raise ValueError(f"`rms_norm_eps` must be a number > 0, got {self.rms_norm_eps!r}.")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"`initializer_range` must be a number >= 0, got {self.initializer_range!r}.")
+        if not _is_number(self.attention_dropout) or not (0.0 <= self.attention_dropout < 1.0):
+            raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {self.attention_dropout!r}.")
+        if not _is_number(self.rope_theta) or not self.rope_theta > 0:
+            raise ValueError(f"`rope_theta` must be a number > 0, got {self.rope_theta!r}.")
+
+        layer_types = self.layer_types
+        if not isinstance(layer_types, list) or len(layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layer_types` must be a list with one entry per layer (`num_hidden_layers`={self.num_hidden_layers})"
+                f", each one of {HOPE_LAYER_TYPES}; got {layer_types!r}."
+            )
+        unknown = [t for t in layer_types if t not in HOPE_LAYER_TYPES]
+        if unknown:
+            raise ValueError(f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}.")
+        if "sliding_attention" in layer_types:
+            if not _is_int(self.sliding_window) or self.sliding_window < 1:
+                raise ValueError(
+                    "`sliding_window` must be an integer >= 1 when `layer_types` contains 'sliding_attention', "
+                    f"got {self.sliding_window!r}."
+                )
+        elif self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ValueError(f"`sliding_window` must be None or an integer >= 1, got {self.sliding_window!r}.")
+
+        if self.cms_variant not in CMS_VARIANTS:
+            raise ValueError(f"`cms_variant` must be one of {CMS_VARIANTS}, got {self.cms_variant!r}.")
+        levels = self.cms_levels
+        if not isinstance(levels, list) or len(levels) == 0:
+            raise ValueError(
+                "`cms_levels` must be a non-empty list of {'period': tokens, 'intermediate_size': n} dicts, "
+                f"got {levels!r}."
+            )
+        for i, level in enumerate(levels):
+            if not isinstance(level, dict) or set(level) != set(CMS_LEVEL_KEYS):
+                raise ValueError(
+                    f"`cms_levels[{i}]` must be a dict with exactly the keys {CMS_LEVEL_KEYS}, got {level!r}."
+                )
+            period, width = level["period"], level["intermediate_size"]
+            if not _is_int(period) or period < 0:
+                raise ValueError(
+                    f"`cms_levels[{i}]['period']` must be an integer >= 0 (tokens between updates; 0 = frozen), "
+                    f"got {period!r}."
+                )
+            if not _is_int(width) or width < 1:
+                raise ValueError(f"`cms_levels[{i}]['intermediate_size']` must be an integer >= 1, got {width!r}.")
+
+        rope = self.rope_parameters
+        if isinstance(rope, dict) and _is_number(rope.get("rope_theta")) and float(rope["rope_theta"]) != float(
+            self.rope_theta
+        ):
+            raise ValueError(
+                f"`rope_theta` ({self.rope_theta}) differs from `rope_parameters['rope_theta']` "
+                f"({rope['rope_theta']}); set both to the same value."
+            )
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @property
+    def cms_periods(self) -> list[int]:
+        """Period (tokens between updates; 0 = frozen) of every CMS level, lowest level first."""
+        return [int(level["period"]) for level in self.cms_levels]
+
+    @property
+    def is_attention_only(self) -> bool:
+        """True when no layer holds a self-modifying Titans memory."""
+        return all(t != "linear_attention" for t in self.layer_types)
+

@@ -1,0 +1,509 @@
+"""HOPE as a Transformers 5 causal language model (paper arXiv 2512.24695 §8; DESIGN §2.1).
+
+`embed -> [HopeDecoderLayer] x N -> RMSNorm -> lm_head`. A decoder layer is a pre-norm mixer residual followed by the
+Continuum Memory System (CMS):
+
+    h = x + Mixer(RMSNorm(x))                                   # self-modifying Titans or attention (RoPE)
+    y = h ; for level l:  y = y + MLP_l(RMSNorm_l(y))            # cms_variant="sequential" (paper Eq. 70/73)
+    y = h + sum_l w_l * MLP_l(RMSNorm_l(h))                       # cms_variant="independent" (paper Eq. 74)
+
+Module names follow Llama (`model.embed_tokens`, `model.layers.{i}`, `model.norm`, `lm_head`, see
+docs/interfaces.md). This file is model code: it imports only torch, transformers and flat siblings, because
+`save_pretrained` of a model registered for the Auto classes copies it next to the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+
+from .configuration_hope import HopeConfig
+from .memory_hope import HopeSelfModifyingTitans
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "HopeRMSNorm",
+    "HopeRotaryEmbedding",
+    "HopeAttention",
+    "HopeMLP",
+    "HopeCMS",
+    "HopeDecoderLayer",
+    "HopePreTrainedModel",
+    "HopeModel",
+    "HopeForCausalLM",
+]
+
+
+def _cache_field(output_cls) -> str:
+    """Transformers renamed the cache field of model outputs from `past_key_values` (<= 5.2x) to `cache` (5.24)."""
+    names = {f.name for f in fields(output_cls)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+_MODEL_CACHE_FIELD = _cache_field(BaseModelOutputWithPast)
+_LM_CACHE_FIELD = _cache_field(CausalLMOutputWithPast)
+
+
+def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """`generate` passes the cache as `cache=` from Transformers 5.24 on and as `past_key_values=` before."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("Pass the cache once, as `past_key_values` or as `cache`, not both.")
+    return past_key_values if past_key_values is not None else cache
+
+
+# ---------------------------------------------------------------------------------------------------- building blocks
+class HopeRMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back (as Llama's)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class HopeRotaryEmbedding(nn.Module):
+    """Rotary position embedding of the attention layers, driven by `config.rope_parameters` (Transformers' RoPE
+    machinery: every `rope_type` in `ROPE_INIT_FUNCTIONS` works, `"default"` is plain RoPE with `rope_theta`)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: HopeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """inv_freq_i = theta^(-2i/d), i = 0 .. d/2 - 1."""
+        theta = float(config.rope_parameters["rope_theta"])
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (theta**exponents), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[:, :, None].float() * self.inv_freq[None, None, :].to(x.device, torch.float)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, d): both halves rotate by the same angles
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate q and k (B, heads, T, d) by the angles of cos/sin (B, T, d)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, kv_heads, T, d) -> (B, kv_heads * groups, T, d), each kv head repeated for its query group."""
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v in plain torch; the mask is additive (0 / -inf) as built by masking_utils."""
+    key = _expand_kv(key, module.num_key_value_groups)
+    value = _expand_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, heads, d)
+    return out, probs
+
+
+class HopeAttention(nn.Module):
+    """Softmax attention mixer ("full_attention" or "sliding_attention") with RoPE and grouped-query heads; the
+    kernel comes from Transformers' attention interface (`config._attn_implementation`: "sdpa", "eager", ...)."""
+
+    def __init__(self, config: HopeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = float(config.attention_dropout)
+        self.is_causal = True
+        self.sliding_window = (
+            config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        )
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, seq_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_fn(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        out = self.o_proj(out.reshape(bsz, seq_len, -1).contiguous())
+        return out, weights
+
+
+class HopeMLP(nn.Module):
+    """One CMS level: a SwiGLU MLP shaped exactly like Llama's, down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HopeCMS(nn.Module):
+    """Continuum Memory System: K SwiGLU levels, each with its own pre-norm (paper Eq. 70-74; DESIGN §2.3).
+
+    The forward pass is the same for every period; the period of level l (`config.cms_levels[l]["period"]`) only
+    decides how often its parameters are updated (by the training / stream-learning code, not here).
+    """
+
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.variant = config.cms_variant
+        self.periods = config.cms_periods
+        self.norms = nn.ModuleList(
+            [HopeRMSNorm(config.hidden_size, eps=config.rms_norm_eps) for _ in config.cms_levels]
+        )
+        self.levels = nn.ModuleList(
+            [HopeMLP(config.hidden_size, level["intermediate_size"]) for level in config.cms_levels]
+        )
+        if self.variant == "independent":
+            # learned aggregation weights (Eq. 74); initialised to 1 so one level equals the sequential chain
+            self.level_weights = nn.Parameter(torch.ones(len(config.cms_levels)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.variant == "sequential":
+            y = hidden_states
+            for norm, mlp in zip(self.norms, self.levels):
+                y = y + mlp(norm(y))
+            return y
+        y = hidden_states
+        for i, (norm, mlp) in enumerate(zip(self.norms, self.levels)):
+            y = y + self.level_weights[i].to(hidden_states.dtype) * mlp(norm(hidden_states))
+        return y
+
+
+class HopeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm mixer residual, then the CMS chain (DESIGN §2.1)."""
+
+    def __init__(self, config: HopeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = HopeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.layer_type == "linear_attention":
+            self.titans = HopeSelfModifyingTitans(config, layer_idx)
+        else:
+            self.self_attn = HopeAttention(config, layer_idx)
+        self.cms = HopeCMS(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`attention_mask` is this layer's mask: a 4-D/boolean attention mask for attention layers, the 2-D padding
+        mask (B, L), 1 = real token, for Titans layers (docs/interfaces.md)."""
+        normed = self.input_layernorm(hidden_states)
+        if self.layer_type == "linear_attention":
+            mixed = self.titans(
+                normed, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values
+            )
+        else:
+            mixed, _ = self.self_attn(
+                normed,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return self.cms(hidden_states + mixed)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+class HopePreTrainedModel(PreTrainedModel):
+    config_class = HopeConfig
+    config: HopeConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HopeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    # a recurrent memory cannot be rolled back: no assisted / speculative decoding
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, HopeSelfModifyingTitans):
+            module.init_memory_weights()
+        elif isinstance(module, HopeCMS) and hasattr(module, "level_weights"):
+            init.ones_(module.level_weights)
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+        # Transformers < 5.2x only knows the (later deprecated) gradient_checkpointing_* names; give one API.
+        def activation_checkpointing_enable(
+            self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+        ):
+            """Checkpoint the activations of every decoder layer (alias of `gradient_checkpointing_enable`)."""
+            if activation_checkpointing_kwargs is None:
+                activation_checkpointing_kwargs = {"use_reentrant": False}
+            return self.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs,
+                every_n_layers=every_n_layers,
+                offload=offload,
+            )
+
+        def activation_checkpointing_disable(self):
+            """Turn activation checkpointing off (alias of `gradient_checkpointing_disable`)."""
+            return self.gradient_checkpointing_disable()
+
+
+class HopeModel(HopePreTrainedModel):
+    """The HOPE decoder stack without the LM head; returns the last hidden state (after the final RMSNorm)."""
+
+    def __init__(self, config: HopeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HopeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = HopeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HopeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _layer_masks(self, attention_mask, inputs_embeds, past_key_values, position_ids) -> dict:
+        """One mask per layer type. A dict passed in (as `generate` does with compileable caches) is used as is."""
+        if isinstance(attention_mask, dict):
+            return attention_mask
+        types = set(self.config.layer_types)
+        masks = {}
+        # positional 4th argument: named `past_key_values` up to Transformers 5.2x and `cache` in 5.24
+        if "full_attention" in types:
+            masks["full_attention"] = create_causal_mask(
+                self.config, inputs_embeds, attention_mask, past_key_values, position_ids
+            )
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                self.config, inputs_embeds, attention_mask, past_key_values, position_ids
+            )
+        if "linear_attention" in types:
+            padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            masks["linear_attention"] = padding
+        return masks
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        past_key_values = _pick_cache(past_key_values, cache)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # the checkpointed layers run twice (forward and backward recompute): a cache would be written twice
+            if use_cache or past_key_values is not None:
+                logger.warning_once("Activation checkpointing is on in training: running without a cache.")
+            use_cache, past_key_values = False, None
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and past_key_values is None and self.config.is_attention_only:
+            # Attention-only stacks use the library cache. Stacks with Titans layers need HopeCache
+            # (cache_hope.py), which holds the fast-weight state; without one they run uncached here.
+            past_key_values = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+
+        masks = self._layer_masks(attention_mask, inputs_embeds, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = None
+        if any(t != "linear_attention" for t in self.config.layer_types):
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+
+        all_hidden_states = () if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks.get(self.config.layer_types[i]),
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            **{_MODEL_CACHE_FIELD: past_key_values},
+        )
+
+
+class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
+    """HOPE with a language-modeling head (tied to the input embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HopeConfig):
+        super().__init__(config)
+        self.model = HopeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets, not shifted (the loss shifts them); -100 marks positions without loss.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            An int n keeps the logits of the last n positions (0 keeps all); a 1-D tensor keeps those positions.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_pick_cache(past_key_values, cache),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_LM_CACHE_FIELD: getattr(outputs, _MODEL_CACHE_FIELD)},
+        )

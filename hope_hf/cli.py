@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["main"]
+from transformers import TrainingArguments
+
+__all__ = ["HopeTrainingArguments", "evaluate_perplexity", "main", "unigram_baseline"]
 
 COMMANDS = {
     "train": "train a HOPE model (a preset from scratch, or continue a saved model) with Trainer",
@@ -121,34 +123,28 @@ class RunArguments:
     )
 
 
-def _training_arguments_class():
-    from transformers import TrainingArguments
+@dataclass
+class HopeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults sized for the tiny preset on CPU (a few minutes)."""
 
-    @dataclass
-    class HopeTrainingArguments(TrainingArguments):
-        """`TrainingArguments` with defaults sized for the tiny preset on CPU (a few minutes)."""
-
-        output_dir: str | None = field(
-            default=None, metadata={"help": "Where checkpoints, the final model, tokenizer and model card go (required)."}
-        )
-        max_steps: int = field(default=600, metadata={"help": "Total optimizer steps (-1: use num_train_epochs)."})
-        per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
-        per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device for evaluation."})
-        learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
-        weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices."})
-        lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-        warmup_steps: float = field(
-            default=30, metadata={"help": "Linear warm-up steps (a float < 1 is a fraction of the run)."}
-        )
-        logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
-        logging_first_step: bool = field(default=True, metadata={"help": "Log the loss of the first step too."})
-        eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-        eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
-        save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
-        save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
-        report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers ('none')."})
-
-    return HopeTrainingArguments
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where checkpoints, the final model, tokenizer and model card go (required)."}
+    )
+    max_steps: int = field(default=600, metadata={"help": "Total optimizer steps (-1: use num_train_epochs)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device for evaluation."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(
+        default=30, metadata={"help": "Linear warm-up steps (a float < 1 is a fraction of the run)."}
+    )
+    logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the loss of the first step too."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
 
 
 @dataclass
@@ -403,7 +399,7 @@ def cmd_train(argv: list[str]) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv = [*argv, "--use_cpu"]
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RunArguments, _training_arguments_class()),
+        (ModelArguments, DataArguments, RunArguments, HopeTrainingArguments),
         prog="hope-hf train",
         description=COMMANDS["train"] + ". Every `TrainingArguments` option is accepted as well.",
     )

@@ -52,13 +52,11 @@ def stdlib_source_files(max_chars: int | None = None) -> list[Path]:
     """The embedded corpus: the standard library's ``.py`` files, sorted by path, up to ``max_chars`` characters."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if any(part in _EXCLUDED_STDLIB_PARTS or part.startswith("test") for part in rel[:-1]):
-            continue
-        if rel[-1].startswith("test_"):
-            continue
-        files.append(path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune in place: never walk into site-packages (installed packages), tests or caches
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_STDLIB_PARTS and not d.startswith("test"))
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("test_"))
+    files.sort()
     if not files:
         raise DataError(f"the embedded corpus is empty: no .py files found under the standard library at {root}")
     if max_chars is not None:

@@ -193,9 +193,14 @@ class ConvertArguments:
     output_dir: str = field(default=None, metadata={"help": "Where the HOPE model and the tokenizer are saved (required)."})
     extra_levels: str | None = field(
         default=None,
-        metadata={"help": "Extra CMS levels after the converted MLP, as JSON, e.g. "
-                          "'[{\"period\": 2048, \"intermediate_size\": 256}]'; their down-projections start at zero "
-                          "so the converted model computes the Llama logits."},
+        metadata={"help": "CMS levels appended after the converted MLP, as a JSON list of periods (tokens) or of "
+                          "{\"period\": ..., \"intermediate_size\": ...} dicts, e.g. '[2048, 65536]'. Their "
+                          "down-projections start at zero, so the converted model computes the Llama logits."},
+    )
+    base_period: int = field(
+        default=0,
+        metadata={"help": "CMS period (tokens) of level 1, the converted Llama MLP; 0 keeps it frozen under the "
+                          "continuum optimizer."},
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     dtype: str = field(default="float32", metadata={"help": "Dtype to load and save in: float32, bfloat16, float16."})
@@ -654,20 +659,30 @@ def cmd_convert(argv: list[str]) -> str:
         if not a.overwrite_output_dir:
             raise CliError(f"--output_dir {a.output_dir!r} is not empty; choose another or pass --overwrite_output_dir")
         shutil.rmtree(a.output_dir)
-    extra = None
+    extra = []
     if a.extra_levels:
         try:
             extra = json.loads(a.extra_levels)
         except json.JSONDecodeError as err:
-            raise CliError(f"--extra_levels must be a JSON list of {{'period', 'intermediate_size'}} dicts: {err}") from err
+            raise CliError(f"--extra_levels must be a JSON list of periods or {{'period', 'intermediate_size'}} dicts: {err}") from err
         if not isinstance(extra, list):
-            raise CliError("--extra_levels must be a JSON list")
-    from transformers import LlamaForCausalLM
+            raise CliError(f"--extra_levels must be a JSON list, got {a.extra_levels!r}")
+    if a.base_period < 0:
+        raise CliError(f"--base_period must be >= 0 (0 = frozen), got {a.base_period}")
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .convert import convert_llama_to_hope
+    from .convert import SUPPORTED_SOURCE_MODEL_TYPES, convert_llama_to_hope
 
-    llama = LlamaForCausalLM.from_pretrained(a.llama_model, dtype=dtypes[a.dtype])
-    hope = convert_llama_to_hope(llama, extra_levels=extra) if extra is not None else convert_llama_to_hope(llama)
+    if not os.path.exists(os.path.join(a.llama_model, "config.json")):
+        raise CliError(f"--llama_model {a.llama_model!r} has no config.json: not a saved model folder")
+    model_type = AutoConfig.from_pretrained(a.llama_model).model_type
+    if model_type not in SUPPORTED_SOURCE_MODEL_TYPES:
+        raise CliError(f"--llama_model holds a {model_type!r} model; supported: {', '.join(SUPPORTED_SOURCE_MODEL_TYPES)}")
+    llama = AutoModelForCausalLM.from_pretrained(a.llama_model, dtype=dtypes[a.dtype])
+    try:
+        hope = convert_llama_to_hope(llama, extra_cms_levels=extra, base_period=a.base_period)
+    except ValueError as err:
+        raise CliError(f"--llama_model / --extra_levels: {err}") from err
     hope.save_pretrained(a.output_dir)
     try:
         AutoTokenizer.from_pretrained(a.llama_model).save_pretrained(a.output_dir)

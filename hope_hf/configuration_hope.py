@@ -159,6 +159,14 @@ class HopeConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # fields the base class iterates over before the validators run: reject wrong types here
+        if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
+            raise HopeConfigError(
+                f"`layer_types` must be a list with one entry per layer, each one of {HOPE_LAYER_TYPES}; "
+                f"got {self.layer_types!r}."
+            )
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise HopeConfigError(f"`rope_parameters` must be a dict or None, got {self.rope_parameters!r}.")
         heads = self.num_attention_heads
         if self.head_dim is None and _is_int(self.hidden_size) and _is_int(heads) and heads > 0:
             if self.hidden_size % heads != 0:
@@ -191,8 +199,6 @@ class HopeConfig(PreTrainedConfig):
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
             return
-        if not isinstance(self.rope_parameters, dict):
-            return  # the type check of `@strict` reports it
         self.rope_parameters = dict(self.rope_parameters)
         given = self.rope_parameters.get("rope_theta")
         if given is None:
@@ -221,6 +227,16 @@ class HopeConfig(PreTrainedConfig):
                      "num_key_value_heads", "max_position_embeddings", "chunk_size", "memory_expansion",
                      "conv_kernel_size"):
             positive_int(name)
+        for name in ("self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
+                     "detach_self_targets", "attention_bias", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be an integer or None, got {getattr(self, name)!r}.")
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(e) for e in eos)):
+            raise ValueError(f"`eos_token_id` must be an integer, a list of integers or None, got {eos!r}.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "

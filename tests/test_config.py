@@ -1,0 +1,212 @@
+"""HopeConfig: defaults, registration, serialisation, RoPE parameters and every invalid value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+from hope_hf import HopeConfig, HopeConfigError
+from hope_hf.configuration_hope import CMS_VARIANTS, HOPE_LAYER_TYPES, default_cms_levels
+
+from conftest import small_config
+
+
+# model_type strings registered by flash-linear-attention (fla-org/flash-linear-attention, fla/models/*/
+# configuration_*.py, read through the code search of this project, commits 0315a70 / 20ceee5 / 082d92b / b9d1188 /
+# efb8342), plus the fla-based HoPE model of sustcsonglin/hope-fla (fla/models/hope/configuration_hope.py:
+# model_type = 'hope') and NVIDIA NeMo's Titans ("titans").
+FLA_MODEL_TYPES = {
+    "abc", "bitnet", "comba", "delta_net", "deltaformer", "forgetting_transformer", "gated_deltanet",
+    "gated_deltaproduct", "gla", "gsa", "hgrn", "hgrn2", "kda", "lightnet", "linear_attn", "log_linear_mamba2",
+    "mamba", "mamba2", "mesa_net", "mla", "mom", "nsa", "path_attn", "retnet", "rodimus", "rwkv6", "rwkv7", "samba",
+    "stickbreaking_attn", "transformer",
+}
+OTHER_TAKEN = {"hope", "titans"}
+
+
+def test_defaults_are_the_decided_ones():
+    c = HopeConfig()
+    assert c.model_type == "nested_hope"
+    assert (c.chunk_size, c.memory_expansion, c.eta_max, c.conv_kernel_size) == (16, 2, 0.5, 4)
+    assert c.self_modifying and c.adaptive_k and c.adaptive_v and c.dgd and c.retention and c.retain_toward_init
+    assert c.detach_self_targets is False
+    assert c.cms_variant == "sequential"
+    assert c.layer_types == ["linear_attention"] * c.num_hidden_layers
+    assert c.head_dim == c.hidden_size // c.num_attention_heads == 64
+    assert c.num_key_value_heads == c.num_attention_heads
+    assert c.tie_word_embeddings is True and c.use_cache is True and c.attention_bias is False
+    assert c.cms_levels == [
+        {"period": 16, "intermediate_size": 768},
+        {"period": 2**20, "intermediate_size": 768},
+        {"period": 2**24, "intermediate_size": 768},
+    ]
+    assert c.cms_periods == [16, 2**20, 2**24]
+    assert c.rope_theta == 10000.0 and c.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_default_cms_width_rule():
+    # 3/4 * hidden rounded up to a multiple of 64
+    assert [lvl["intermediate_size"] for lvl in default_cms_levels(1024)] == [768] * 3
+    assert default_cms_levels(128)[0]["intermediate_size"] == 128  # 96 -> 128
+    assert default_cms_levels(32)[0]["intermediate_size"] == 64
+    assert HopeConfig(hidden_size=512, num_attention_heads=8).cms_levels == default_cms_levels(512)
+
+
+def test_model_type_collides_with_nothing():
+    assert HopeConfig.model_type not in CONFIG_MAPPING_NAMES
+    assert HopeConfig.model_type not in FLA_MODEL_TYPES | OTHER_TAKEN
+    # the list above must be the real thing, not empty
+    assert {"gla", "delta_net", "gated_deltanet", "rwkv7"} <= FLA_MODEL_TYPES
+
+
+def test_auto_config_by_model_type(tmp_path):
+    c = AutoConfig.for_model("nested_hope", hidden_size=64, num_attention_heads=4, num_hidden_layers=3)
+    assert type(c) is HopeConfig and c.head_dim == 16 and len(c.layer_types) == 3
+    c.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "nested_hope"
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert type(again) is HopeConfig
+    strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(again.to_dict()) == strip(c.to_dict())
+
+
+def test_json_round_trip_keeps_every_field(tmp_path):
+    c = small_config(
+        "hybrid", cms_variant="independent", eta_max=0.25, detach_self_targets=True, retention=False,
+        cms_levels=[{"period": 0, "intermediate_size": 8}, {"period": 512, "intermediate_size": 16}],
+    )
+    c.save_pretrained(tmp_path)
+    again = HopeConfig.from_pretrained(tmp_path)
+    for name in ("layer_types", "cms_variant", "eta_max", "detach_self_targets", "retention", "cms_levels",
+                 "sliding_window", "chunk_size", "rope_theta", "rope_parameters", "head_dim"):
+        assert getattr(again, name) == getattr(c, name), name
+
+
+def test_cms_levels_are_copied_not_aliased():
+    levels = [{"period": 4, "intermediate_size": 8}]
+    c = HopeConfig(hidden_size=32, num_attention_heads=4, cms_levels=levels)
+    c.cms_levels[0]["period"] = 99
+    assert levels[0]["period"] == 4
+
+
+def test_integers_are_accepted_for_float_fields():
+    c = HopeConfig(eta_max=1, rope_theta=500000, rms_norm_eps=1, hidden_size=32, num_attention_heads=4)
+    assert c.eta_max == 1.0 and isinstance(c.eta_max, float)
+    assert c.rope_parameters["rope_theta"] == 500000.0
+
+
+def test_rope_theta_feeds_rope_parameters():
+    c = HopeConfig(rope_theta=5e5, hidden_size=32, num_attention_heads=4)
+    assert c.rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
+    d = HopeConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                   hidden_size=32, num_attention_heads=4)
+    assert d.rope_theta == 1e6 and d.rope_parameters["factor"] == 2.0
+    e = HopeConfig(rope_theta=1e6, rope_parameters={"rope_type": "linear", "factor": 2.0},
+                   hidden_size=32, num_attention_heads=4)
+    assert e.rope_parameters["rope_theta"] == 1e6
+    with pytest.raises(ValueError, match="rope_theta"):
+        HopeConfig(rope_theta=2e5, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def test_legacy_rope_scaling_kwarg_still_loads():
+    c = HopeConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=20000.0,
+                   hidden_size=32, num_attention_heads=4)
+    assert c.rope_parameters["rope_type"] == "linear" and c.rope_parameters["factor"] == 4.0
+    assert c.rope_parameters["rope_theta"] == 20000.0
+
+
+def test_config_error_is_a_value_error_and_a_strict_error():
+    assert issubclass(HopeConfigError, ValueError) and issubclass(HopeConfigError, StrictDataclassError)
+    with pytest.raises(HopeConfigError):
+        HopeConfig(chunk_size=0)
+
+
+BAD_CONFIGS = [
+    # (kwargs, a regex the message must contain: the field name)
+    (dict(hidden_size=100, num_attention_heads=3), "hidden_size"),
+    (dict(hidden_size="64"), "hidden_size"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(num_hidden_layers=2, layer_types=["linear_attention", "titans"]), "layer_types"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention"]), "layer_types"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention"] * 3), "layer_types"),
+    (dict(num_hidden_layers=2, layer_types="full_attention"), "layer_types"),
+    (dict(num_hidden_layers=1, layer_types=["sliding_attention"]), "sliding_window"),
+    (dict(num_hidden_layers=1, layer_types=["sliding_attention"], sliding_window=0), "sliding_window"),
+    (dict(sliding_window=-3), "sliding_window"),
+    (dict(cms_levels=[]), "cms_levels"),
+    (dict(cms_levels=[[16, 64]]), "cms_levels"),
+    (dict(cms_levels=[{"period": 16}]), "cms_levels"),
+    (dict(cms_levels=[{"period": 16, "intermediate_size": 8, "lr": 1.0}]), "cms_levels"),
+    (dict(cms_levels=[{"period": -1, "intermediate_size": 8}]), "period"),
+    (dict(cms_levels=[{"period": 2.5, "intermediate_size": 8}]), "period"),
+    (dict(cms_levels=[{"period": True, "intermediate_size": 8}]), "period"),
+    (dict(cms_levels=[{"period": "16", "intermediate_size": 8}]), "period"),
+    (dict(cms_levels=[{"period": 16, "intermediate_size": 0}]), "intermediate_size"),
+    (dict(cms_levels=[{"period": 16, "intermediate_size": -8}]), "intermediate_size"),
+    (dict(cms_levels=[{"period": 16, "intermediate_size": 8.0}]), "intermediate_size"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=-4), "chunk_size"),
+    (dict(chunk_size=2.5), "chunk_size"),
+    (dict(eta_max=0.0), "eta_max"),
+    (dict(eta_max=-0.1), "eta_max"),
+    (dict(eta_max=1.5), "eta_max"),
+    (dict(memory_expansion=0), "memory_expansion"),
+    (dict(conv_kernel_size=0), "conv_kernel_size"),
+    (dict(cms_variant="parallel"), "cms_variant"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+    (dict(attention_dropout=1.0), "attention_dropout"),
+    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(self_modifying="yes"), "self_modifying"),
+    (dict(layer_types=5), "layer_types"),
+    (dict(rope_parameters=5), "rope_parameters"),
+    (dict(pad_token_id="a"), "pad_token_id"),
+    (dict(eos_token_id=[2, "x"]), "eos_token_id"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_CONFIGS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_CONFIGS)])
+def test_every_invalid_config_raises_a_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        HopeConfig(**kwargs)
+
+
+def test_error_messages_list_the_allowed_values():
+    with pytest.raises(ValueError) as err:
+        HopeConfig(num_hidden_layers=1, layer_types=["mamba2"])
+    for allowed in HOPE_LAYER_TYPES:
+        assert allowed in str(err.value)
+    with pytest.raises(ValueError) as err:
+        HopeConfig(cms_variant="nested")
+    for allowed in CMS_VARIANTS:
+        assert allowed in str(err.value)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        HopeConfig(eta_max=2.0)
+    with pytest.raises(ValueError, match="'period'.*'intermediate_size'"):
+        HopeConfig(cms_levels=[{"width": 8}])
+
+
+def test_invalid_config_from_json_raises_too(tmp_path):
+    c = small_config()
+    c.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["cms_levels"][1]["period"] = -16
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="period"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_valid_edge_values():
+    c = HopeConfig(hidden_size=30, num_attention_heads=4, head_dim=8, eta_max=1.0, chunk_size=1,
+                   cms_levels=[{"period": 0, "intermediate_size": 1}], num_hidden_layers=1,
+                   layer_types=["sliding_attention"], sliding_window=1)
+    assert c.head_dim == 8 and c.chunk_size == 1 and c.sliding_window == 1

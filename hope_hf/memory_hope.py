@@ -1,0 +1,550 @@
+"""Self-modifying Titans: the fast-weight memory of HOPE (paper arXiv 2512.24695, Eq. 83-97; DESIGN §2.2).
+
+Everything about the memory lives here: its parameters, the chunk-parallel update (the fast path used by the
+model), the layout that keeps padding and packed documents from touching the memories, and the state that a
+cache carries between calls. The token-by-token reference used by the tests is `tests/reference_memory.py`.
+
+Notation (row vectors). Per head a memory is `M(z) = z + silu(z A) B` with `A = W2^T` (d x m) and `B = W1^T`
+(m x d). All memories of a head keep `A` side by side, `(d, n*m)`, so every product with a shared left operand is
+one matmul, and `B` as `(n, m, d)`. `n` is the number of memories (k, v, eta, alpha, o; fewer with ablations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+__all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes"]
+
+# Initial gate biases (DESIGN §2.2): alpha = sigmoid(5) ~ 0.993 retains, eta = eta_max * sigmoid(-4) ~ 0.018 eta_max.
+ALPHA_BIAS_INIT = 5.0
+ETA_BIAS_INIT = -4.0
+NORM_EPS = 1e-6
+
+
+def memory_boxes(config) -> list[str]:
+    """Names of the adaptive memories a layer holds, in storage order; the output memory "o" is always last."""
+    boxes = []
+    if config.self_modifying:
+        if config.adaptive_k:
+            boxes.append("k")
+        if config.adaptive_v:
+            boxes.append("v")
+        boxes.append("eta")
+        if config.retention:
+            boxes.append("alpha")
+    boxes.append("o")
+    return boxes
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """z / sqrt(sum z^2 + eps) over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + NORM_EPS)
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """Fast-weight math runs in float32, or float64 when the model itself does."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def silu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d silu(a) / da."""
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+@dataclass
+class TitansState:
+    """The fast state of one self-modifying Titans layer for a batch of sequences (all float32 except `chunk_pos`).
+
+    Weights are absolute (not deviations): `snapshot_*` is the state at the end of the last completed chunk, the one
+    that generates keys, values, gates, targets and gradients; `current_*` the state after the last token, the one
+    that is read and written. `chunk_pos` counts the tokens already inside the current chunk (0 means a chunk just
+    ended, and then snapshot == current). `conv_*` hold the last `conv_kernel_size - 1` pre-convolution inputs.
+    """
+
+    snapshot_in: torch.Tensor  # (B, H, d, n*m)
+    snapshot_out: torch.Tensor  # (B, H, n, m, d)
+    current_in: torch.Tensor  # (B, H, d, n*m)
+    current_out: torch.Tensor  # (B, H, n, m, d)
+    chunk_pos: torch.Tensor  # (B,) long
+    conv_q: torch.Tensor  # (B, K-1, H*d)
+    conv_u: torch.Tensor  # (B, K-1, H*d)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def map(self, fn) -> "TitansState":
+        """A new state with `fn` applied to every tensor (index_select for beams, repeat_interleave, detach, ...)."""
+        return TitansState(**{name: fn(t) for name, t in self.tensors().items()})
+
+    @property
+    def batch_size(self) -> int:
+        return self.chunk_pos.shape[0]
+
+
+class _FastInit(nn.Module):
+    """Meta-learned initial states and readouts of the memories; kept in float32 (`_keep_in_fp32_modules_strict`)."""
+
+    def __init__(self, config, num_heads: int, head_dim: int, boxes: list[str]):
+        super().__init__()
+        d, m, n = head_dim, config.memory_expansion * head_dim, len(boxes)
+        self.init_in = nn.Parameter(torch.empty(num_heads, d, n * m))  # initial A = W2^T of every memory
+        self.init_out = nn.Parameter(torch.empty(num_heads, n, m, d))  # initial B = W1^T of every memory
+        self.eta_readout = nn.Parameter(torch.empty(num_heads, d))
+        self.eta_bias = nn.Parameter(torch.empty(num_heads))
+        if config.retention:
+            self.alpha_readout = nn.Parameter(torch.empty(num_heads, d))
+            self.alpha_bias = nn.Parameter(torch.empty(num_heads))
+        if not (config.self_modifying and config.adaptive_k):
+            self.static_k = nn.Parameter(torch.empty(num_heads, d, d))
+        if not (config.self_modifying and config.adaptive_v):
+            self.static_v = nn.Parameter(torch.empty(num_heads, d, d))
+
+
+class HopeSelfModifyingTitans(nn.Module):
+    """The self-modifying Titans mixer of one HOPE layer (DESIGN §2.2)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        if config.self_modifying and config.detach_self_targets and not config.adaptive_v:
+            raise ValueError(
+                "detach_self_targets=True with adaptive_v=False leaves the static value projection without any "
+                "gradient (v only feeds the detached targets); set adaptive_v=True or detach_self_targets=False"
+            )
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.boxes = memory_boxes(config)
+        self.num_memories = len(self.boxes)
+        self.memory_dim = config.memory_expansion * config.head_dim
+        self.chunk_size = config.chunk_size
+        self.eta_max = config.eta_max
+        self.kernel_size = config.conv_kernel_size
+        inner = self.num_heads * self.head_dim
+        hidden = config.hidden_size
+
+        self.q_proj = nn.Linear(hidden, inner, bias=False)
+        self.u_proj = nn.Linear(hidden, inner, bias=False)
+        self.g_proj = nn.Linear(hidden, inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden, bias=False)
+        # causal depthwise convolutions (width conv_kernel_size) on the q and u streams
+        self.q_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
+        self.u_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
+        self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
+        self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
+
+    # ------------------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_memory_weights(self):
+        """Initialise the parameters the generic `_init_weights` does not know (skips loaded tensors)."""
+        from transformers import initialization as init
+
+        d, m = self.head_dim, self.memory_dim
+        p = self.fast_init
+        init.normal_(p.init_in, mean=0.0, std=1.0 / math.sqrt(d))
+        init.normal_(p.init_out, mean=0.0, std=1.0 / math.sqrt(m))
+        init.normal_(p.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
+        init.constant_(p.eta_bias, ETA_BIAS_INIT)
+        if hasattr(p, "alpha_readout"):
+            init.normal_(p.alpha_readout, mean=0.0, std=1.0 / math.sqrt(d))
+            init.constant_(p.alpha_bias, ALPHA_BIAS_INIT)
+        for name in ("static_k", "static_v"):
+            if hasattr(p, name):
+                init.normal_(getattr(p, name), mean=0.0, std=1.0 / math.sqrt(d))
+        init.ones_(self.out_norm_weight)
+        # the convolutions start as the identity plus small noise: conv(x)_t ~ x_t
+        for conv in (self.q_conv, self.u_conv):
+            w = torch.randn_like(conv.weight) * self.config.initializer_range
+            w[..., -1] += 1.0
+            init.copy_(conv.weight, w)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def initial_state(self, batch_size: int, device=None) -> TitansState:
+        """The state of a fresh sequence: every memory at its meta-learned initial state (differentiable)."""
+        p = self.fast_init
+        device = device or p.init_in.device
+        a0 = fp32(p.init_in).unsqueeze(0).expand(batch_size, *p.init_in.shape)
+        b0 = fp32(p.init_out).unsqueeze(0).expand(batch_size, *p.init_out.shape)
+        channels = self.num_heads * self.head_dim
+        tail = torch.zeros(batch_size, self.kernel_size - 1, channels, device=device, dtype=self.q_proj.weight.dtype)
+        return TitansState(
+            snapshot_in=a0,
+            snapshot_out=b0,
+            current_in=a0,
+            current_out=b0,
+            chunk_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+            conv_q=tail,
+            conv_u=tail.clone(),
+        )
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        state = None
+        if past_key_values is not None:
+            state = past_key_values.get_titans_state(self.layer_idx)
+        out, new_state = self.forward_with_state(hidden_states, attention_mask, position_ids, state)
+        if past_key_values is not None:
+            past_key_values.set_titans_state(self.layer_idx, new_state, num_new_tokens=hidden_states.shape[1])
+        return out
+
+    def forward_with_state(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        state: TitansState | None = None,
+    ) -> tuple[torch.Tensor, TitansState]:
+        """Run the layer on `hidden_states` (B, T, D) starting from `state` (None: fresh sequences).
+
+        Returns the output (B, T, D) and the state after the last token of each row. Pad tokens (mask 0) neither
+        write nor advance the chunk position; a real token with position id 0 starts a new document (reset).
+        """
+        bsz, seq_len, _ = hidden_states.shape
+        if state is None:
+            state = self.initial_state(bsz, hidden_states.device)
+        elif state.batch_size != bsz:
+            raise ValueError(f"state holds {state.batch_size} sequences but hidden_states has batch size {bsz}")
+        real = _real_token_mask(attention_mask, bsz, seq_len, hidden_states.device)
+        starts = _document_starts(position_ids, real)
+        layout = _Layout(real, starts, state.chunk_pos, self.chunk_size, self.kernel_size)
+
+        q_in = self.q_proj(hidden_states)
+        u_in = self.u_proj(hidden_states)
+        q, conv_q = layout.causal_conv(q_in, self.q_conv.weight, state.conv_q)
+        u, conv_u = layout.causal_conv(u_in, self.u_conv.weight, state.conv_u)
+        q = l2norm(fp32(self._heads(F.silu(q))))  # (R, H, L, d) in the chunk frame
+        u = fp32(self._heads(F.silu(u)))
+
+        init = self.initial_state(layout.num_rows, hidden_states.device)
+        start = layout.frame_state(state, init)
+        o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+        o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
+        o = o.view(bsz, seq_len, self.num_heads, self.head_dim)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)
+        gate = F.silu(self.g_proj(hidden_states)).view(bsz, seq_len, self.num_heads, self.head_dim)
+        out = self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, seq_len, -1))
+        new_state = layout.row_state(state, final, conv_q, conv_u)
+        return out, new_state
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        rows, length, _ = x.shape
+        return x.view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    # ------------------------------------------------------------------------------------------------ memory math
+    def _memory_scan(self, q, u, write, start: TitansState, layout: "_Layout"):
+        """Chunk-parallel scan over the frame (Eq. 90-91): a loop over chunks, never over tokens.
+
+        q, u: (R, H, L, d) float32; write: (R, 1, L) float (1 = real token). Returns the per-token reads
+        o (R, H, L, d) and the final frame state (snapshot and current weights).
+        """
+        C = self.chunk_size
+        snap_a, snap_b = start.snapshot_in, start.snapshot_out
+        cur_a, cur_b = start.current_in, start.current_out
+        last_snap_a, last_snap_b = snap_a, snap_b
+        outs = []
+        last_chunk = layout.last_chunk  # (R,) index of the chunk holding each row's last token (-1: none)
+        for c in range(layout.frame_len // C):
+            sl = slice(c * C, (c + 1) * C)
+            o_c, cur_a, cur_b = self._chunk(q[:, :, sl], u[:, :, sl], write[..., sl], snap_a, snap_b, cur_a, cur_b)
+            outs.append(o_c)
+            # remember the snapshot that a row's last (possibly partial) chunk used
+            here = (last_chunk == c).view(-1, 1, 1, 1)
+            last_snap_a = torch.where(here, snap_a, last_snap_a)
+            last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
+            snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
+        o = torch.cat(outs, dim=2)
+        full = (layout.end_pos == 0).view(-1, 1, 1, 1)
+        final = (
+            torch.where(full, cur_a, last_snap_a),
+            torch.where(full.unsqueeze(-1), cur_b, last_snap_b),
+            cur_a,
+            cur_b,
+        )
+        return o, final
+
+    def _generate(self, u, snap_a, snap_b):
+        """Keys, values, learning rates and retention gates of a chunk, from the snapshot memories (Eq. 87, 90)."""
+        p = self.fast_init
+        n_aux = self.num_memories - 1
+        m = self.memory_dim
+        aux = {}
+        if n_aux:
+            hid = F.silu(u @ snap_a[..., : n_aux * m]).unflatten(-1, (n_aux, m))  # (R,H,C,n_aux,m)
+            mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid, snap_b[:, :, :n_aux])
+            aux = {box: mem[..., i, :] for i, box in enumerate(self.boxes[:-1])}
+        k = l2norm(aux["k"] if "k" in aux else u @ fp32(p.static_k))
+        v = l2norm(aux["v"] if "v" in aux else u @ fp32(p.static_v))
+        eta_src = aux.get("eta", u)
+        eta = self.eta_max * torch.sigmoid((eta_src * fp32(p.eta_readout)[:, None]).sum(-1) + fp32(p.eta_bias)[:, None])
+        if self.config.retention:
+            alpha_src = aux.get("alpha", u)
+            logit = (alpha_src * fp32(p.alpha_readout)[:, None]).sum(-1) + fp32(p.alpha_bias)[:, None]
+            log_alpha = F.logsigmoid(logit)
+        else:
+            log_alpha = torch.zeros_like(eta)
+        return k, v, eta, log_alpha
+
+    def _read_all(self, a, b, z):
+        """All memories applied to one input z (R,H,C,d): returns pre-activations (R,H,C,n,m) and outputs (R,H,C,n,d)."""
+        pre = (z @ a).unflatten(-1, (self.num_memories, self.memory_dim))
+        return pre, z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", F.silu(pre), b)
+
+    def _chunk(self, q, u, write, snap_a, snap_b, cur_a, cur_b):
+        """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once."""
+        cfg = self.config
+        C, n, m = self.chunk_size, self.num_memories, self.memory_dim
+        p = self.fast_init
+
+        k, v, eta, log_alpha = self._generate(u, snap_a, snap_b)
+        eta = eta * write  # pad tokens: no write ...
+        log_alpha = log_alpha * write  # ... and no decay
+
+        # self-generated targets (Eq. 84) or, without self-modification, the value itself
+        if cfg.self_modifying:
+            _, vhat = self._read_all(snap_a, snap_b, v)
+            if cfg.detach_self_targets:
+                vhat = vhat.detach()
+        else:
+            vhat = v.unsqueeze(-2)
+        # gradients of 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88)
+        pre, mk = self._read_all(snap_a, snap_b, k)
+        h = F.silu(pre)  # (R,H,C,n,m)
+        e = mk - vhat  # (R,H,C,n,d)
+        dpre = silu_grad(pre)
+        delta = torch.einsum("rhcnd,rhnmd->rhcnm", e, snap_b) * dpre
+
+        # step sizes: DGD's curvature normalisation, and by the C gradients taken at one snapshot
+        eta_n = eta.unsqueeze(-1)
+        eta1 = eta_n / (1 + C * eta_n * h.pow(2).sum(-1))
+        col_norms = snap_b.pow(2).sum(-1)  # |W1_s[:, j]|^2: (R,H,n,m)
+        eta2 = eta_n / (1 + C * eta_n * (dpre.pow(2) * col_norms.unsqueeze(2)).sum(-1))
+
+        # decays in log space: gamma_t = prod_{i<=t} alpha_i
+        g = torch.cumsum(log_alpha, dim=-1)  # (R,H,C)
+        g_prev = g - log_alpha
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+        decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,C,C) i<t
+        g_end = g[..., -1:]
+        to_end = torch.exp(g_end - g)  # gamma_C / gamma_i
+
+        retain_to_init = cfg.retention and cfg.retain_toward_init
+        anchor_a = fp32(p.init_in) if retain_to_init else None
+        anchor_b = fp32(p.init_out) if retain_to_init else None
+
+        # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
+        x0 = cur_a - anchor_a if retain_to_init else cur_a
+        force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,C,n*m)
+        if cfg.dgd:
+            eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
+            if retain_to_init:
+                force = force - eta_p.unsqueeze(-1) * (k @ anchor_a)
+            rhs = force - (eta_p * torch.exp(g_prev)).unsqueeze(-1) * (k @ x0)
+            lower = eta_p.unsqueeze(-1) * decay * (k @ k.transpose(-1, -2))
+            r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
+        else:
+            r = force
+        a_end = torch.exp(g_end).unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (to_end.unsqueeze(-1) * r)
+
+        # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
+        y0 = cur_b - anchor_b if retain_to_init else cur_b
+        weighted_h = h * (eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
+        b_end = torch.exp(g_end).unsqueeze(-1).unsqueeze(-1) * y0 - torch.einsum("rhcnm,rhcnd->rhnmd", weighted_h, e)
+
+        # ---- read the output memory at the per-token state (Eq. 86, read before write)
+        sl_o = slice((n - 1) * m, n * m)
+        qk = (q @ k.transpose(-1, -2)) * decay
+        pre_q = torch.exp(g_prev).unsqueeze(-1) * (q @ x0[..., sl_o]) + qk @ r[..., sl_o]
+        if retain_to_init:
+            pre_q = pre_q + q @ anchor_a[..., sl_o]
+        s = F.silu(pre_q)  # (R,H,C,m)
+        sh = (s @ h[..., -1, :].transpose(-1, -2)) * decay * eta1[..., -1].unsqueeze(-2)
+        o = q + torch.exp(g_prev).unsqueeze(-1) * (s @ y0[:, :, -1]) - sh @ e[..., -1, :]
+        if retain_to_init:
+            o = o + s @ anchor_b[:, -1]
+
+        if retain_to_init:
+            a_end = a_end + anchor_a
+            b_end = b_end + anchor_b
+        return o, a_end, b_end
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def _real_token_mask(attention_mask, bsz, seq_len, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
+    if isinstance(attention_mask, dict):
+        raise ValueError("the Titans mixer needs the 2-D padding mask (batch, length), not a dict of 4-D masks")
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask of shape (batch={bsz}, length>={seq_len}); "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask[:, -seq_len:].to(device) != 0
+
+
+def _document_starts(position_ids, real) -> torch.Tensor:
+    """Real tokens whose position id is 0 start a new document (packed sequences)."""
+    if position_ids is None:
+        return torch.zeros_like(real)
+    if position_ids.dim() == 3:  # (rope sections, B, T) never used here, but be explicit
+        position_ids = position_ids[0]
+    return real & (position_ids.to(real.device) == 0)
+
+
+class _Layout:
+    """Maps tokens (B, T) to the chunk frame (R, L): one frame row per (batch row, document) piece.
+
+    In the frame, each row's real tokens are contiguous and its first token sits at the row's chunk position, so
+    chunk boundaries fall where they would if that piece were fed alone: padding never shifts them, and a new
+    document starts at position 0 of a fresh state. Positions that hold no token are no-ops (no write, no decay).
+    When nothing needs moving (no padding, one piece per row, equal chunk positions) the frame is the input itself.
+    """
+
+    def __init__(self, real, starts, chunk_pos, chunk_size, kernel_size):
+        bsz, seq_len = real.shape
+        device = real.device
+        self.bsz, self.seq_len, self.C, self.K = bsz, seq_len, chunk_size, kernel_size
+        seg = torch.cumsum(starts.long(), dim=1)  # piece index inside the row; 0 continues the given state
+        row_offset = torch.where(starts[:, 0], torch.zeros_like(chunk_pos), chunk_pos)
+        self.trivial = (
+            bool(real.all()) and not bool(starts[:, 1:].any()) and bool((row_offset == row_offset[0]).all())
+        )
+        if self.trivial:
+            self.num_rows = bsz
+            self.continues = ~starts[:, 0]  # (R,) does the frame row continue the given state?
+            self.src_row = torch.arange(bsz, device=device)
+            self.offset = row_offset
+            self.length = torch.full((bsz,), seq_len, dtype=torch.long, device=device)
+            self.pad_front = int(row_offset[0])
+        else:
+            key = torch.arange(bsz, device=device).unsqueeze(1) * (seq_len + 1) + seg
+            tok_b, tok_t = real.nonzero(as_tuple=True)
+            keys = key[tok_b, tok_t]
+            uniq, row_of_tok = torch.unique(keys, return_inverse=True)
+            self.num_rows = max(int(uniq.numel()), 1)
+            if uniq.numel() == 0:  # no real token at all: one dummy frame row
+                uniq = torch.zeros(1, dtype=torch.long, device=device)
+            self.src_row = uniq // (seq_len + 1)
+            self.continues = (uniq % (seq_len + 1)) == 0
+            self.offset = torch.where(self.continues, chunk_pos[self.src_row], torch.zeros_like(self.src_row))
+            # rank of each real token inside its piece
+            counts = torch.zeros(self.num_rows, dtype=torch.long, device=device).index_add_(
+                0, row_of_tok, torch.ones_like(row_of_tok)
+            )
+            first = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(row_of_tok.numel(), device=device) - first[row_of_tok]
+            self.length = counts
+            self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, row_of_tok, rank
+            self.pad_front = None
+        ends = self.offset + self.length
+        self.frame_len = max(int(math.ceil(int(ends.max()) / chunk_size)) * chunk_size, chunk_size)
+        self.end_pos = ends % chunk_size
+        has_tokens = self.length > 0
+        self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
+
+    # -- streams ---------------------------------------------------------------------------------------------
+    def causal_conv(self, x, weight, tail):
+        """Causal depthwise conv of x (B, T, ch) with the cached tails; returns the frame (R, L, ch) and new tails."""
+        K, ch = self.K, x.shape[-1]
+        w = weight.to(x.dtype)
+        if self.trivial:
+            hist = torch.where(self.continues.view(-1, 1, 1), tail.to(x.dtype), torch.zeros_like(tail, dtype=x.dtype))
+            seq = torch.cat([hist, x], dim=1)  # (B, K-1+T, ch)
+            y = F.conv1d(seq.transpose(1, 2), w, groups=ch).transpose(1, 2)
+            new_tail = seq[:, seq.shape[1] - (K - 1) :]
+            frame = F.pad(y, (0, 0, self.pad_front, self.frame_len - self.pad_front - self.seq_len))
+            return frame, new_tail
+        # compact every piece to the left, with its history in front
+        max_len = int(self.length.max())
+        hist = tail.to(x.dtype)[self.src_row] * self.continues.view(-1, 1, 1).to(x.dtype)
+        body = x.new_zeros(self.num_rows, max_len, ch)
+        body[self.tok_row, self.tok_rank] = x[self.tok_b, self.tok_t]
+        seq = torch.cat([hist, body], dim=1)
+        y = F.conv1d(seq.transpose(1, 2), w, groups=ch).transpose(1, 2)  # (R, max_len, ch)
+        idx = self.length.view(-1, 1) + torch.arange(K - 1, device=x.device).view(1, -1)  # last K-1 of each piece
+        piece_tail = seq.gather(1, idx.unsqueeze(-1).expand(-1, -1, ch))
+        frame = x.new_zeros(self.num_rows, self.frame_len, ch)
+        frame[self.tok_row, self.offset[self.tok_row] + self.tok_rank] = y[self.tok_row, self.tok_rank]
+        new_tail = tail.to(x.dtype).clone()
+        last_piece = self._last_piece_of_row()
+        has = last_piece >= 0
+        if bool(has.any()):
+            new_tail[has] = piece_tail[last_piece[has]]
+        return frame, new_tail
+
+    def frame_write_mask(self, dtype):
+        pos = torch.arange(self.frame_len, device=self.offset.device).view(1, -1)
+        mask = (pos >= self.offset.view(-1, 1)) & (pos < (self.offset + self.length).view(-1, 1))
+        return mask.to(dtype).unsqueeze(1)  # (R, 1, L)
+
+    def to_tokens(self, frame, seq_len):
+        """Frame (R, L, ch) back to tokens (B, T, ch); pad tokens get zeros."""
+        if self.trivial:
+            return frame[:, self.pad_front : self.pad_front + seq_len]
+        out = frame.new_zeros(self.bsz, seq_len, frame.shape[-1])
+        out[self.tok_b, self.tok_t] = frame[self.tok_row, self.offset[self.tok_row] + self.tok_rank]
+        return out
+
+    # -- states ----------------------------------------------------------------------------------------------
+    def frame_state(self, state: TitansState, init: TitansState) -> TitansState:
+        """Start state of every frame row: the given state for continuing pieces, the initial one otherwise."""
+        cont = self.continues
+
+        def pick(given, fresh):
+            given = given[self.src_row] if not self.trivial else given
+            shape = (-1,) + (1,) * (given.dim() - 1)
+            return torch.where(cont.view(shape), given, fresh)
+
+        return TitansState(
+            snapshot_in=pick(state.snapshot_in, init.snapshot_in),
+            snapshot_out=pick(state.snapshot_out, init.snapshot_out),
+            current_in=pick(state.current_in, init.current_in),
+            current_out=pick(state.current_out, init.current_out),
+            chunk_pos=self.offset,
+            conv_q=init.conv_q,
+            conv_u=init.conv_u,
+        )
+
+    def _last_piece_of_row(self):
+        """Frame row holding each batch row's last piece (-1: the row had no real token)."""
+        if self.trivial:
+            return torch.arange(self.bsz, device=self.offset.device)
+        last = torch.full((self.bsz,), -1, dtype=torch.long, device=self.offset.device)
+        rows = torch.arange(self.num_rows, device=self.offset.device)
+        valid = self.length > 0
+        return last.scatter_reduce(0, self.src_row[valid], rows[valid], reduce="amax")
+
+    def row_state(self, state: TitansState, final, conv_q, conv_u) -> TitansState:
+        """The state of each batch row after its last token (rows without real tokens keep theirs)."""
+        snap_a, snap_b, cur_a, cur_b = final
+        last = self._last_piece_of_row()
+        has = last >= 0
+        idx = last.clamp(min=0)
+
+        def pick(new, old):
+            new = new[idx]
+            shape = (-1,) + (1,) * (new.dim() - 1)
+            return torch.where(has.view(shape), new, old)
+
+        return TitansState(
+            snapshot_in=pick(snap_a, state.snapshot_in),
+            snapshot_out=pick(snap_b, state.snapshot_out),
+            current_in=pick(cur_a, state.current_in),
+            current_out=pick(cur_b, state.current_out),
+            chunk_pos=pick(self.end_pos, state.chunk_pos),
+            conv_q=conv_q,
+            conv_u=conv_u,
+        )

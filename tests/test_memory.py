@@ -1,0 +1,263 @@
+"""The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference (DESIGN §2.2, §4)."""
+
+import itertools
+
+import pytest
+import torch
+
+from hope_hf.configuration_hope import HopeConfig
+from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, memory_boxes
+from reference_memory import reference_titans
+
+
+SWITCHES = ["self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init", "detach_self_targets"]
+DEFAULTS = dict(self_modifying=True, adaptive_k=True, adaptive_v=True, dgd=True, retention=True,
+                retain_toward_init=True, detach_self_targets=False)
+
+
+def small_config(**overrides):
+    kw = dict(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, head_dim=4, chunk_size=3,
+              memory_expansion=2, eta_max=0.9, conv_kernel_size=4)
+    kw.update(overrides)
+    return HopeConfig(**kw)
+
+
+def make_layer(dtype=torch.float64, seed=0, **overrides):
+    """A layer with large, random parameters so that every term of the update rule matters."""
+    torch.manual_seed(seed)
+    layer = HopeSelfModifyingTitans(small_config(**overrides), layer_idx=0).to(dtype)
+    layer.init_memory_weights()
+    with torch.no_grad():
+        layer.fast_init.eta_bias.fill_(1.0)  # eta ~ 0.73 eta_max: large steps
+        layer.fast_init.init_out.mul_(2.0)
+        for conv in (layer.q_conv, layer.u_conv):
+            conv.weight.normal_(0, 0.5)
+        for lin in (layer.q_proj, layer.u_proj, layer.g_proj, layer.o_proj):
+            lin.weight.normal_(0, 0.5)
+        if hasattr(layer.fast_init, "alpha_bias"):
+            layer.fast_init.alpha_bias.fill_(1.0)  # alpha ~ 0.73: strong retention toward the anchor
+    return layer
+
+
+def assert_state_matches(state: TitansState, finals, atol):
+    for b, fin in enumerate(finals):
+        assert int(state.chunk_pos[b]) == fin["chunk_pos"]
+        for h, ((cur_a, cur_b), (snap_a, snap_b)) in enumerate(zip(fin["current"], fin["snapshot"])):
+            torch.testing.assert_close(state.current_in[b, h], cur_a, atol=atol, rtol=0)
+            torch.testing.assert_close(state.current_out[b, h], cur_b, atol=atol, rtol=0)
+            torch.testing.assert_close(state.snapshot_in[b, h], snap_a, atol=atol, rtol=0)
+            torch.testing.assert_close(state.snapshot_out[b, h], snap_b, atol=atol, rtol=0)
+        torch.testing.assert_close(state.conv_q[b], fin["conv_q"].to(state.conv_q.dtype), atol=atol, rtol=0)
+        torch.testing.assert_close(state.conv_u[b], fin["conv_u"].to(state.conv_u.dtype), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size, seq_len", [(1, 9), (2, 9), (3, 11), (16, 21), (64, 70)])
+def test_fast_path_equals_reference(chunk_size, seq_len):
+    layer = make_layer(chunk_size=chunk_size)
+    x = torch.randn(2 if seq_len < 64 else 1, seq_len, 8, dtype=torch.float64)
+    out, state = layer.forward_with_state(x)
+    ref, finals = reference_titans(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    assert_state_matches(state, finals, atol=1e-10)
+    assert ref.abs().max() > 0.1  # the comparison is not between two zero tensors
+
+
+SINGLE_SWITCH_OFF = [{}] + [{name: not DEFAULTS[name]} for name in SWITCHES]
+COMBOS = [
+    dict(self_modifying=False, retention=False),
+    dict(dgd=False, retain_toward_init=False),
+    dict(adaptive_k=False, adaptive_v=False),
+    dict(adaptive_k=False, detach_self_targets=True),
+    dict(self_modifying=False, dgd=False, retain_toward_init=False),
+]
+
+
+@pytest.mark.parametrize("switches", SINGLE_SWITCH_OFF + COMBOS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_switches_equal_reference_with_gradients(switches):
+    layer = make_layer(chunk_size=2, **switches)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    out, _ = layer.forward_with_state(x)
+    ref, _ = reference_titans(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    weights = torch.randn_like(out)
+    params = [p for p in layer.parameters()]
+    fast_grads = torch.autograd.grad((out * weights).sum(), [x] + params, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [x] + params, allow_unused=True)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, g_fast, g_ref in zip(names, fast_grads, ref_grads):
+        assert g_fast is not None, f"{name} gets no gradient"  # every parameter is used (DDP needs that)
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+    if not layer.config.detach_self_targets:  # a detached target is a deliberate gradient change: no finite-difference match
+        assert torch.autograd.gradcheck(lambda z: layer.forward_with_state(z)[0], (x,), eps=1e-6, atol=1e-7)
+
+
+def test_static_values_with_detached_targets_is_rejected():
+    # v would feed only detached targets: its projection could never learn (and DDP would see an unused parameter)
+    with pytest.raises(ValueError, match="detach_self_targets"):
+        HopeSelfModifyingTitans(small_config(adaptive_v=False, detach_self_targets=True), 0)
+
+
+def test_switches_change_what_they_name():
+    cfg = small_config
+    assert memory_boxes(cfg()) == ["k", "v", "eta", "alpha", "o"]
+    assert memory_boxes(cfg(self_modifying=False)) == ["o"]
+    assert memory_boxes(cfg(adaptive_k=False)) == ["v", "eta", "alpha", "o"]
+    assert memory_boxes(cfg(adaptive_v=False)) == ["k", "eta", "alpha", "o"]
+    assert memory_boxes(cfg(retention=False)) == ["k", "v", "eta", "o"]
+    no_ret = HopeSelfModifyingTitans(cfg(retention=False), 0).fast_init
+    assert not hasattr(no_ret, "alpha_readout") and not hasattr(no_ret, "alpha_bias")
+    static = HopeSelfModifyingTitans(cfg(self_modifying=False), 0).fast_init
+    assert static.static_k.shape == (2, 4, 4) and static.static_v.shape == (2, 4, 4)
+    # detach_self_targets changes gradients only, not values
+    x = torch.randn(1, 7, 8, dtype=torch.float64)
+    a, b = make_layer(seed=1), make_layer(seed=1, detach_self_targets=True)
+    torch.testing.assert_close(a.forward_with_state(x)[0], b.forward_with_state(x)[0], atol=0, rtol=0)
+    ga = torch.autograd.grad(a.forward_with_state(x)[0].sum(), a.fast_init.init_in)[0]
+    gb = torch.autograd.grad(b.forward_with_state(x)[0].sum(), b.fast_init.init_in)[0]
+    assert (ga - gb).abs().max() > 1e-6
+
+
+def test_zero_learning_rate_keeps_initial_memories():
+    """Invariant 3: eta -> 0 leaves every memory at its initial state; outputs read the initial states."""
+    layer = make_layer(eta_max=1e-300)
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    out, state = layer.forward_with_state(x)
+    init = layer.initial_state(2)
+    for name in ("snapshot_in", "snapshot_out", "current_in", "current_out"):
+        torch.testing.assert_close(getattr(state, name), getattr(init, name), atol=1e-15, rtol=0)
+    # an all-initial-state read equals a layer whose chunk is the whole sequence and eta is exactly zero
+    ref, _ = reference_titans(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    frozen = make_layer(eta_max=1e-300, chunk_size=64)
+    torch.testing.assert_close(frozen.forward_with_state(x)[0], out, atol=1e-12, rtol=0)
+
+
+def test_batch_rows_are_independent():
+    layer = make_layer()
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    out, state = layer.forward_with_state(x)
+    for b in range(3):
+        alone, alone_state = layer.forward_with_state(x[b : b + 1])
+        torch.testing.assert_close(out[b : b + 1], alone, atol=1e-12, rtol=0)
+        torch.testing.assert_close(state.current_in[b : b + 1], alone_state.current_in, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("split", [1, 4, 5, 6, 9])
+def test_two_pieces_equal_one(split):
+    layer = make_layer()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    full, full_state = layer.forward_with_state(x)
+    a, mid = layer.forward_with_state(x[:, :split])
+    b, end = layer.forward_with_state(x[:, split:], state=mid)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-12, rtol=0)
+    for name, t in end.tensors().items():
+        torch.testing.assert_close(t, getattr(full_state, name), atol=1e-12, rtol=0)
+
+
+def padded_batch():
+    x = torch.randn(3, 13, 8, dtype=torch.float64)
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[1, :2] = 0
+    mask[2, 6] = 0  # a hole and right padding
+    mask[2, -1] = 0
+    return x, mask
+
+
+def test_padding_never_writes_nor_shifts_chunks():
+    layer = make_layer()
+    x, mask = padded_batch()
+    out, state = layer.forward_with_state(x, attention_mask=mask)
+    ref, finals = reference_titans(layer, x, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    assert_state_matches(state, finals, atol=1e-10)
+    for b in range(2):  # a left-padded row gives exactly what the row gives alone
+        real = mask[b].bool()
+        alone, alone_state = layer.forward_with_state(x[b : b + 1, real])
+        torch.testing.assert_close(out[b, real], alone[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(state.current_out[b], alone_state.current_out[0], atol=1e-12, rtol=0)
+        assert int(state.chunk_pos[b]) == int(alone_state.chunk_pos[0])
+    assert torch.all(out[~mask.bool()] == 0)
+
+
+def test_padded_pieces_with_different_chunk_positions():
+    """Per-row chunk positions differ after a padded prefill; continuing in pieces matches the reference."""
+    layer = make_layer()
+    x, mask = padded_batch()
+    ref, finals = reference_titans(layer, x, attention_mask=mask)
+    out1, s1 = layer.forward_with_state(x[:, :9], attention_mask=mask[:, :9])
+    assert len(set(s1.chunk_pos.tolist())) > 1
+    out2, s2 = layer.forward_with_state(x[:, 9:10], attention_mask=mask[:, :10], state=s1)
+    out3, s3 = layer.forward_with_state(x[:, 10:], attention_mask=mask, state=s2)
+    torch.testing.assert_close(torch.cat([out1, out2, out3], 1), ref, atol=1e-10, rtol=0)
+    assert_state_matches(s3, finals, atol=1e-10)
+
+
+def test_packed_documents_reset_memories():
+    layer = make_layer()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 5, 6]])
+    _, prior = layer.forward_with_state(torch.randn(2, 5, 8, dtype=torch.float64))
+    out, state = layer.forward_with_state(x, position_ids=pos, state=prior)
+    ref, finals = reference_titans(layer, x, position_ids=pos, state=prior)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    assert_state_matches(state, finals, atol=1e-10)
+    for b, lo, hi in [(0, 5, 8), (0, 8, 13), (1, 6, 13)]:  # every document equals itself fed alone
+        alone, _ = layer.forward_with_state(x[b : b + 1, lo:hi])
+        torch.testing.assert_close(out[b, lo:hi], alone[0], atol=1e-12, rtol=0)
+    cont, _ = layer.forward_with_state(x[1:2, :6], state=prior.map(lambda t: t[1:2]))
+    torch.testing.assert_close(out[1, :6], cont[0], atol=1e-12, rtol=0)  # the first piece continues the state
+
+
+def test_reduced_precision_keeps_fast_weights_in_float32():
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(2, 10, 8)
+    ref, state32 = layer.forward_with_state(x)
+    layer_bf16 = make_layer(dtype=torch.float32)
+    layer_bf16.q_proj.to(torch.bfloat16), layer_bf16.u_proj.to(torch.bfloat16)
+    layer_bf16.g_proj.to(torch.bfloat16), layer_bf16.o_proj.to(torch.bfloat16)
+    layer_bf16.q_conv.to(torch.bfloat16), layer_bf16.u_conv.to(torch.bfloat16)
+    out, state = layer_bf16.forward_with_state(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert state.current_in.dtype == torch.float32 and state.current_out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_long_stream_is_stable_and_alive():
+    """65,536 tokens through the tiny preset's Titans layer with eta saturated at eta_max = 1: i.i.d., cyclic and
+    constant token streams (one batch row each) stay finite, bounded and alive."""
+    from hope_hf.presets import get_preset
+
+    cfg = get_preset("tiny", eta_max=1.0)
+    torch.manual_seed(0)
+    layer = HopeSelfModifyingTitans(cfg, 0)
+    layer.init_memory_weights()
+    for lin in (layer.q_proj, layer.u_proj, layer.g_proj, layer.o_proj):
+        torch.nn.init.normal_(lin.weight, 0, cfg.initializer_range)
+    with torch.no_grad():
+        layer.fast_init.eta_bias.fill_(30.0)  # sigmoid(30) = 1: every step at eta_max
+    num = 65_536
+    streams = torch.stack(
+        [
+            torch.randint(0, cfg.vocab_size, (num,), generator=torch.Generator().manual_seed(1)),  # i.i.d.
+            torch.arange(num) % 37,  # cyclic
+            torch.zeros(num, dtype=torch.long),  # constant
+        ]
+    )
+    emb = torch.randn(cfg.vocab_size, cfg.hidden_size)
+    x = emb[streams]
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+    with torch.no_grad():
+        out, state = layer.forward_with_state(x)
+    a0, b0 = layer.fast_init.init_in, layer.fast_init.init_out
+    assert torch.isfinite(out).all() and torch.isfinite(state.current_in).all() and torch.isfinite(state.current_out).all()
+    for cur, init in ((state.current_in, a0), (state.current_out, b0)):
+        ratio = cur.norm(dim=(-2, -1)) / init.norm(dim=(-2, -1))  # per stream and head (and memory for B)
+        assert ratio.max() < 1.5, f"fast weights grew: {ratio.max():.3f}"
+        assert ratio.min() > 0.2, f"a memory decayed toward zero: {ratio.min():.3f}"
+    moved = (state.current_in - a0).flatten(1).norm(dim=1) / a0.norm()
+    assert (moved > 0.05).all(), f"a memory never learned anything: {moved.tolist()}"
+    early, late = out[:, :256].abs().mean(dim=(1, 2)), out[:, -256:].abs().mean(dim=(1, 2))
+    assert (late > 0.1 * early).all()  # outputs do not die out

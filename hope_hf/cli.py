@@ -206,6 +206,25 @@ class ConvertArguments:
     dtype: str = field(default="float32", metadata={"help": "Dtype to load and save in: float32, bfloat16, float16."})
 
 
+ARGUMENT_CLASSES = {
+    "train": (ModelArguments, DataArguments, RunArguments, HopeTrainingArguments),
+    "eval": (EvalArguments,),
+    "generate": (GenerateArguments,),
+    "convert": (ConvertArguments,),
+}
+
+
+def build_parser(command: str):
+    """The `HfArgumentParser` of one command (its `--help` explains every option)."""
+    from transformers import HfArgumentParser
+
+    description = COMMANDS[command] + "."
+    if command == "train":
+        description += (" Every `TrainingArguments` option is accepted as well; defaults are sized for the tiny "
+                        "preset on CPU. Runs unchanged under `accelerate launch` / `torchrun`.")
+    return HfArgumentParser(ARGUMENT_CLASSES[command], prog=f"hope-hf {command}", description=description)
+
+
 # ============================================================================================ helpers
 def _log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
@@ -403,17 +422,19 @@ def cmd_train(argv: list[str]) -> dict:
     # it every rank would silently train its own copy.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv = [*argv, "--use_cpu"]
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RunArguments, HopeTrainingArguments),
-        prog="hope-hf train",
-        description=COMMANDS["train"] + ". Every `TrainingArguments` option is accepted as well.",
-    )
+    parser = build_parser("train")
     model_args, data_args, run_args, args = parser.parse_args_into_dataclasses(args=argv)
     if not args.output_dir:
         raise CliError("--output_dir is required (where checkpoints, the model, tokenizer and model card go)")
     if data_args.streaming and args.max_steps <= 0:
         raise CliError("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
     check_seq_len(data_args.seq_len)
+    if not model_args.model_name_or_path:
+        from .presets import available_presets
+
+        if model_args.preset.strip().lower() not in available_presets():
+            raise CliError(f"--preset: unknown preset {model_args.preset!r}; allowed presets: "
+                           f"{', '.join(available_presets())}")
     is_main = args.process_index == 0
     with args.main_process_first(desc="output dir"):
         resume = args.resume_from_checkpoint
@@ -578,7 +599,7 @@ def cmd_eval(argv: list[str]) -> dict:
     from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len
     from .tokenizer import check_tokenizer_matches
 
-    parser = HfArgumentParser(EvalArguments, prog="hope-hf eval", description=COMMANDS["eval"] + ".")
+    parser = build_parser("eval")
     (a,) = parser.parse_args_into_dataclasses(args=argv)
     if not a.model_name_or_path:
         raise CliError("--model_name_or_path is required")
@@ -615,7 +636,7 @@ def cmd_generate(argv: list[str]) -> str:
 
     from .tokenizer import check_tokenizer_matches
 
-    parser = HfArgumentParser(GenerateArguments, prog="hope-hf generate", description=COMMANDS["generate"] + ".")
+    parser = build_parser("generate")
     (a,) = parser.parse_args_into_dataclasses(args=argv)
     if not a.model_name_or_path:
         raise CliError("--model_name_or_path is required")
@@ -646,7 +667,7 @@ def cmd_convert(argv: list[str]) -> str:
     import torch
     from transformers import AutoTokenizer, HfArgumentParser
 
-    parser = HfArgumentParser(ConvertArguments, prog="hope-hf convert", description=COMMANDS["convert"] + ".")
+    parser = build_parser("convert")
     (a,) = parser.parse_args_into_dataclasses(args=argv)
     if not a.llama_model or not a.output_dir:
         raise CliError("--llama_model and --output_dir are required")

@@ -182,10 +182,16 @@ def check_seq_len(seq_len: int, config: Any | None = None) -> None:
     """Raise if ``seq_len`` is not usable for training (too short, or longer than the model's positions)."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise DataError(f"seq_len must be an int >= 2 (one input and one target token), got {seq_len!r}")
-    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
-    if limit is not None and seq_len > limit:
+    if config is None:
+        return
+    # Attention layers (rotary positions) are bounded by max_position_embeddings; the recurrent Titans layers are not.
+    layer_types = getattr(config, "layer_types", None)
+    has_attention = layer_types is None or any("attention" in t and t != "linear_attention" for t in layer_types)
+    limit = getattr(config, "max_position_embeddings", None)
+    if has_attention and limit is not None and seq_len > limit:
         raise DataError(
-            f"seq_len={seq_len} is longer than the model can take: config.max_position_embeddings={limit}"
+            f"seq_len={seq_len} is longer than the model can take: its attention layers cover "
+            f"config.max_position_embeddings={limit} positions"
         )
 
 

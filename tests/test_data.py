@@ -132,9 +132,12 @@ def test_bad_data_raises_errors_naming_the_problem(tokenizer, tmp_path):
 
     class Cfg:
         max_position_embeddings = 128
+        layer_types = ["linear_attention", "full_attention"]
 
     with pytest.raises(DataError, match="max_position_embeddings=128"):
         check_seq_len(256, Cfg)
+    Cfg.layer_types = ["linear_attention"] * 2  # recurrent layers only: any length
+    check_seq_len(256, Cfg)
 
 
 def test_perplexity_metric_loads_offline_by_path():

@@ -1,0 +1,195 @@
+"""The `hope-hf` CLI end to end on a tiny config: train -> eval -> generate, resume, convert, bad input, --help."""
+
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _training_utils import one_thread
+from hope_hf import HopeForCausalLM
+from hope_hf.cli import ARGUMENT_CLASSES, main
+
+TINY = ["--config_overrides", "hidden_size=32,num_attention_heads=2,chunk_size=8",
+        "--seq_len", "32", "--vocab_size", "320", "--max_corpus_chars", "150000",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--learning_rate", "5e-3",
+        "--warmup_steps", "2", "--logging_steps", "5", "--max_eval_samples", "24", "--disable_tqdm", "true",
+        "--sample_max_new_tokens", "8", "--seed", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+def _train(out, *extra, steps=40):
+    return main(["train", "--output_dir", str(out), *TINY, "--max_steps", str(steps), "--eval_steps", str(steps),
+                 "--save_steps", str(max(1, steps // 2)), *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    with one_thread():
+        assert _train(out) == 0
+    return out
+
+
+def test_train_saves_model_tokenizer_card_and_the_loss_falls(run_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+        assert (run_dir / name).exists(), name
+    m = json.loads((run_dir / "all_results.json").read_text())
+    assert m["global_step"] == 40
+    assert m["first_logged_train_loss"] - m["last_logged_train_loss"] > 0.7, m
+    assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
+    assert m["unigram_perplexity"] > 1
+    card = (run_dir / "README.md").read_text()
+    assert "library_name: transformers" in card and f"{m['eval_perplexity']:.2f}" in card
+    assert isinstance(m["sample"], str) and m["sample"].startswith("def ")
+
+
+def test_eval_reproduces_the_training_runs_heldout_perplexity(run_dir, capsys, tmp_path):
+    """`hope-hf eval` (the shipped `evaluate` metric, token-weighted NLL) on the held-out documents that `train`
+    evaluated on gives the Trainer's exp(eval_loss) (all blocks are full, so the two means agree)."""
+    capsys.readouterr()
+    out_file = tmp_path / "eval.json"
+    assert main(["eval", "--model_name_or_path", str(run_dir), "--seq_len", "32", "--max_corpus_chars", "150000",
+                 "--max_eval_samples", "24", "--batch_size", "5", "--output_file", str(out_file)]) == 0
+    result = json.loads(out_file.read_text())
+    trained = json.loads((run_dir / "all_results.json").read_text())
+    assert result["sequences"] == 24 and result["num_tokens"] == 24 * 31
+    assert result["perplexity"] == pytest.approx(trained["eval_perplexity"], rel=1e-4)
+    assert json.loads(capsys.readouterr().out)["perplexity"] == result["perplexity"]
+
+
+def test_generate_is_the_models_greedy_continuation(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(run_dir), "--prompt", "import os\n",
+                 "--max_new_tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    model = HopeForCausalLM.from_pretrained(run_dir).eval()
+    ids = tok("import os\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    # greedy decoding by hand, full forward each step (no cache): the reference continuation
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert printed.strip() == tok.decode(ids[0], skip_special_tokens=True).strip()
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_weights(tmp_path, capsys):
+    full = tmp_path / "full"
+    assert _train(full, steps=6) == 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    # what a run killed after checkpoint-3 leaves: the tokenizer and checkpoint-3, nothing later
+    shutil.rmtree(part / "checkpoint-6")
+    for f in part.iterdir():
+        if f.is_file() and not f.name.startswith("tokenizer"):
+            f.unlink()
+    capsys.readouterr()
+    assert _train(part, steps=6) == 0
+    assert "Resuming the interrupted run from" in capsys.readouterr().out
+    a = HopeForCausalLM.from_pretrained(full)
+    b = HopeForCausalLM.from_pretrained(part)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
+
+
+def test_existing_output_dir_is_never_overwritten_silently(run_dir, tmp_path, capsys):
+    before = (run_dir / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _train(run_dir, steps=2) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (run_dir / "model.safetensors").read_bytes() == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    assert _train(other, steps=2) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (other / "mine.txt").read_text() == "keep me"
+    assert _train(other, "--overwrite_output_dir", steps=2) == 0
+    assert not (other / "mine.txt").exists() and (other / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge"], "unknown preset 'huge'; allowed presets: tiny"),
+        (["--data", "/nonexistent/corpus.txt"], "data file '/nonexistent/corpus.txt' does not exist"),
+        (["--seq_len", "1"], "seq_len must be an int >= 2"),
+        (["--config_overrides", "layer_types=[\"full_attention\"],num_hidden_layers=1,max_position_embeddings=16"],
+         "seq_len=32 is longer than the model can take"),
+        (["--config_overrides", "hidden_size"], "--config_overrides: expected 'key=value'"),
+    ],
+)
+def test_bad_input_fails_with_an_error_naming_the_problem(tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    rc = main(["train", "--output_dir", str(out), *TINY, "--max_steps", "2", *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tokenizer_that_does_not_match_the_model_is_refused(run_dir, tmp_path, capsys):
+    from hope_hf.tokenizer import train_tokenizer
+
+    from hope_hf.data import load_documents
+
+    big = train_tokenizer(load_documents("stdlib", max_chars=60_000), vocab_size=400)
+    assert len(big) == 400
+    big.save_pretrained(tmp_path / "tok")
+    capsys.readouterr()
+    assert main(["eval", "--model_name_or_path", str(run_dir), "--tokenizer_name_or_path", str(tmp_path / "tok")]) == 2
+    assert "the tokenizer has 400 tokens but the model's vocab_size is 320" in capsys.readouterr().err
+    assert main(["eval", "--model_name_or_path", str(tmp_path / "nothing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_convert_llama_then_generate(tmp_path, capsys, run_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    llama.save_pretrained(tmp_path / "llama")
+    shutil.copy(run_dir / "tokenizer.json", tmp_path / "llama")
+    shutil.copy(run_dir / "tokenizer_config.json", tmp_path / "llama")
+    assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope"),
+                 "--extra_levels", "[64]"]) == 0
+    hope = HopeForCausalLM.from_pretrained(tmp_path / "hope").eval()
+    assert [lvl["period"] for lvl in hope.config.cms_levels] == [0, 64]
+    x = torch.randint(0, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hope(input_ids=x).logits, llama.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "hope" / "tokenizer.json").exists()
+    assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["generate", "--model_name_or_path", str(tmp_path / "hope"), "--max_new_tokens", "4"]) == 0
+
+
+def test_help_explains_every_option(capsys):
+    for command, classes in ARGUMENT_CLASSES.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert text.startswith(f"usage: hope-hf {command}")
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if not f.init:
+                    continue
+                assert f"--{f.name}" in text, (command, f.name)
+                assert f.metadata.get("help"), (command, f.name)  # TrainingArguments' own fields have help too
+    # the console-script module itself, in a fresh interpreter: usage lists the commands
+    proc = subprocess.run([sys.executable, "-m", "hope_hf.cli"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and all(c in proc.stdout for c in ARGUMENT_CLASSES)

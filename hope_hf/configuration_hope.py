@@ -5,8 +5,8 @@ the field and the allowed values (see `HopeConfigError`). This file is model cod
 `save_pretrained` and must import nothing but torch, transformers, huggingface_hub and flat siblings (`from .x`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `@strict` type-checks fields from their annotations, and string
+# annotations would switch those checks off.
 import functools
 
 from huggingface_hub.dataclasses import strict

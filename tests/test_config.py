@@ -210,3 +210,10 @@ def test_valid_edge_values():
                    cms_levels=[{"period": 0, "intermediate_size": 1}], num_hidden_layers=1,
                    layer_types=["sliding_attention"], sliding_window=1)
     assert c.head_dim == 8 and c.chunk_size == 1 and c.sliding_window == 1
+
+
+def test_field_types_are_checked_on_assignment_too():
+    # pins that the annotations stay real types (no `from __future__ import annotations` in the config file)
+    c = small_config()
+    with pytest.raises(StrictDataclassError, match="chunk_size"):
+        c.chunk_size = "16"

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.cache_utils import Cache
 
 from hope_hf import HopeConfig, HopeForCausalLM, HopeModel
 from hope_hf.memory_hope import HopeSelfModifyingTitans
@@ -476,7 +477,7 @@ def test_attention_cache_decoding_equals_full_forward(layout_name):
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :7], use_cache=True)
         cache = cache_of(out)
-        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 7
+        assert isinstance(cache, Cache) and cache.get_seq_length() == 7
         steps = [out.logits]
         for t in range(7, 12):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)

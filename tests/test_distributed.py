@@ -104,3 +104,15 @@ def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):
             assert not torch.equal(p, initial[n]), f"{n} did not train"
         else:
             assert torch.equal(p, initial[n]), f"frozen {n} changed"
+
+
+def test_example_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = {p.stem: ClusterConfig.from_yaml_file(str(p)) for p in (REPO / "examples" / "accelerate").glob("*.yaml")}
+    assert set(configs) == {"ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"}
+    assert configs["ddp"].distributed_type.value == "MULTI_GPU"
+    fsdp = configs["fsdp2"]
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in HopeForCausalLM._no_split_modules
+    assert [configs[f"deepspeed_zero{z}"].deepspeed_config["zero_stage"] for z in (2, 3)] == [2, 3]

@@ -15,6 +15,7 @@ sums in its ``state_dict`` so that resuming from a checkpoint is exact.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -312,10 +313,18 @@ class ContinuumOptimizer(torch.optim.Optimizer):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         if cont is None:
-            raise ValueError(
-                "this optimizer state has no 'continuum' entry: it was not saved by ContinuumOptimizer, so the CMS "
-                "token counters and gradient sums cannot be restored"
+            # A plain optimizer's state, or one that went through torch.distributed.checkpoint (FSDP checkpoints keep
+            # only per-parameter state and the groups): the wrapped optimizer is restored, the CMS rule restarts.
+            warnings.warn(
+                "this optimizer state has no 'continuum' entry (not saved by ContinuumOptimizer, or saved through "
+                "torch.distributed.checkpoint): the CMS token counters and gradient sums restart from zero",
+                stacklevel=2,
             )
+            self.tokens_since_step = {level: 0 for level in self.periods}
+            self.level_steps = {level: 0 for level in self.periods}
+            self.grad_sums = {}
+            self.pending_tokens = 0
+            return
         saved = {int(k): int(v) for k, v in cont["periods"].items()}
         if saved != self.periods:
             raise ValueError(f"the checkpoint's CMS periods {saved} differ from this model's {self.periods}")

@@ -53,6 +53,12 @@ class HopeTrainer(Trainer):
     """
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "HopeTrainer's ContinuumOptimizer cannot run under DeepSpeed ZeRO: ZeRO re-partitions the parameters "
+                "into flat buffers, so per-level CMS steps cannot be applied. Use DDP or FSDP2, or train under "
+                "DeepSpeed with the plain Trainer (`hope-hf train --no_continuum`), where every level steps every step."
+            )
         if self.optimizer is None:
             super().create_optimizer() if model is None else super().create_optimizer(model)
         if not isinstance(_unwrap_optimizer(self.optimizer), ContinuumOptimizer):

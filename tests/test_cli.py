@@ -159,7 +159,8 @@ def test_convert_llama_then_generate(tmp_path, capsys, run_dir):
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=1))  # the run's tokenizer ids
     llama.save_pretrained(tmp_path / "llama")
     shutil.copy(run_dir / "tokenizer.json", tmp_path / "llama")
     shutil.copy(run_dir / "tokenizer_config.json", tmp_path / "llama")
@@ -174,6 +175,13 @@ def test_convert_llama_then_generate(tmp_path, capsys, run_dir):
     assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope")]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert main(["generate", "--model_name_or_path", str(tmp_path / "hope"), "--max_new_tokens", "4"]) == 0
+    # a model whose special-token ids differ from the tokenizer's is refused
+    llama.config.eos_token_id = 2
+    llama.save_pretrained(tmp_path / "llama")
+    assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope2")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(tmp_path / "hope2"), "--max_new_tokens", "4"]) == 2
+    assert "eos_token_id is 0 but the model's config.eos_token_id is 2" in capsys.readouterr().err
 
 
 def test_help_explains_every_option(capsys):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -31,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_hope import HopeConfig
+from .cache_hope import HopeCache
 from .memory_hope import HopeSelfModifyingTitans
 
 
@@ -57,6 +58,8 @@ def _cache_field(output_cls) -> str:
 
 _MODEL_CACHE_FIELD = _cache_field(BaseModelOutputWithPast)
 _LM_CACHE_FIELD = _cache_field(CausalLMOutputWithPast)
+# `generate` keeps the cache in its model kwargs under the same name as the output field
+_GENERATE_CACHE_KWARG = _LM_CACHE_FIELD
 
 
 def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
@@ -412,10 +415,8 @@ class HopeModel(HopePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None and self.config.is_attention_only:
-            # Attention-only stacks use the library cache. Stacks with Titans layers need HopeCache
-            # (cache_hope.py), which holds the fast-weight state; without one they run uncached here.
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and past_key_values is None:
+            past_key_values = HopeCache(self.config)
 
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -462,6 +463,20 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate` builds a `HopeCache` (the library's caches cannot hold fast-weight state)."""
+        if any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is False:
+            return None
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by HOPE models: "
+                "they use their own recurrent HopeCache (leave cache_implementation unset)"
+            )
+        model_kwargs[_GENERATE_CACHE_KWARG] = HopeCache(self.config)
+        return None
 
     @can_return_tuple
     def forward(

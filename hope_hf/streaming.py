@@ -1,0 +1,55 @@
+"""Streaming prefill: feed a long input through a HOPE model's recurrent cache, piece by piece (DESIGN §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache_hope import HopeCache
+
+
+@torch.no_grad()
+def stream_prefill(
+    model,
+    pieces: Iterable,
+    cache: HopeCache | None = None,
+    progress: bool = True,
+    total: int | None = None,
+):
+    """Feed `pieces` (an iterable of token-id sequences: lists, 1-D or (batch, length) tensors) through `model`.
+
+    Every piece continues the state left by the previous one, so the result equals one forward over the
+    concatenation, at a memory cost that does not grow with the stream (apart from full-attention layers).
+    Returns `(cache, logits)`: the cache to continue from (for example with `model.generate(..., past_key_values=
+    cache)`) and the logits of the last position, shape (batch, vocab).
+    """
+    if cache is None:
+        cache = HopeCache(model.config)
+    elif not isinstance(cache, HopeCache):
+        raise ValueError(f"cache must be a HopeCache (or None to start a new one), got {type(cache).__name__}")
+    device = next(model.parameters()).device
+    logits = None
+    bar = tqdm(total=total, unit="tok", desc="streaming", disable=not progress)
+    for piece in pieces:
+        ids = torch.as_tensor(piece, dtype=torch.long, device=device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"every piece must be a non-empty sequence of token ids, got shape {tuple(ids.shape)}")
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        bar.update(ids.shape[1])
+    bar.close()
+    if logits is None:
+        raise ValueError("pieces was empty: nothing to stream")
+    return cache, logits
+
+
+def split_into_pieces(input_ids: torch.Tensor, piece_size: int):
+    """Yield consecutive slices of `input_ids` (batch, length) with at most `piece_size` tokens each."""
+    if piece_size < 1:
+        raise ValueError(f"piece_size must be >= 1, got {piece_size}")
+    for start in range(0, input_ids.shape[-1], piece_size):
+        yield input_ids[..., start : start + piece_size]

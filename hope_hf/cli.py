@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainingArguments
+from .training.arguments import HopeTrainingArguments
 
 __all__ = ["HopeTrainingArguments", "evaluate_perplexity", "main", "unigram_baseline"]
 
@@ -124,30 +124,6 @@ class RunArguments:
 
 
 @dataclass
-class HopeTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with defaults sized for the tiny preset on CPU (a few minutes)."""
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where checkpoints, the final model, tokenizer and model card go (required)."}
-    )
-    max_steps: int = field(default=600, metadata={"help": "Total optimizer steps (-1: use num_train_epochs)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device for evaluation."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of AdamW."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(
-        default=30, metadata={"help": "Linear warm-up steps (a float < 1 is a fraction of the run)."}
-    )
-    logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N steps."})
-    logging_first_step: bool = field(default=True, metadata={"help": "Log the loss of the first step too."})
-    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
-    save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
-
-
-@dataclass
 class EvalArguments:
     model_name_or_path: str = field(
         default=None, metadata={"help": "A saved HOPE model folder (with its tokenizer) to evaluate (required)."}
@@ -229,6 +205,14 @@ def build_parser(command: str):
 def _log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(msg, flush=True)
+
+
+def _barrier(args) -> None:
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -442,6 +426,7 @@ def cmd_train(argv: list[str]) -> dict:
             resume = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, is_main)
         elif not os.path.isdir(resume):
             raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    _barrier(args)  # every rank has looked at --output_dir before anything is written there
     if resume:
         _log(f"Resuming the interrupted run from {resume}")
     set_seed(args.seed)

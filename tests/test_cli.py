@@ -201,3 +201,34 @@ def test_help_explains_every_option(capsys):
     proc = subprocess.run([sys.executable, "-m", "hope_hf.cli"], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and all(c in proc.stdout for c in ARGUMENT_CLASSES)
+
+
+@pytest.mark.slow
+def test_train_runs_unchanged_under_accelerate_launch_on_two_cpu_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m hope_hf.cli train ...` on a GPU-less machine: the CLI adds
+    --use_cpu itself, both ranks train one synchronised model (gloo DDP), rank 0 saves it."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp-run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         "-m", "hope_hf.cli", "train", "--output_dir", str(out), *TINY, "--max_steps", "6", "--eval_steps", "6",
+         "--save_steps", "3", "--per_device_train_batch_size", "4"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=repo,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    m = json.loads((out / "all_results.json").read_text())
+    assert m["global_step"] == 6 and m["train_tokens"] == 6 * 4 * 2 * 32
+    assert proc.stdout.count("eval loss") == 1  # only rank 0 reports
+    args = torch.load(out / "checkpoint-6" / "training_args.bin", weights_only=False)
+    assert args.use_cpu and args.world_size == 2
+    HopeForCausalLM.from_pretrained(out)

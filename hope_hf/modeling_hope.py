@@ -47,7 +47,15 @@ __all__ = [
     "HopePreTrainedModel",
     "HopeModel",
     "HopeForCausalLM",
+    "HOPE_AUTO_MAP",
 ]
+
+# `config.json` `auto_map` of a saved HOPE folder: which class each Auto class loads with `trust_remote_code=True`.
+HOPE_AUTO_MAP = {
+    "AutoConfig": "configuration_hope.HopeConfig",
+    "AutoModel": "modeling_hope.HopeModel",
+    "AutoModelForCausalLM": "modeling_hope.HopeForCausalLM",
+}
 
 
 def _cache_field(output_cls) -> str:
@@ -332,6 +340,14 @@ class HopePreTrainedModel(PreTrainedModel):
             module.init_memory_weights()
         elif isinstance(module, HopeCMS) and hasattr(module, "level_weights"):
             init.ones_(module.level_weights)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `save_pretrained` puts only the saved class in `auto_map`; with the code registered for the Auto classes
+        # (`import hope_hf` does it, as does a `trust_remote_code` load) record all three, so that AutoConfig,
+        # AutoModel and AutoModelForCausalLM each load the folder with `trust_remote_code=True`.
+        if type(self)._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **HOPE_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
         # Transformers < 5.2x only knows the (later deprecated) gradient_checkpointing_* names; give one API.

@@ -99,7 +99,7 @@ def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):
     assert result["level_steps"] == {str(k): v for k, v in opt.level_steps.items()} == {"0": 4, "1": 2, "2": 0}
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
     for (n, p), q in zip(model.named_parameters(), loaded.parameters()):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=n)
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
         if ".cms.levels.2." not in n and ".cms.norms.2." not in n:
             assert not torch.equal(p, initial[n]), f"{n} did not train"
         else:

@@ -213,6 +213,8 @@ class HopeSelfModifyingTitans(nn.Module):
         write nor advance the chunk position; a real token with position id 0 starts a new document (reset).
         """
         bsz, seq_len, _ = hidden_states.shape
+        if seq_len == 0:
+            raise ValueError("hidden_states has no tokens (sequence length 0)")
         if state is None:
             state = self.initial_state(bsz, hidden_states.device)
         elif state.batch_size != bsz:
@@ -250,15 +252,17 @@ class HopeSelfModifyingTitans(nn.Module):
         q, u: (R, H, L, d) float32; write: (R, 1, L) float (1 = real token). Returns the per-token reads
         o (R, H, L, d) and the final frame state (snapshot and current weights).
         """
-        C = self.chunk_size
         snap_a, snap_b = start.snapshot_in, start.snapshot_out
         cur_a, cur_b = start.current_in, start.current_out
+        # without self-modification, keys, values and gates do not depend on the memories: compute them once
+        static = None if self.config.self_modifying else self._generate(u, None, None)
         last_snap_a, last_snap_b = snap_a, snap_b
         outs = []
         last_chunk = layout.last_chunk  # (R,) index of the chunk holding each row's last token (-1: none)
-        for c in range(layout.frame_len // C):
-            sl = slice(c * C, (c + 1) * C)
-            o_c, cur_a, cur_b = self._chunk(q[:, :, sl], u[:, :, sl], write[..., sl], snap_a, snap_b, cur_a, cur_b)
+        for c, (lo, hi) in enumerate(layout.chunk_bounds):
+            sl = slice(lo, hi)
+            gen = self._generate(u[:, :, sl], snap_a, snap_b) if static is None else [t[:, :, sl] for t in static]
+            o_c, cur_a, cur_b = self._chunk(q[:, :, sl], gen, write[..., sl], snap_a, snap_b, cur_a, cur_b)
             outs.append(o_c)
             # remember the snapshot that a row's last (possibly partial) chunk used
             here = (last_chunk == c).view(-1, 1, 1, 1)
@@ -302,25 +306,27 @@ class HopeSelfModifyingTitans(nn.Module):
         pre = (z @ a).unflatten(-1, (self.num_memories, self.memory_dim))
         return pre, z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", F.silu(pre), b)
 
-    def _chunk(self, q, u, write, snap_a, snap_b, cur_a, cur_b):
+    def _chunk(self, q, generated, write, snap_a, snap_b, cur_a, cur_b):
         """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once."""
         cfg = self.config
         C, n, m = self.chunk_size, self.num_memories, self.memory_dim
         p = self.fast_init
 
-        k, v, eta, log_alpha = self._generate(u, snap_a, snap_b)
+        k, v, eta, log_alpha = generated
+        length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
         eta = eta * write  # pad tokens: no write ...
         log_alpha = log_alpha * write  # ... and no decay
 
         # self-generated targets (Eq. 84) or, without self-modification, the value itself
+        # and the gradients of 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88); v and k share one product
         if cfg.self_modifying:
-            _, vhat = self._read_all(snap_a, snap_b, v)
+            pre, read = self._read_all(snap_a, snap_b, torch.cat([v, k], dim=2))
+            vhat, mk, pre = read[:, :, :length], read[:, :, length:], pre[:, :, length:]
             if cfg.detach_self_targets:
                 vhat = vhat.detach()
         else:
             vhat = v.unsqueeze(-2)
-        # gradients of 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88)
-        pre, mk = self._read_all(snap_a, snap_b, k)
+            pre, mk = self._read_all(snap_a, snap_b, k)
         h = F.silu(pre)  # (R,H,C,n,m)
         e = mk - vhat  # (R,H,C,n,d)
         dpre = silu_grad(pre)
@@ -335,7 +341,7 @@ class HopeSelfModifyingTitans(nn.Module):
         # decays in log space: gamma_t = prod_{i<=t} alpha_i
         g = torch.cumsum(log_alpha, dim=-1)  # (R,H,C)
         g_prev = g - log_alpha
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
         decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,C,C) i<t
         g_end = g[..., -1:]
         to_end = torch.exp(g_end - g)  # gamma_C / gamma_i
@@ -450,10 +456,20 @@ class _Layout:
             self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, row_of_tok, rank
             self.pad_front = None
         ends = self.offset + self.length
-        self.frame_len = max(int(math.ceil(int(ends.max()) / chunk_size)) * chunk_size, chunk_size)
         self.end_pos = ends % chunk_size
-        has_tokens = self.length > 0
-        self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
+        if self.trivial:
+            # the frame is the input itself; its first slice completes the chunk already begun at pad_front
+            self.frame_len = seq_len
+            first = min(seq_len, chunk_size - self.pad_front)
+            self.chunk_bounds = [(0, first)] + [
+                (lo, min(lo + chunk_size, seq_len)) for lo in range(first, seq_len, chunk_size)
+            ]
+            self.last_chunk = torch.full((bsz,), len(self.chunk_bounds) - 1, dtype=torch.long, device=device)
+        else:
+            self.frame_len = max(int(math.ceil(int(ends.max()) / chunk_size)) * chunk_size, chunk_size)
+            self.chunk_bounds = [(lo, lo + chunk_size) for lo in range(0, self.frame_len, chunk_size)]
+            has_tokens = self.length > 0
+            self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
 
     # -- streams ---------------------------------------------------------------------------------------------
     def causal_conv(self, x, weight, tail):
@@ -465,8 +481,7 @@ class _Layout:
             seq = torch.cat([hist, x], dim=1)  # (B, K-1+T, ch)
             y = F.conv1d(seq.transpose(1, 2), w, groups=ch).transpose(1, 2)
             new_tail = seq[:, seq.shape[1] - (K - 1) :]
-            frame = F.pad(y, (0, 0, self.pad_front, self.frame_len - self.pad_front - self.seq_len))
-            return frame, new_tail
+            return y, new_tail
         # compact every piece to the left, with its history in front
         max_len = int(self.length.max())
         hist = tail.to(x.dtype)[self.src_row] * self.continues.view(-1, 1, 1).to(x.dtype)
@@ -486,6 +501,8 @@ class _Layout:
         return frame, new_tail
 
     def frame_write_mask(self, dtype):
+        if self.trivial:
+            return torch.ones(self.num_rows, 1, self.frame_len, dtype=dtype, device=self.offset.device)
         pos = torch.arange(self.frame_len, device=self.offset.device).view(1, -1)
         mask = (pos >= self.offset.view(-1, 1)) & (pos < (self.offset + self.length).view(-1, 1))
         return mask.to(dtype).unsqueeze(1)  # (R, 1, L)
@@ -493,7 +510,7 @@ class _Layout:
     def to_tokens(self, frame, seq_len):
         """Frame (R, L, ch) back to tokens (B, T, ch); pad tokens get zeros."""
         if self.trivial:
-            return frame[:, self.pad_front : self.pad_front + seq_len]
+            return frame
         out = frame.new_zeros(self.bsz, seq_len, frame.shape[-1])
         out[self.tok_b, self.tok_t] = frame[self.tok_row, self.offset[self.tok_row] + self.tok_rank]
         return out

@@ -332,6 +332,8 @@ class HopePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # a recurrent memory cannot be rolled back: no assisted / speculative decoding
     _is_stateful = True
+    # the meta-learned initial states and gate readouts of the memories stay float32 under bf16/fp16 loading
+    _keep_in_fp32_modules_strict = ["fast_init"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -261,3 +261,18 @@ def test_long_stream_is_stable_and_alive():
     assert (moved > 0.05).all(), f"a memory never learned anything: {moved.tolist()}"
     early, late = out[:, :256].abs().mean(dim=(1, 2)), out[:, -256:].abs().mean(dim=(1, 2))
     assert (late > 0.1 * early).all()  # outputs do not die out
+
+
+def test_bf16_loading_keeps_memory_initial_states_in_float32(tmp_path):
+    from hope_hf import HopeForCausalLM
+    from hope_hf.presets import get_preset
+
+    model = HopeForCausalLM(get_preset("tiny", num_hidden_layers=1, vocab_size=64))
+    model.save_pretrained(tmp_path)
+    loaded = HopeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert dtypes["model.layers.0.titans.q_proj.weight"] == torch.bfloat16
+    fast = [name for name in dtypes if ".fast_init." in name]
+    assert fast and all(dtypes[name] == torch.float32 for name in fast)
+    out = loaded(torch.randint(0, 64, (1, 40)))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()

@@ -163,3 +163,25 @@ def test_packed_sequences_reset_memories():
         logits = model(packed, position_ids=pos).logits[0]
         torch.testing.assert_close(logits[:7], model(a[None]).logits[0], atol=1e-10, rtol=0)
         torch.testing.assert_close(logits[7:], model(b[None]).logits[0], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["linear", "hybrid"])
+def test_cache_batch_operations(layout):
+    """reorder / repeat_interleave / select rows of a filled cache equal running the rearranged batch."""
+    model = make_model(layout, torch.float64)
+    ids = torch.randint(1, model.config.vocab_size, (3, 9))
+    more = torch.randint(1, model.config.vocab_size, (3, 2))
+    with torch.no_grad():
+        for op, index in [
+            ("reorder_cache", torch.tensor([2, 0, 0])),
+            ("batch_select_indices", torch.tensor([1, 2])),
+            ("batch_repeat_interleave", 2),
+        ]:
+            cache = HopeCache(model.config)
+            model(ids, past_key_values=cache, use_cache=True)
+            getattr(cache, op)(index)
+            rows = index if torch.is_tensor(index) else torch.arange(3).repeat_interleave(index)
+            got = model(more[rows], past_key_values=cache, use_cache=True).logits
+            want = model(torch.cat([ids, more], 1)[rows]).logits[:, -2:]
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=lambda m: f"{op}: {m}")
+            assert cache.batch_size == len(rows)

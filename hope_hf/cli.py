@@ -29,7 +29,8 @@ __all__ = ["HopeTrainingArguments", "evaluate_perplexity", "main", "unigram_base
 
 COMMANDS = {
     "train": "train a HOPE model (a preset from scratch, or continue a saved model) with Trainer",
-    "eval": "perplexity of a saved model on held-out data (through the shipped `evaluate` metric)",
+    "eval": "perplexity of a saved model on held-out data (through the shipped `evaluate` metric); with --task, "
+            "the long-context suite (hope-hf eval --task passkey --help)",
     "generate": "generate text from a saved model",
     "convert": "convert a Llama-family checkpoint into a HOPE model (attention variant)",
 }
@@ -91,7 +92,7 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON data or datasets."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed training sequence (>= 2)."})
     max_corpus_chars: int | None = field(
-        default=4_000_000,
+        default=1_500_000,
         metadata={"help": "Only for --data stdlib: read standard-library files (sorted by path) up to about this "
                           "many characters."},
     )
@@ -116,10 +117,14 @@ class RunArguments:
                           "error: nothing is ever overwritten silently."},
     )
     sample_prompt: str = field(
-        default="def ", metadata={"help": "Prompt of the sample generation printed after training."}
+        default="def", metadata={"help": "Prompt of the sample generation printed after training."}
     )
     sample_max_new_tokens: int = field(
         default=64, metadata={"help": "Length of the sample generation printed after training (0: none)."}
+    )
+    sample_temperature: float = field(
+        default=0.8,
+        metadata={"help": "Sampling temperature of that sample (top-k 50, seeded by --seed); 0 decodes greedily."},
     )
 
 
@@ -138,7 +143,7 @@ class EvalArguments:
     )
     text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON data or datasets."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per scored sequence (>= 2)."})
-    max_corpus_chars: int | None = field(default=4_000_000, metadata={"help": "As `train --max_corpus_chars`."})
+    max_corpus_chars: int | None = field(default=1_500_000, metadata={"help": "As `train --max_corpus_chars`."})
     eval_every: int = field(default=20, metadata={"help": "As `train --eval_every`."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Score at most this many sequences."})
@@ -507,7 +512,11 @@ def cmd_train(argv: list[str]) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.time() - t0
-    eval_metrics = trainer.evaluate()
+    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+        eval_metrics = last_eval[-1]  # the run ended with an evaluation of the final weights
+    else:
+        eval_metrics = trainer.evaluate()
     metrics = {
         "train_loss": result.training_loss,
         "train_runtime": wall,
@@ -534,7 +543,12 @@ def cmd_train(argv: list[str]) -> dict:
         )
         sample = None
         if run_args.sample_max_new_tokens > 0:
-            sample = _generate_text(trainer.model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens)
+            gen = {"do_sample": False}
+            if run_args.sample_temperature > 0:
+                torch.manual_seed(args.seed)
+                gen = {"do_sample": True, "temperature": run_args.sample_temperature, "top_k": 50}
+            sample = _generate_text(trainer.model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens,
+                                    **gen)
             metrics["sample"] = sample
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -579,6 +593,10 @@ def evaluate_perplexity(model, tokenizer, dataset, batch_size: int = 8, progress
 
 
 def cmd_eval(argv: list[str]) -> dict:
+    from .evaluation.cli import cmd_eval_suite, wants_suite
+
+    if wants_suite(argv):  # the long-context suite (hope_hf.evaluation): `hope-hf eval --task passkey --help`
+        return cmd_eval_suite(argv)
     from transformers import HfArgumentParser
 
     from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len

@@ -51,7 +51,7 @@ def test_train_saves_model_tokenizer_card_and_the_loss_falls(run_dir):
     assert m["unigram_perplexity"] > 1
     card = (run_dir / "README.md").read_text()
     assert "library_name: transformers" in card and f"{m['eval_perplexity']:.2f}" in card
-    assert isinstance(m["sample"], str) and m["sample"].startswith("def ")
+    assert isinstance(m["sample"], str) and m["sample"].startswith("def")
 
 
 def test_eval_reproduces_the_training_runs_heldout_perplexity(run_dir, capsys, tmp_path):

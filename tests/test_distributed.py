@@ -44,7 +44,7 @@ def _run(cmd, timeout=180):
 
 
 def test_two_process_ddp_with_accelerate_launch_matches_one_process(tmp_path):
-    """2 ranks x 2 rows (gloo, `use_cpu=True`) = 1 process x 4 rows: same losses, same weights (float32, atol 1e-6),
+    """2 ranks x 2 rows (gloo, `use_cpu=True`) = 1 process x 4 rows: same losses, same weights (float32, atol 1e-5),
     and both ranks step the same CMS levels because the token count is all-reduced."""
     ddp = tmp_path / "ddp"
     ddp.mkdir()
@@ -71,7 +71,10 @@ def test_two_process_ddp_with_accelerate_launch_matches_one_process(tmp_path):
     w_ref = torch.load(single / "weights.pt", weights_only=True)
     assert w_ddp.keys() == w_ref.keys()
     for k in w_ref:
-        torch.testing.assert_close(w_ddp[k], w_ref[k], rtol=0, atol=1e-6, msg=k)
+        # float32 sums in another order (per-rank halves, then the all-reduce): gradients agree to ~1e-7, and Adam's
+        # normalised steps can turn that into ~1e-6 on near-zero gradient entries; 4 steps of lr 1e-2 move the
+        # weights by up to 4e-2, so 1e-5 is 0.025% of the movement.
+        torch.testing.assert_close(w_ddp[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):

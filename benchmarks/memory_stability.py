@@ -57,7 +57,8 @@ def main(argv=None):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         seen = lo + n
         if seen >= next_report or seen == args.tokens:
-            next_report *= 2
+            while next_report <= seen:
+                next_report *= 2
             row = {"tokens": seen, "seconds": time.perf_counter() - start, "logits_finite": bool(torch.isfinite(out.logits).all())}
             for key, init_name in (("in", "init_in"), ("out", "init_out")):
                 ratios, moved = [], []

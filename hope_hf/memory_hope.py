@@ -265,9 +265,13 @@ class HopeSelfModifyingTitans(nn.Module):
             o_c, cur_a, cur_b = self._chunk(q[:, :, sl], gen, write[..., sl], snap_a, snap_b, cur_a, cur_b)
             outs.append(o_c)
             # remember the snapshot that a row's last (possibly partial) chunk used
-            here = (last_chunk == c).view(-1, 1, 1, 1)
-            last_snap_a = torch.where(here, snap_a, last_snap_a)
-            last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
+            if layout.trivial:  # every row ends in the last slice
+                if c == len(layout.chunk_bounds) - 1:
+                    last_snap_a, last_snap_b = snap_a, snap_b
+            else:
+                here = (last_chunk == c).view(-1, 1, 1, 1)
+                last_snap_a = torch.where(here, snap_a, last_snap_a)
+                last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
             snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
         o = torch.cat(outs, dim=2)
         full = (layout.end_pos == 0).view(-1, 1, 1, 1)

@@ -104,7 +104,7 @@ class DataArguments:
         default=20, metadata={"help": "Without --eval_data, hold out every N-th document for evaluation (N >= 2)."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many packed sequences."}
+        default=64, metadata={"help": "Evaluate on at most this many packed sequences (the first ones)."}
     )
 
 
@@ -413,6 +413,8 @@ def cmd_train(argv: list[str]) -> dict:
         argv = [*argv, "--use_cpu"]
     parser = build_parser("train")
     model_args, data_args, run_args, args = parser.parse_args_into_dataclasses(args=argv)
+    if not torch.cuda.is_available() and not any(a.startswith("--dataloader_pin_memory") for a in argv):
+        args.dataloader_pin_memory = False  # nothing to pin to without a GPU (silences a warning per dataloader)
     if not args.output_dir:
         raise CliError("--output_dir is required (where checkpoints, the model, tokenizer and model card go)")
     if data_args.streaming and args.max_steps <= 0:

@@ -27,6 +27,10 @@ class HopeTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=20, metadata={"help": "Log the training loss every N steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the loss of the first step too."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-    eval_steps: float | None = field(default=80, metadata={"help": "Evaluate every N steps."})
-    save_steps: float = field(default=80, metadata={"help": "Save a checkpoint every N steps."})
+    eval_steps: float | None = field(
+        default=0.5, metadata={"help": "Evaluate every N steps (a float < 1 is a fraction of the run)."}
+    )
+    save_steps: float = field(
+        default=0.5, metadata={"help": "Save a checkpoint every N steps (a float < 1 is a fraction of the run)."}
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})

@@ -78,6 +78,14 @@ def _read_files(paths: list[str]) -> Iterator[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- loading
+def _looks_like_a_path(item: str) -> bool:
+    """A missing local path rather than a dataset name ("name" or "org/name")."""
+    if item.startswith((os.sep, ".", "~")) or Path(item).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | {".py", ".md"}:
+        return True
+    parent = os.path.dirname(item)
+    return bool(parent) and (os.path.isdir(parent) or item.count("/") > 1)
+
+
 def _expand_local(source: str | list[str]) -> list[str] | None:
     """The local files ``source`` names, or None when it names none (then it is a dataset name)."""
     items = [source] if isinstance(source, str) else list(source)
@@ -103,7 +111,7 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
             if not found:
                 raise DataError(f"data pattern {item!r} matches no files")
             files.extend(found)
-        elif isinstance(source, list) or os.sep in item or Path(item).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | {".py", ".md"}:
+        elif isinstance(source, list) or _looks_like_a_path(item):
             raise DataError(f"data file {item!r} does not exist")
     if not local:
         return None

@@ -121,6 +121,24 @@ def test_existing_output_dir_is_never_overwritten_silently(run_dir, tmp_path, ca
     assert not (other / "mine.txt").exists() and (other / "model.safetensors").exists()
 
 
+def test_train_streams_a_local_jsonl_corpus(tmp_path, capsys):
+    """--streaming with a local JSON-lines file and its own text column: trains, evaluates, saves."""
+    from hope_hf.data import stdlib_source_files
+
+    rows = [{"id": i, "body": f.read_text(errors="replace")} for i, f in enumerate(stdlib_source_files(120_000))]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "stream"
+    assert main(["train", "--output_dir", str(out), *TINY, "--data", str(corpus), "--text_column", "body",
+                 "--streaming", "--max_steps", "8", "--eval_steps", "8", "--save_steps", "8"]) == 0
+    m = json.loads((out / "all_results.json").read_text())
+    assert m["global_step"] == 8 and math.isfinite(m["eval_loss"]) and "unigram_perplexity" not in m
+    assert HopeForCausalLM.from_pretrained(out).config.vocab_size == 320
+    assert main(["train", "--output_dir", str(tmp_path / "s2"), *TINY, "--data", str(corpus), "--streaming",
+                 "--text_column", "body", "--max_steps", "-1"]) == 2
+    assert "--streaming needs --max_steps > 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

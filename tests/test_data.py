@@ -127,6 +127,8 @@ def test_bad_data_raises_errors_naming_the_problem(tokenizer, tmp_path):
         pack_dataset(load_documents(str(tmp_path / "short.py")), tokenizer, seq_len=64)
     with pytest.raises(DataError, match="at least 2 documents"):
         split_documents(load_documents(str(tmp_path / "short.py")))
+    with pytest.raises(DataError, match="could not load dataset 'no-such-org/no-such-dataset'"):
+        load_documents("no-such-org/no-such-dataset")  # a dataset name; offline and not cached
     with pytest.raises(DataError, match="seq_len must be an int >= 2"):
         check_seq_len(1)
 

@@ -1,0 +1,201 @@
+"""Run a HOPE model on the long-context tasks and score it with the shipped `evaluate` metric modules.
+
+Every example is run the same way at every length: the context is streamed through the recurrent cache in pieces of
+``piece_size`` tokens (``hope_hf.streaming.stream_prefill``; or through a :class:`~hope_hf.continual.StreamLearner`
+when stream learning is on), then each query is fed on a copy of that state and the answer is decoded greedily. The
+first word of the decoded text (surrounding punctuation removed) is the prediction; it is scored by exact match
+(``hope_exact_match``) and, for multi-query recall, per query (``hope_recall``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache_hope import HopeCache
+from ..streaming import split_into_pieces, stream_prefill
+from .tasks import TASKS, build_task_dataset, format_length
+
+__all__ = [
+    "exact_match_metric_path",
+    "extract_answer",
+    "greedy_answer",
+    "load_exact_match_metric",
+    "load_recall_metric",
+    "recall_metric_path",
+    "run_example",
+    "run_suite",
+    "run_task",
+]
+
+_METRICS = Path(__file__).resolve().parent.parent / "metrics"
+
+
+def exact_match_metric_path() -> str:
+    """Path of the shipped ``hope_exact_match`` metric module, for ``evaluate.load(path)``."""
+    return str(_METRICS / "hope_exact_match")
+
+
+def recall_metric_path() -> str:
+    """Path of the shipped ``hope_recall`` metric module, for ``evaluate.load(path)``."""
+    return str(_METRICS / "hope_recall")
+
+
+def load_exact_match_metric(**kwargs):
+    import evaluate
+
+    return evaluate.load(exact_match_metric_path(), **kwargs)
+
+
+def load_recall_metric(**kwargs):
+    import evaluate
+
+    return evaluate.load(recall_metric_path(), **kwargs)
+
+
+_PUNCT = ".,;:!?\"'()[]{}"
+
+
+def extract_answer(text: str) -> str:
+    """The first whitespace-separated word of ``text`` without surrounding punctuation ('' if there is none)."""
+    words = text.split()
+    return words[0].strip(_PUNCT) if words else ""
+
+
+@torch.no_grad()
+def greedy_answer(model, cache: HopeCache, query_ids: Sequence[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """Feed ``query_ids`` through ``cache`` (which it advances) and decode greedily."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(query_ids)], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        out.append(token)
+        if token in stop_ids or len(out) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], dtype=torch.long, device=device)
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    return out
+
+
+def _max_new_tokens(tokenizer, answer: str, extra: int) -> int:
+    return len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + extra
+
+
+def run_example(
+    model,
+    tokenizer,
+    example: Mapping[str, Any],
+    *,
+    piece_size: int = 4096,
+    extra_new_tokens: int = 4,
+    learner_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run one example; returns its predictions (first word), the raw decoded texts and timings."""
+    context = torch.tensor(example["context_ids"], dtype=torch.long).unsqueeze(0)
+    stop = {t for t in (tokenizer.eos_token_id,) if t is not None}
+    t0 = time.time()
+    raw, preds = [], []
+    if learner_kwargs is not None:
+        from ..continual import StreamLearner
+
+        learner = StreamLearner(model, progress=progress, **dict(learner_kwargs))
+        learner.stream(split_into_pieces(context, piece_size), total=context.shape[1])
+        prefill_s = time.time() - t0
+        for query, answer in zip(example["query_ids"], example["answers"]):
+            out = learner.generate(query, _max_new_tokens(tokenizer, answer, extra_new_tokens), eos_token_id=list(stop))
+            raw.append(tokenizer.decode(out, skip_special_tokens=True))
+        cache_bytes = learner.cache.nbytes()
+    else:
+        cache, _ = stream_prefill(model, split_into_pieces(context, piece_size), progress=progress,
+                                  total=context.shape[1])
+        prefill_s = time.time() - t0
+        queries = list(zip(example["query_ids"], example["answers"]))
+        for i, (query, answer) in enumerate(queries):
+            state = cache if i == len(queries) - 1 else copy.deepcopy(cache)
+            out = greedy_answer(model, state, query, _max_new_tokens(tokenizer, answer, extra_new_tokens), stop)
+            raw.append(tokenizer.decode(out, skip_special_tokens=True))
+        cache_bytes = cache.nbytes()
+    preds = [extract_answer(t) for t in raw]
+    return {
+        "id": example["id"], "task": example["task"], "length": example["length"], "depth": example["depth"],
+        "answers": list(example["answers"]), "predictions": preds, "raw": raw,
+        "prefill_seconds": prefill_s, "total_seconds": time.time() - t0, "cache_bytes": cache_bytes,
+    }
+
+
+def _score(task: str, records: list[dict]) -> dict[str, float]:
+    if task == "mqar":
+        metric = load_recall_metric()
+        r = metric.compute(predictions=[x["predictions"] for x in records], references=[x["answers"] for x in records])
+        return {"accuracy": r["recall_accuracy"], "example_accuracy": r["example_accuracy"], "queries": r["queries"]}
+    metric = load_exact_match_metric()
+    r = metric.compute(predictions=[x["predictions"][0] for x in records], references=[x["answers"][0] for x in records])
+    return {"accuracy": r["exact_match"], "correct": r["correct"], "total": r["total"]}
+
+
+def run_task(model, tokenizer, task: str, lengths: Sequence[int], *, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+             samples: int = 1, seed: int = 0, piece_size: int = 4096, learner_kwargs=None, progress: bool = True,
+             task_kwargs: Mapping[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """Generate ``task`` at every length and depth, run the model, score. Returns accuracies overall, by length and
+    by (length, depth), plus every example's record."""
+    from tqdm.auto import tqdm
+
+    records = []
+    by_length, by_cell = {}, defaultdict(dict)
+    for length in lengths:
+        ds = build_task_dataset(task, tokenizer, length, depths=depths, samples=samples, seed=seed,
+                                **dict(task_kwargs or {}))
+        recs = []
+        for example in tqdm(ds, desc=f"{task} {format_length(length)}", disable=not progress, unit="ex"):
+            recs.append(run_example(model, tokenizer, example, piece_size=piece_size, learner_kwargs=learner_kwargs,
+                                    progress=progress and length >= 65536))
+        by_length[format_length(length)] = _score(task, recs)["accuracy"]
+        for depth in sorted({r["depth"] for r in recs}):
+            cell = [r for r in recs if r["depth"] == depth]
+            by_cell[format_length(length)][f"{depth:g}"] = _score(task, cell)["accuracy"]
+        if log is not None:
+            log(f"{task:>9} {format_length(length):>5}: accuracy {by_length[format_length(length)]:.3f} "
+                f"({len(recs)} examples, {sum(r['total_seconds'] for r in recs):.1f} s)")
+        records.extend(recs)
+    overall = _score(task, records)
+    return {"overall": overall, "by_length": by_length, "by_length_depth": dict(by_cell), "examples": records}
+
+
+def run_suite(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, output_dir: str | None = None,
+              plots: bool = True, settings: Mapping[str, Any] | None = None, **kwargs) -> dict[str, Any]:
+    """Run every task of ``tasks`` (see :func:`run_task` for ``kwargs``); write ``results.json`` and the plots to
+    ``output_dir`` when given. Returns the results dict."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    model.eval()
+    t0 = time.time()
+    results = {
+        "settings": {"tasks": list(tasks), "lengths": [int(x) for x in lengths],
+                     **{k: v for k, v in kwargs.items() if k in ("depths", "samples", "seed", "piece_size")},
+                     "stream_learning": kwargs.get("learner_kwargs"), **dict(settings or {})},
+        "tasks": {},
+    }
+    for task in tasks:
+        results["tasks"][task] = run_task(model, tokenizer, task, lengths, **kwargs)
+    results["wall_seconds"] = time.time() - t0
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=list)
+        if plots:
+            from .plots import plot_results
+
+            results["plots"] = plot_results(results, output_dir)
+    return results

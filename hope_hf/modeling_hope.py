@@ -432,6 +432,11 @@ class HopeModel(HopePreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                "no input tokens: when continuing from a cache (e.g. in `generate`), pass ids that include at least "
+                "one token the cache has not seen yet"
+            )
 
         if use_cache and past_key_values is None:
             past_key_values = HopeCache(self.config)

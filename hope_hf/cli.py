@@ -251,8 +251,7 @@ def _device(name: str):
 def _load_model(path: str, device=None):
     from transformers import AutoConfig
 
-    import hope_hf  # noqa: F401  (registers the HOPE auto classes)
-    from hope_hf import HopeForCausalLM
+    from hope_hf import HopeForCausalLM  # importing hope_hf registers the HOPE auto classes
 
     if not os.path.isdir(path):
         raise CliError(f"--model_name_or_path {path!r} is not a folder (a model saved with save_pretrained)")
@@ -401,9 +400,9 @@ def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwa
 # ============================================================================================ train
 def cmd_train(argv: list[str]) -> dict:
     import torch
-    from transformers import HfArgumentParser, set_seed
+    from transformers import set_seed
 
-    from .data import DataError, build_lm_datasets, load_documents, split_documents, check_seq_len
+    from .data import build_lm_datasets, check_seq_len, load_documents, split_documents
     from .tokenizer import check_tokenizer_matches, train_tokenizer
     from .training import HopeTrainer
 
@@ -503,8 +502,6 @@ def cmd_train(argv: list[str]) -> dict:
             range(min(data_args.max_eval_samples, len(eval_ds))))
     if not data_args.streaming:
         _log(f"Data: {len(train_ds)} training and {len(eval_ds)} evaluation sequences of {data_args.seq_len} tokens")
-    if args.eval_strategy == "no" or str(args.eval_strategy).endswith("NO"):
-        pass
 
     # ---- train
     trainer_cls = HopeTrainer if model_args.continuum else __import__("transformers").Trainer
@@ -599,8 +596,6 @@ def cmd_eval(argv: list[str]) -> dict:
 
     if wants_suite(argv):  # the long-context suite (hope_hf.evaluation): `hope-hf eval --task passkey --help`
         return cmd_eval_suite(argv)
-    from transformers import HfArgumentParser
-
     from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len
     from .tokenizer import check_tokenizer_matches
 
@@ -637,7 +632,7 @@ def cmd_eval(argv: list[str]) -> dict:
 # ============================================================================================ generate
 def cmd_generate(argv: list[str]) -> str:
     import torch
-    from transformers import HfArgumentParser, TextStreamer
+    from transformers import TextStreamer
 
     from .tokenizer import check_tokenizer_matches
 
@@ -670,7 +665,7 @@ def cmd_generate(argv: list[str]) -> str:
 # ============================================================================================ convert
 def cmd_convert(argv: list[str]) -> str:
     import torch
-    from transformers import AutoTokenizer, HfArgumentParser
+    from transformers import AutoTokenizer
 
     parser = build_parser("convert")
     (a,) = parser.parse_args_into_dataclasses(args=argv)

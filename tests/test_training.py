@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from _training_utils import one_thread, params_by_level, tiny_config, tiny_model
+from _training_utils import one_thread, params_by_level, tiny_model
 from hope_hf import HopeForCausalLM
 from hope_hf.training import ContinuumOptimizer, HopeTrainer, checkpointing_args, continuum_optimizer
 

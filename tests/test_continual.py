@@ -228,3 +228,17 @@ def test_clear_errors():
     other = StreamLearner(_model(periods=[0, 5, 6]), progress=False)
     with pytest.raises(StreamLearnerError, match="periods"):
         other.load_state_dict(learner.state_dict())
+
+
+def test_learning_on_a_repetitive_stream_lowers_the_loss():
+    """Behaviour, not only mechanics: the fast levels pick up a repeated pattern that the frozen model cannot."""
+    model = _model(periods=[0, 8, 32])
+    torch.manual_seed(1)
+    stream = torch.randint(1, model.config.vocab_size, (10,)).repeat(16)
+    second_half = {}
+    for lr in (0.0, 0.05):
+        learner = StreamLearner(model, lr=[0.0, lr, lr], chunk_size=16, progress=False)
+        learner.feed(stream[:81])
+        result = learner.feed(stream[81:])
+        second_half[lr] = result["loss_sum"] / result["tokens"]
+    assert second_half[0.05] < 0.6 * second_half[0.0], second_half

@@ -186,9 +186,9 @@ def test_streamed_answers_equal_full_forward_greedy_decoding(layout):
 
 
 def test_run_suite_writes_json_and_plots_and_scores_the_records(tmp_path):
-    model = _model()
-    res = run_suite(model, TOK, ["passkey", "mqar"], [280, 320], depths=[0, 1], piece_size=64,
-                    output_dir=str(tmp_path), progress=False, task_kwargs={"num_pairs": 2}, log=None)
+    model = _model().float()
+    res = run_suite(model, TOK, ["passkey", "mqar"], [280, 320], depths=[0, 1], piece_size=160,
+                    output_dir=str(tmp_path), progress=False, task_kwargs={"num_pairs": 1}, log=None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["tasks"].keys() == {"passkey", "mqar"} and saved["settings"]["lengths"] == [280, 320]
     for task, out in saved["tasks"].items():
@@ -214,7 +214,10 @@ def test_cli_eval_task_with_stream_learning(tmp_path, capsys):
     assert rc == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["stream_learning"] == {"lr": 0.01, "chunk_size": 32}
-    assert len(saved["tasks"]["passkey"]["examples"]) == 1
+    (example,) = saved["tasks"]["passkey"]["examples"]
+    learned = example["stream_learning"]  # periods of small_config: level 0 frozen, level 1 every 16 tokens
+    assert learned["tokens_learned"] == 250 - 1 - len(TOK(" What is the pass key? The pass key is")["input_ids"])
+    assert learned["level_updates"] == {"1": learned["tokens_learned"] // 16}
     assert "accuracy_by_length" in capsys.readouterr().out
     assert cli_main(["eval", "--task", "nope", "--model_name_or_path", str(folder), "--output_dir", str(out)]) == 2
     assert "unknown task" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def wants_suite(argv: list[str]) -> bool:
 
 def build_suite_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hope-hf eval --task",
+        prog="hope-hf eval",
         description="Long-context suite: RULER-style needles (passkey, number, word), multi-query associative recall "
                     "(mqar) and BABILong-style facts (babilong), generated locally, streamed through the recurrent "
                     "cache, scored by exact match. Writes results.json and plots to --output_dir.",

@@ -105,13 +105,15 @@ def run_example(
     context = torch.tensor(example["context_ids"], dtype=torch.long).unsqueeze(0)
     stop = {t for t in (tokenizer.eos_token_id,) if t is not None}
     t0 = time.time()
-    raw, preds = [], []
+    raw, preds, learning = [], [], None
     if learner_kwargs is not None:
         from ..continual import StreamLearner
 
         learner = StreamLearner(model, progress=progress, **dict(learner_kwargs))
-        learner.stream(split_into_pieces(context, piece_size), total=context.shape[1])
+        learned = learner.stream(split_into_pieces(context, piece_size), total=context.shape[1])
         prefill_s = time.time() - t0
+        learning = {"tokens_learned": learned["tokens"], "mean_loss": learned["mean_loss"],
+                    "level_updates": {str(k): v for k, v in learner.level_updates.items()}}
         for query, answer in zip(example["query_ids"], example["answers"]):
             out = learner.generate(query, _max_new_tokens(tokenizer, answer, extra_new_tokens), eos_token_id=list(stop))
             raw.append(tokenizer.decode(out, skip_special_tokens=True))
@@ -131,6 +133,7 @@ def run_example(
         "id": example["id"], "task": example["task"], "length": example["length"], "depth": example["depth"],
         "answers": list(example["answers"]), "predictions": preds, "raw": raw,
         "prefill_seconds": prefill_s, "total_seconds": time.time() - t0, "cache_bytes": cache_bytes,
+        "stream_learning": learning,
     }
 
 

@@ -200,6 +200,9 @@ def build_parser(command: str):
     from transformers import HfArgumentParser
 
     description = COMMANDS[command] + "."
+    if command == "eval":
+        description += (" With --task, runs the long-context suite instead (its options: "
+                        "`hope-hf eval --task all --help`).")
     if command == "train":
         description += (" Every `TrainingArguments` option is accepted as well; defaults are sized for the tiny "
                         "preset on CPU. Runs unchanged under `accelerate launch` / `torchrun`.")
@@ -733,8 +736,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .tokenizer import TokenizerMismatchError
 
+    handler = handlers[command]
+    if command == "eval":
+        from .evaluation.cli import cmd_eval_suite, wants_suite
+
+        if wants_suite(rest):  # `hope-hf eval --task ...`: the long-context suite (hope_hf.evaluation)
+            handler = cmd_eval_suite
     try:
-        handlers[command](rest)
+        handler(rest)
     except (CliError, DataError, TokenizerMismatchError) as err:
         print(f"hope-hf {command}: error: {err}", file=sys.stderr)
         return 2

@@ -160,7 +160,7 @@ def config_card_fields(config: HopeConfig) -> dict[str, Any]:
     n = count_parameters(config)
     d = config.head_dim
     details = [
-        ("parameters", f"{n:,} ({_human(n)}; embeddings counted once)" if config.tie_word_embeddings else f"{n:,} ({_human(n)})"),
+        ("parameters", f"{n:,} ({_human(n)}{'; embeddings counted once' if config.tie_word_embeddings else ''})"),
         ("layers", _layers_text(config)),
         ("hidden size", str(config.hidden_size)),
         ("heads x head size", f"{config.num_attention_heads} x {d}"),
@@ -169,7 +169,8 @@ def config_card_fields(config: HopeConfig) -> dict[str, Any]:
         deviations = [text for name, default, text in _TITANS_SWITCHES if getattr(config, name) != default]
         details += [
             ("Titans chunk size", f"{config.chunk_size} tokens"),
-            ("memory MLP width", f"{config.memory_expansion * d} (memory_expansion {config.memory_expansion} x head size)"),
+            ("memory MLP width",
+             f"{config.memory_expansion * d} (memory_expansion {config.memory_expansion} x head size)"),
             ("eta_max (inner learning-rate bound)", f"{config.eta_max:g}"),
             ("convolution width (q, u)", str(config.conv_kernel_size)),
             ("Titans variant", "; ".join(deviations) if deviations else "full HOPE (every switch at its default)"),
@@ -360,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hope_hf.cards", description="Write the model card of every hope-hf preset."
     )
-    parser.add_argument("--output-dir", default=None, help="folder for the cards (default: the checkout's model_cards/)")
+    parser.add_argument(
+        "--output-dir", default=None, help="folder for the cards (default: the checkout's model_cards/)"
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a card is missing or stale")
     args = parser.parse_args(argv)
     changed = write_preset_cards(args.output_dir, check=args.check)

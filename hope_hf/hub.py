@@ -99,7 +99,9 @@ def save_for_hub(
     config = _check_model(model)
     folder = Path(save_directory)
     if folder.exists() and any(folder.iterdir()):
-        raise HubPublishError(f"{folder} is not empty: save_for_hub writes a fresh folder, so that only its files upload")
+        raise HubPublishError(
+            f"{folder} is not empty: save_for_hub writes a fresh folder, so that only its own files are uploaded"
+        )
     if tokenizer is not None:
         from .tokenizer import check_tokenizer_matches
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,13 +52,14 @@ TRAINING = {"data": "Python standard library sources", "tokens": "2.1M", "optimi
 class FakeHub:
     """Stands in for `huggingface_hub.HfApi`: records calls, and keeps a copy of every uploaded folder."""
 
-    def __init__(self, fail: BaseException | None = None):
+    def __init__(self, root: Path, fail: BaseException | None = None):
         self.calls: list[tuple[str, dict]] = []
         self.fail = fail
-        self.root = Path(tempfile.mkdtemp(prefix="fake-hub-"))
+        self.root = root
 
     def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
-        self.calls.append(("create_repo", dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type)))
+        call = dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type)
+        self.calls.append(("create_repo", call))
         if self.fail is not None:
             raise self.fail
         return f"https://hub.invalid/{repo_id}"
@@ -97,7 +97,7 @@ def _json_block(text: str) -> dict:
 def test_push_uploads_exactly_the_expected_files_and_a_card_that_parses(online, tmp_path):
     model, tokenizer = _model_and_tokenizer()
     tokenizer_files = sorted(Path(f).name for f in tokenizer.save_pretrained(tmp_path / "tok"))
-    fake = FakeHub()
+    fake = FakeHub(tmp_path / "hub")
     result = push_to_hub(
         model, "someone/hope-test", tokenizer=tokenizer, training=TRAINING, eval_results=[EVAL],
         datasets=["hope-stdlib"], tags=["tiny"], api=fake, private=True,
@@ -123,9 +123,7 @@ def test_push_uploads_exactly_the_expected_files_and_a_card_that_parses(online, 
     assert data.datasets == ["hope-stdlib"]
     assert data.model_name == "hope-test"
     (res,) = data.eval_results
-    assert (res.task_type, res.dataset_type, res.dataset_name, res.dataset_split, res.metric_type, res.metric_value) == (
-        "text-generation", "hope-stdlib", "Python stdlib sources (held out)", "eval", "perplexity", 17.25
-    )
+    assert {k: getattr(res, k) for k in EVAL} == EVAL
     index = data.to_dict()["model-index"]
     assert index[0]["name"] == "hope-test"
     assert index[0]["results"][0]["metrics"] == [{"type": "perplexity", "value": 17.25}]
@@ -154,11 +152,16 @@ def test_push_uploads_exactly_the_expected_files_and_a_card_that_parses(online, 
 def test_push_is_refused_offline_before_anything_is_uploaded(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model, tokenizer = _model_and_tokenizer()
-    fake = FakeHub()
+    fake = FakeHub(tmp_path / "hub")
     with pytest.raises(HubPublishError, match=r"offline mode \(HF_HUB_OFFLINE=1\), so nothing was uploaded"):
         push_to_hub(model, "someone/hope-test", tokenizer=tokenizer, training=TRAINING, api=fake,
                     save_directory=tmp_path / "out")
     assert fake.calls == [] and not (tmp_path / "out").exists()
+
+
+def _http_error(status: int) -> OSError:
+    """Shaped like huggingface_hub's HfHubHTTPError (an OSError with a `response`)."""
+    return type("HfHubHTTPError", (OSError,), {"response": SimpleNamespace(status_code=status)})(f"HTTP {status}")
 
 
 @pytest.mark.parametrize(
@@ -166,13 +169,13 @@ def test_push_is_refused_offline_before_anything_is_uploaded(monkeypatch, tmp_pa
     [
         (ConnectionError("[Errno -2] Name or service not known"), "Could not reach the Hugging Face Hub"),
         (type("LocalTokenNotFoundError", (OSError,), {})("no token"), "not logged in"),
-        (type("HfHubHTTPError", (OSError,), {"response": SimpleNamespace(status_code=403)})("forbidden"), "not logged in"),
-        (type("HfHubHTTPError", (OSError,), {"response": SimpleNamespace(status_code=500)})("boom"), "HTTP 500"),
+        (_http_error(403), "not logged in"),
+        (_http_error(500), "HTTP 500"),
     ],
 )
-def test_push_without_the_hub_fails_clearly_and_uploads_nothing(online, error, message):
+def test_push_without_the_hub_fails_clearly_and_uploads_nothing(online, error, message, tmp_path):
     model, tokenizer = _model_and_tokenizer()
-    fake = FakeHub(fail=error)
+    fake = FakeHub(tmp_path / "hub", fail=error)
     with pytest.raises(HubPublishError, match=message) as info:
         push_to_hub(model, "someone/hope-test", tokenizer=tokenizer, training=TRAINING, api=fake)
     assert "Nothing was uploaded" in str(info.value)
@@ -182,8 +185,10 @@ def test_push_without_the_hub_fails_clearly_and_uploads_nothing(online, error, m
 def test_dry_run_writes_the_folder_and_touches_no_hub(tmp_path):
     # runs under HF_HUB_OFFLINE=1: a dry run needs no network
     model, tokenizer = _model_and_tokenizer()
+    fake = FakeHub(tmp_path / "hub", fail=AssertionError("no call expected"))
     result = push_to_hub(model, "hope-dry", tokenizer=tokenizer, training="Untrained.", dry_run=True,
-                         save_directory=tmp_path / "dry", api=FakeHub(fail=AssertionError("no call expected")))
+                         save_directory=tmp_path / "dry", api=fake)
+    assert fake.calls == []
     assert not result.uploaded and result.folder == tmp_path / "dry"
     assert set(MODEL_FILES) | {"README.md"} <= set(result.files)
     assert result.card.data.model_name == "hope-dry" and result.card.data.eval_results is None

@@ -4,7 +4,6 @@ after reloading, falling loss, constant cache size, ...), so executing them chec
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

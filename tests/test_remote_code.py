@@ -174,9 +174,11 @@ def test_trust_remote_code_in_a_fresh_process_without_hope_hf(tmp_path):
     (blocker_dir / "sitecustomize.py").write_text(BLOCKER)
     script = tmp_path / "fresh_process.py"
     script.write_text(textwrap.dedent(FRESH_PROCESS))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
+    env = {k: v for k, v in os.environ.items() if k != "HF_MODULES_CACHE"}
+    # the blocker first; other entries stay (e.g. another Transformers release under test)
+    python_path = [str(blocker_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env.update(
-        PYTHONPATH=str(blocker_dir),
+        PYTHONPATH=os.pathsep.join(python_path),
         HF_MODULES_CACHE=str(tmp_path / "modules_cache"),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",

@@ -420,7 +420,10 @@ class HopeModel(HopePreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         past_key_values = _pick_cache(past_key_values, cache)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:
+            # in training a cache is only built when asked for: nobody decodes from it, and it would keep the final
+            # fast-weight states (and their autograd graph) alive after the step
+            use_cache = self.config.use_cache and not self.training
         if output_hidden_states is None:
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
 

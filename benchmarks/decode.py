@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import os
-import platform
 import resource
 import time
 
 import torch
+from _report import save_report
 
 
 def llama_like(config):
@@ -78,7 +76,7 @@ def decode_table(args):
 
     from hope_hf import HopeForCausalLM
     from hope_hf.cache_hope import HopeCache
-    from hope_hf.presets import count_parameters, get_preset
+    from hope_hf.presets import get_preset
 
     rows = []
     for preset in args.presets:
@@ -152,16 +150,10 @@ def main(argv=None):
         args.stream_tokens, args.stream_piece, args.no_progress = 2048, 512, True
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "config": {k: v for k, v in vars(args).items() if k != "json"}, "decode": decode_table(args)}
+    results = {"decode": decode_table(args)}
     if args.stream_tokens:
-        report["stream"] = stream_million(args)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    return report
+        results["stream"] = stream_million(args)
+    return save_report(args, **results)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ column, microseconds per token, shows whether time grows linearly with length (i
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
+from _report import save_report
 
 
 def build_layers(hidden, heads, chunk_size, memory_expansion):
@@ -114,16 +113,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = measure(args)
-    report = {"machine": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "config": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows}
-    if args.json:
-        import os
-
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    return report
+    return save_report(args, rows=rows)
 
 
 if __name__ == "__main__":

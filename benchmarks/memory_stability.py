@@ -14,11 +14,10 @@ moving, and the ratio stays well above 0).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
+from _report import save_report
 
 
 @torch.no_grad()
@@ -84,13 +83,7 @@ def main(argv=None):
                     f"moved {row[f'{name}_w_in_moved']:.2f}/{row[f'{name}_w_out_moved']:.2f}"
                 )
             print(" | ".join(parts), flush=True)
-    report = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "threads": torch.get_num_threads(), "rows": rows}
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    return report
+    return save_report(args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference (DESIGN §2.2, §4)."""
 
-import itertools
-
 import pytest
 import torch
 

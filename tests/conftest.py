@@ -52,6 +52,15 @@ def layout(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are many small kernels: on a busy 2-core box one thread is ~10x faster than two (no spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

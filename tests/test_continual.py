@@ -21,13 +21,7 @@ from hope_hf.continual import StreamLearner, StreamLearnerError
 PERIODS = [0, 5, 12]
 LRS = [0.0, 0.1, 0.05]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(layout="linear", periods=PERIODS, dtype=torch.float64):

@@ -21,13 +21,7 @@ from conftest import small_config
 
 LORA_TARGETS = ["q_proj", "u_proj", "g_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are many small kernels: on a busy 2-core box one thread is ~10x faster than two (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -29,13 +29,7 @@ from hope_hf.evaluation import (
 )
 from hope_hf.evaluation.tasks import BABILONG_PREFIX, NIAH_PREFIX, NOISE_SENTENCES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -94,14 +94,7 @@ with open(f"{out_dir}/result.json", "w") as f:
     json.dump(result, f)
 '''
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are many small kernels: on a busy 2-core box one thread is ~10x faster than two (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model_and_tokenizer():

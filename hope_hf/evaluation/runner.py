@@ -5,11 +5,14 @@ Every example is run the same way at every length: the context is streamed throu
 when stream learning is on), then each query is fed on a copy of that state and the answer is decoded greedily. The
 first word of the decoded text (surrounding punctuation removed) is the prediction; it is scored by exact match
 (``hope_exact_match``) and, for multi-query recall, per query (``hope_recall``).
+
+Any other causal LM (a Llama baseline, say) runs the same way with its own ``DynamicCache`` prefilled in pieces.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import time
@@ -20,7 +23,6 @@ from typing import Any
 
 import torch
 
-from ..cache_hope import HopeCache
 from ..streaming import split_into_pieces, stream_prefill
 from .tasks import TASKS, build_task_dataset, format_length
 
@@ -71,11 +73,12 @@ def extract_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def greedy_answer(model, cache: HopeCache, query_ids: Sequence[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+def greedy_answer(model, cache, query_ids: Sequence[int], max_new_tokens: int, stop_ids=()) -> list[int]:
     """Feed ``query_ids`` through ``cache`` (which it advances) and decode greedily."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(query_ids)], dtype=torch.long, device=device)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    kw = _cache_kwarg(model, cache)
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw).logits[0, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.argmax())
@@ -83,8 +86,51 @@ def greedy_answer(model, cache: HopeCache, query_ids: Sequence[int], max_new_tok
         if token in stop_ids or len(out) == max_new_tokens:
             break
         step = torch.tensor([[token]], dtype=torch.long, device=device)
-        logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **kw).logits[0, -1]
     return out
+
+
+def _is_hope(model) -> bool:
+    return hasattr(getattr(model, "config", None), "cms_levels")
+
+
+def _cache_kwarg(model, cache) -> dict:
+    """HOPE takes ``past_key_values=``; other models (e.g. a Llama baseline) on Transformers >= 5.24 take ``cache=``."""
+    if _is_hope(model) or "cache" not in inspect.signature(model.forward).parameters:
+        return {"past_key_values": cache}
+    return {"cache": cache}
+
+
+@torch.no_grad()
+def _prefill(model, context: torch.Tensor, piece_size: int, progress: bool):
+    """Stream ``context`` through the model's cache in pieces: ``HopeCache`` for HOPE, a ``DynamicCache`` (growing
+    key/value cache) for any other causal LM, so that a baseline such as Llama runs on the same examples."""
+    if _is_hope(model):
+        cache, _ = stream_prefill(model, split_into_pieces(context, piece_size), progress=progress,
+                                  total=context.shape[1])
+        return cache
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    device = next(model.parameters()).device
+    bar = tqdm(total=context.shape[1], unit="tok", desc="prefill", disable=not progress)
+    for piece in split_into_pieces(context, piece_size):
+        model(input_ids=piece.to(device), use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
+        bar.update(piece.shape[1])
+    bar.close()
+    return cache
+
+
+def _cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _max_new_tokens(tokenizer, answer: str, extra: int) -> int:
@@ -119,15 +165,14 @@ def run_example(
             raw.append(tokenizer.decode(out, skip_special_tokens=True))
         cache_bytes = learner.cache.nbytes()
     else:
-        cache, _ = stream_prefill(model, split_into_pieces(context, piece_size), progress=progress,
-                                  total=context.shape[1])
+        cache = _prefill(model, context, piece_size, progress)
         prefill_s = time.time() - t0
         queries = list(zip(example["query_ids"], example["answers"]))
         for i, (query, answer) in enumerate(queries):
             state = cache if i == len(queries) - 1 else copy.deepcopy(cache)
             out = greedy_answer(model, state, query, _max_new_tokens(tokenizer, answer, extra_new_tokens), stop)
             raw.append(tokenizer.decode(out, skip_special_tokens=True))
-        cache_bytes = cache.nbytes()
+        cache_bytes = _cache_bytes(cache)
     preds = [extract_answer(t) for t in raw]
     return {
         "id": example["id"], "task": example["task"], "length": example["length"], "depth": example["depth"],

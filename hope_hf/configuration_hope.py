@@ -100,6 +100,9 @@ class HopeConfig(PreTrainedConfig):
         retention (`bool`, defaults to `True`): alpha gate (weight decay) on the memories.
         retain_toward_init (`bool`, defaults to `True`): retention pulls toward the meta-learned initial state.
         detach_self_targets (`bool`, defaults to `False`): stop the gradient through self-generated targets.
+        recompute_memory_states (`bool`, defaults to `True`): when training, keep the fast weights of the Titans
+            memories only every ~sqrt(#chunks) chunks and recompute the others in the backward pass (activation
+            checkpointing inside the layer). Same numbers; much less memory for a little more compute.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.
@@ -141,6 +144,7 @@ class HopeConfig(PreTrainedConfig):
     retention: bool = True
     retain_toward_init: bool = True
     detach_self_targets: bool = False
+    recompute_memory_states: bool = True
     # continuum memory system
     cms_levels: list[dict] | None = None
     cms_variant: str = "sequential"
@@ -228,7 +232,7 @@ class HopeConfig(PreTrainedConfig):
                      "conv_kernel_size"):
             positive_int(name)
         for name in ("self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
-                     "detach_self_targets", "attention_bias", "tie_word_embeddings", "use_cache"):
+                     "detach_self_targets", "recompute_memory_states", "attention_bias", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         for name in ("pad_token_id", "bos_token_id"):

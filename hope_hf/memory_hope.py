@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 __all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes"]
@@ -251,29 +252,33 @@ class HopeSelfModifyingTitans(nn.Module):
 
         q, u: (R, H, L, d) float32; write: (R, 1, L) float (1 = real token). Returns the per-token reads
         o (R, H, L, d) and the final frame state (snapshot and current weights).
+
+        With `recompute_memory_states` and gradients on, the chunks run in about sqrt(#chunks) segments, each under
+        activation checkpointing: backward keeps the fast weights only at segment boundaries and recomputes the
+        rest, instead of holding two weight-sized tensors per chunk (numerically the same result).
         """
-        snap_a, snap_b = start.snapshot_in, start.snapshot_out
-        cur_a, cur_b = start.current_in, start.current_out
-        # without self-modification, keys, values and gates do not depend on the memories: compute them once
-        static = None if self.config.self_modifying else self._generate(u, None, None)
-        last_snap_a, last_snap_b = snap_a, snap_b
+        sizes = [hi - lo for lo, hi in layout.chunk_bounds]
+        # split once (not a slice per chunk: the backward of a slice zero-fills the whole input every time)
+        q_chunks, write_chunks = q.split(sizes, dim=2), write.split(sizes, dim=-1)
+        if self.config.self_modifying:
+            src_chunks = u.split(sizes, dim=2)
+        else:  # keys, values and gates do not depend on the memories: compute them once
+            src_chunks = list(zip(*(t.split(sizes, dim=2) for t in self._generate(u, None, None))))
+        chunks = list(zip(q_chunks, src_chunks, write_chunks))
+        carry = (start.snapshot_in, start.snapshot_out, start.current_in, start.current_out,
+                 start.snapshot_in, start.snapshot_out)
+        recompute = self.config.recompute_memory_states and torch.is_grad_enabled() and len(chunks) > 1
+        step = math.ceil(math.sqrt(len(chunks))) if recompute else len(chunks)
         outs = []
-        last_chunk = layout.last_chunk  # (R,) index of the chunk holding each row's last token (-1: none)
-        for c, (lo, hi) in enumerate(layout.chunk_bounds):
-            sl = slice(lo, hi)
-            gen = self._generate(u[:, :, sl], snap_a, snap_b) if static is None else [t[:, :, sl] for t in static]
-            o_c, cur_a, cur_b = self._chunk(q[:, :, sl], gen, write[..., sl], snap_a, snap_b, cur_a, cur_b)
-            outs.append(o_c)
-            # remember the snapshot that a row's last (possibly partial) chunk used
-            if layout.trivial:  # every row ends in the last slice
-                if c == len(layout.chunk_bounds) - 1:
-                    last_snap_a, last_snap_b = snap_a, snap_b
+        for first in range(0, len(chunks), step):
+            segment = chunks[first : first + step]
+            if recompute:
+                o_seg, carry = checkpoint(self._scan_chunks, first, segment, carry, layout, use_reentrant=False)
             else:
-                here = (last_chunk == c).view(-1, 1, 1, 1)
-                last_snap_a = torch.where(here, snap_a, last_snap_a)
-                last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
-            snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
-        o = torch.cat(outs, dim=2)
+                o_seg, carry = self._scan_chunks(first, segment, carry, layout)
+            outs.append(o_seg)
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        _, _, cur_a, cur_b, last_snap_a, last_snap_b = carry
         full = (layout.end_pos == 0).view(-1, 1, 1, 1)
         final = (
             torch.where(full, cur_a, last_snap_a),
@@ -282,6 +287,28 @@ class HopeSelfModifyingTitans(nn.Module):
             cur_b,
         )
         return o, final
+
+    def _scan_chunks(self, first: int, chunks, carry, layout: "_Layout"):
+        """Chunks `first, first + 1, ...` (each `(q, u or generated, write)`) from `carry` = (snapshot A, B,
+        current A, B, snapshot used by each row's last chunk A, B); returns their reads and the new carry."""
+        snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b = carry
+        last_index = len(layout.chunk_bounds) - 1
+        outs = []
+        for c, (q_c, src, write_c) in enumerate(chunks, start=first):
+            gen = self._generate(src, snap_a, snap_b) if self.config.self_modifying else src
+            o_c, cur_a, cur_b = self._chunk(q_c, gen, write_c, snap_a, snap_b, cur_a, cur_b)
+            outs.append(o_c)
+            # remember the snapshot that a row's last (possibly partial) chunk used
+            if layout.trivial:  # every row ends in the last slice
+                if c == last_index:
+                    last_snap_a, last_snap_b = snap_a, snap_b
+            else:
+                here = (layout.last_chunk == c).view(-1, 1, 1, 1)
+                last_snap_a = torch.where(here, snap_a, last_snap_a)
+                last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
+            snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return o, (snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b)
 
     def _generate(self, u, snap_a, snap_b):
         """Keys, values, learning rates and retention gates of a chunk, from the snapshot memories (Eq. 87, 90)."""

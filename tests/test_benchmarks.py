@@ -39,3 +39,42 @@ def test_peers_quick(tmp_path):
         assert ("speedup_ours_vs_peer" in ratio) == (ratio["peer_status"] == "ok")
     assert set(report["targets"]) == {"titans", "nested_learning"}
     assert all(t["met"] is None for t in report["targets"].values())  # quick mode judges nothing
+
+
+def run_quick(script, tmp_path, *extra):
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, script, "--quick", "--json", str(out), *extra], cwd=ROOT / "benchmarks",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["quick"] is True
+    return report
+
+
+def test_training_quick(tmp_path):
+    """Targets 1-2: both models train at every length in their own process; same parameter count (within 2%)."""
+    report = run_quick("training.py", tmp_path)
+    assert [r["length"] for r in report["rows"]] == report["config"]["lengths"]
+    for row in report["rows"]:
+        hope, llama = row["hope"], row["llama"]
+        assert "error" not in hope and "error" not in llama, row
+        assert abs(hope["parameters"] - llama["parameters"]) / hope["parameters"] < 0.02
+        for side in (hope, llama):
+            assert side["tokens_per_second"] > 0 and side["peak_memory_mib"] > 0
+        assert math.isclose(row["speed_ratio"], hope["tokens_per_second"] / llama["tokens_per_second"])
+
+
+def test_flops_quick(tmp_path):
+    """Target 5: the layer's FLOPs are counted (nonzero, the same at every length per token up to the chunking)."""
+    report = run_quick("flops.py", tmp_path)
+    (row,) = report["rows"]
+    assert row["flops_per_token"] > 0 and row["layer_flops_per_second"] > 0
+    assert row["matmul_flops_per_second_at_shapes"] > 0 and report["big_matmul_flops_per_second"] > 0
+
+
+def test_memory_layer_and_decode_quick(tmp_path):
+    """Targets 3-4 and the layer table: the existing scripts' quick modes still run."""
+    layer = run_quick("memory_layer.py", tmp_path)
+    decode = run_quick("decode.py", tmp_path)
+    assert layer["rows"] and decode

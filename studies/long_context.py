@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per batch, constant along the curriculum (default 4096; quick 512)")
     p.add_argument("--train_lengths", default=None, help="curriculum lengths, equal thirds (default 256,512,1024)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warm-up 10%%, cosine to 10%%)")
-    p.add_argument("--eval_lengths", default=None, help="default 1k,4k,16k,64k (quick: 256,512)")
+    p.add_argument("--eval_lengths", default=None, help="default 1k,4k,16k,64k (quick: 256,320)")
     p.add_argument("--depths", default=None, help="needle depths (default 0.1,0.5,0.9; quick 0.5)")
     p.add_argument("--piece_size", type=int, default=2048, help="tokens per prefill piece (HOPE and Llama)")
     p.add_argument("--continual_lrs", default=None, help="stream-learner learning rates (default 0,1e-3)")
@@ -74,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_continual", action="store_true")
     p.add_argument("--no_plots", action="store_true")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--save_models", action="store_true",
+                   help="also save every trained model and the tokenizer under OUTPUT_DIR/models/NAME")
+    p.add_argument("--report_only", action="store_true",
+                   help="only (re)write report.md and the plots from an existing OUTPUT_DIR/study.json")
     args = p.parse_args(argv)
     q = args.quick
     args.steps = args.steps or (2 if q else 90)
@@ -81,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.train_lengths = [int(x) for x in (args.train_lengths or ("256" if q else "256,512,1024")).split(",")]
     from hope_hf.evaluation.tasks import parse_depths, parse_lengths
 
-    args.eval_lengths = parse_lengths(args.eval_lengths or ("256,512" if q else "1k,4k,16k,64k"))
+    args.eval_lengths = parse_lengths(args.eval_lengths or ("256,320" if q else "1k,4k,16k,64k"))
     args.depths = parse_depths(args.depths or ("0.5" if q else "0.1,0.5,0.9"))
     args.continual_lrs = [float(x) for x in (args.continual_lrs or "0,1e-3").split(",")]
     args.continual_streams = args.continual_streams or (1 if q else 2)
@@ -377,7 +381,7 @@ def _probe(learner, tok, stream, stage: str) -> list[dict]:
 def continual(models, tok, args, log) -> dict:
     from hope_hf.continual import StreamLearner
 
-    n_keys, n_changed = (4, 2) if args.quick else (12, 6)
+    n_keys, n_changed = (2, 1) if args.quick else (12, 6)
     streams = [continual_stream(tok, args.seed, i, args.continual_length, n_keys, n_changed)
                for i in range(args.continual_streams)]
     runs = []
@@ -516,6 +520,7 @@ def plots(study: dict, out_dir: str) -> list[str]:
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=7)
+        axes[0].set_ylim(-0.05, 1.05)
         fig.tight_layout()
         written.append(os.path.join(out_dir, "continual.png"))
         fig.savefig(written[-1], dpi=90)
@@ -524,8 +529,90 @@ def plots(study: dict, out_dir: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def answer_kind_rate(examples: list[dict], length_name: str, tasks=TASKS) -> float:
+    """Share of the examples at ``length_name`` whose first prediction has the kind of the answer (digits, or a word
+    of the task's answer list): did the model keep the answer format, right value or not."""
+    from hope_hf.evaluation.tasks import PLACES, WORDS, format_length
+
+    def ok(e):
+        p = e["predictions"][0] if e["predictions"] else ""
+        if e["task"] in ("passkey", "number", "mqar"):
+            return p.isdigit()
+        return p in (PLACES if e["task"] == "babilong" else WORDS)
+
+    sel = [e for e in examples if format_length(e["length"]) == length_name and e["task"] in tasks]
+    return sum(ok(e) for e in sel) / len(sel) if sel else float("nan")
+
+
+def report(study: dict) -> str:
+    """Markdown tables of a study: accuracy by model x length (mean and per task), by depth, training, continual."""
+    lines = []
+    models = study["models"]
+    lengths = list(next(iter(models.values()))["eval"]["mean_by_length"])
+    lines += ["| model | parameters | train s | eval s | " + " | ".join(lengths) + " |",
+              "|---|---|---|---|" + "---|" * len(lengths)]
+    for name, m in models.items():
+        lines.append(f"| {name} | {m['config']['parameters']:,} | {m['train']['train_seconds']:.0f} | "
+                     f"{m['eval_seconds']:.0f} | " + " | ".join(f"{m['eval']['mean_by_length'][L]:.3f}" for L in lengths)
+                     + " |")
+    lines += ["", "Per task (accuracy; `-` = not run at that length):", "",
+              "| model | task | " + " | ".join(lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for name, m in models.items():
+        for task, row in m["eval"]["by_task_length"].items():
+            lines.append(f"| {name} | {task} | " + " | ".join(f"{row[L]:.3f}" if L in row else "-" for L in lengths)
+                         + " |")
+    depths = sorted({d for m in models.values() for row in m["eval"]["mean_by_length_depth"].values() for d in row},
+                    key=float)
+    lines += ["", "By depth (mean over the tasks run at that length):", "",
+              "| model | length | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|---|" + "---|" * len(depths)]
+    for name, m in models.items():
+        for L, row in m["eval"]["mean_by_length_depth"].items():
+            lines.append(f"| {name} | {L} | " + " | ".join(f"{row[d]:.3f}" if d in row else "-" for d in depths) + " |")
+    lines += ["", "Answers of the right kind, right or wrong (share of examples whose first answer is a digit string "
+                  "for passkey / number / mqar, one of the task's answer words for word / babilong): passkey (run at "
+                  "every length), and all the tasks run at that length:", "",
+              "| model | tasks | " + " | ".join(lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    for name, m in models.items():
+        for label, tasks in (("passkey", ("passkey",)), ("all run", TASKS)):
+            lines.append(f"| {name} | {label} | " + " | ".join(
+                f"{answer_kind_rate(m['eval']['examples'], L, tasks):.2f}" for L in lengths) + " |")
+    lines += ["", "Training (mean over the last 10 steps; teacher-forced answer-token accuracy):", "",
+              "| model | lm loss first step | lm loss last 10 | answer loss first step | answer loss last 10 | "
+              "answer-token acc last 10 |", "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        h = m["train"]
+
+        def last(k):
+            return sum(h[k][-10:]) / len(h[k][-10:])
+
+        lines.append(f"| {name} | {h['lm_loss'][0]:.3f} | {last('lm_loss'):.3f} | {h['answer_loss'][0]:.3f} | "
+                     f"{last('answer_loss'):.3f} | {last('answer_token_accuracy'):.3f} |")
+    if study.get("continual"):
+        c = study["continual"]
+        lines += ["", f"Continual learning ({len(c['streams'])} streams of {c['stream_length']} tokens, "
+                      f"{c['n_keys']} keys, {c['n_changed']} reassigned; mean over streams):", "",
+                  "| model, stream-learning lr | middle: facts so far | end: new (reassigned) | end: old unchanged | "
+                  "end: answers superseded value | log p new | log p old | log p superseded | loss 1st half | "
+                  "loss 2nd half |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, r in c["table"].items():
+            lines.append(f"| {key.replace('|', ', ')} | {r['middle_accuracy']:.2f} | {r['new_accuracy']:.2f} | {r['old_accuracy']:.2f} | "
+                         f"{r['superseded_rate']:.2f} | {r['new_logprob']:.2f} | {r['old_logprob']:.2f} | "
+                         f"{r['superseded_logprob']:.2f} | {r['mean_loss_first_half']:.3f} | "
+                         f"{r['mean_loss_second_half']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.output_dir, "study.json")) as f:
+            study = json.load(f)
+        if not args.no_plots:
+            study["plots"] = plots(study, args.output_dir)
+        with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+            f.write(report(study))
+        print(report(study))
+        return study
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
     import transformers
@@ -570,6 +657,9 @@ def main(argv=None) -> dict:
         entry["eval_seconds"] = time.time() - t0
         study["models"][name] = entry
         models[name] = model
+        if args.save_models:
+            model.save_pretrained(os.path.join(args.output_dir, "models", name))
+            tok.save_pretrained(os.path.join(args.output_dir, "models", name))
         _write(study, args.output_dir)
 
     if not args.skip_continual:
@@ -581,6 +671,8 @@ def main(argv=None) -> dict:
     if not args.no_plots:
         study["plots"] = plots(study, args.output_dir)
     _write(study, args.output_dir)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(report(study))
     log(f"done in {study['timings']['wall_seconds']:.0f} s; results in {os.path.join(args.output_dir, 'study.json')}")
     print_summary(study)
     return study

@@ -60,6 +60,7 @@ def test_quick_study_writes_every_model_length_and_plot(study_module, quick_stud
         assert m["eval"]["examples"] and all(e["predictions"] for e in m["eval"]["examples"])
     for name in ("plots",):
         assert study[name]
+    assert "| hope |" in (out / "report.md").read_text()
     for png in ("accuracy_by_length.png", "accuracy_by_depth.png", "training.png", "continual.png"):
         assert (out / png).stat().st_size > 1000, png
 

@@ -103,6 +103,15 @@ def ours(args, self_modifying: bool, **overrides):
     return layer, fwd, fwd_bwd
 
 
+def speed_overrides() -> dict:
+    """Our layer keeps every activation for the backward, as the peers do: where the config can recompute the memory
+    states in the backward instead (activation checkpointing, less memory for more compute), that is turned off."""
+    from hope_hf import HopeConfig
+
+    fields = getattr(HopeConfig, "__dataclass_fields__", {})
+    return {"recompute_memory_states": False} if "recompute_memory_states" in fields else {}
+
+
 def titans_pytorch(args, refresh_every_chunk: bool):
     from titans_pytorch import NeuralMemory
 
@@ -200,9 +209,10 @@ def time_once(fn, x):
 def measure(args):
     torch.manual_seed(0)
     rows, ratios = [], []
+    base = speed_overrides()
     builders = {
-        "ours_titans": lambda: ours(args, self_modifying=False),
-        "ours_selfmod": lambda: ours(args, self_modifying=True),
+        "ours_titans": lambda: ours(args, self_modifying=False, **base),
+        "ours_selfmod": lambda: ours(args, self_modifying=True, **base),
         "titans_default": lambda: titans_pytorch(args, refresh_every_chunk=False),
         "titans_refresh": lambda: titans_pytorch(args, refresh_every_chunk=True),
         "nested_learning": lambda: nested_learning(args),
@@ -213,14 +223,22 @@ def measure(args):
         **{key: label for _, _, key, label, _ in COMPARISONS},
     }
     if args.ablations:  # where our time goes: the same layers without the delta rule's triangular solve
-        builders["ours_titans_nodgd"] = lambda: ours(args, self_modifying=False, dgd=False)
-        builders["ours_selfmod_nodgd"] = lambda: ours(args, self_modifying=True, dgd=False)
+        builders["ours_titans_nodgd"] = lambda: ours(args, self_modifying=False, dgd=False, **base)
+        builders["ours_selfmod_nodgd"] = lambda: ours(args, self_modifying=True, dgd=False, **base)
         labels["ours_titans_nodgd"] = "  ablation: self_modifying=False, dgd=False"
         labels["ours_selfmod_nodgd"] = "  ablation: self_modifying=True, dgd=False"
+        if base:  # and the layer's default: activation checkpointing of the memory states (less memory)
+            builders["ours_titans_recompute"] = lambda: ours(args, self_modifying=False)
+            builders["ours_selfmod_recompute"] = lambda: ours(args, self_modifying=True)
+            labels["ours_titans_recompute"] = "  ablation: self_modifying=False, recompute_memory_states=True"
+            labels["ours_selfmod_recompute"] = "  ablation: self_modifying=True, recompute_memory_states=True"
     packages = {key: pkg for _, _, key, _, pkg in COMPARISONS}
     built, status = {}, {}
     for key, build in builders.items():
         pkg = packages.get(key)
+        if key in args.skip:
+            status[key] = "skipped"
+            continue
         if pkg and peer_version(pkg) is None:
             status[key] = "not installed"
             continue
@@ -346,6 +364,9 @@ def main(argv=None):
                         help="torch threads (with 1, times are this process's CPU time, else wall time)")
     parser.add_argument("--ablations", action="store_true",
                         help="also time our layers with dgd=False (without the delta rule's triangular solve)")
+    parser.add_argument("--skip", nargs="+", default=[],
+                        choices=["titans_default", "titans_refresh", "nested_learning"],
+                        help="peers not to run (nested-learning at width 1024 takes about 0.25 s per token)")
     parser.add_argument("--json", default="benchmarks/results/peers.json", help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run for CI")
     args = parser.parse_args(argv)
@@ -382,8 +403,9 @@ def main(argv=None):
         load = os.getloadavg()
     except OSError:
         load = None
-    return save_report(args, clock=clock(args), peers=versions, python=sys.executable, source=source_state(),
-                       load_average=load, rows=rows, ratios=ratios, targets=met)
+    return save_report(args, clock=clock(args), ours_config_overrides=speed_overrides(), peers=versions,
+                       python=sys.executable, source=source_state(), load_average=load, rows=rows, ratios=ratios,
+                       targets=met)
 
 
 if __name__ == "__main__":

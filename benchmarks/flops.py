@@ -90,7 +90,7 @@ def measure(args):
                     layer.zero_grad(set_to_none=True)
 
                 times[recompute] = timed(step, args.repeats)
-            n_mem = len(build_layer(hidden, heads, args.chunk_size, False).boxes)
+            n_mem = layer.num_memories
             m, rows_heads, C = 2 * d, args.batch * heads, args.chunk_size
             shapes = [(rows_heads, C, d, n_mem * m), (rows_heads, 2 * C, d, n_mem * m), (rows_heads, d, C, n_mem * m),
                       (rows_heads * n_mem, C, m, d)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
@@ -51,12 +52,6 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
 def fp32(x: torch.Tensor) -> torch.Tensor:
     """Fast-weight math runs in float32, or float64 when the model itself does."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def silu_grad(a: torch.Tensor) -> torch.Tensor:
-    """d silu(a) / da."""
-    s = torch.sigmoid(a)
-    return s * (1 + a * (1 - s))
 
 
 @dataclass
@@ -128,6 +123,15 @@ class HopeSelfModifyingTitans(nn.Module):
         self.chunk_size = config.chunk_size
         self.eta_max = config.eta_max
         self.kernel_size = config.conv_kernel_size
+        self.chunk_spec = ChunkSpec(
+            chunk_size=config.chunk_size,
+            num_memories=self.num_memories,
+            memory_dim=self.memory_dim,
+            self_modifying=config.self_modifying,
+            detach_self_targets=config.self_modifying and config.detach_self_targets,
+            dgd=config.dgd,
+            retain_toward_init=config.retention and config.retain_toward_init,
+        )
         inner = self.num_heads * self.head_dim
         hidden = config.hidden_size
 
@@ -267,15 +271,17 @@ class HopeSelfModifyingTitans(nn.Module):
         chunks = list(zip(q_chunks, src_chunks, write_chunks))
         carry = (start.snapshot_in, start.snapshot_out, start.current_in, start.current_out,
                  start.snapshot_in, start.snapshot_out)
+        p = self.fast_init
+        anchors = (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
         recompute = self.config.recompute_memory_states and torch.is_grad_enabled() and len(chunks) > 1
         step = math.ceil(math.sqrt(len(chunks))) if recompute else len(chunks)
         outs = []
         for first in range(0, len(chunks), step):
             segment = chunks[first : first + step]
             if recompute:
-                o_seg, carry = checkpoint(self._scan_chunks, first, segment, carry, layout, use_reentrant=False)
+                o_seg, carry = checkpoint(self._scan_chunks, first, segment, carry, anchors, layout, use_reentrant=False)
             else:
-                o_seg, carry = self._scan_chunks(first, segment, carry, layout)
+                o_seg, carry = self._scan_chunks(first, segment, carry, anchors, layout)
             outs.append(o_seg)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         _, _, cur_a, cur_b, last_snap_a, last_snap_b = carry
@@ -288,15 +294,16 @@ class HopeSelfModifyingTitans(nn.Module):
         )
         return o, final
 
-    def _scan_chunks(self, first: int, chunks, carry, layout: "_Layout"):
+    def _scan_chunks(self, first: int, chunks, carry, anchors, layout: "_Layout"):
         """Chunks `first, first + 1, ...` (each `(q, u or generated, write)`) from `carry` = (snapshot A, B,
-        current A, B, snapshot used by each row's last chunk A, B); returns their reads and the new carry."""
+        current A, B, snapshot used by each row's last chunk A, B); returns their reads and the new carry.
+        `anchors`: the initial states that retention pulls toward (None, None without it)."""
         snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b = carry
         last_index = len(layout.chunk_bounds) - 1
         outs = []
         for c, (q_c, src, write_c) in enumerate(chunks, start=first):
             gen = self._generate(src, snap_a, snap_b) if self.config.self_modifying else src
-            o_c, cur_a, cur_b = self._chunk(q_c, gen, write_c, snap_a, snap_b, cur_a, cur_b)
+            o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, q_c, *gen, write_c, snap_a, snap_b, cur_a, cur_b, *anchors)
             outs.append(o_c)
             # remember the snapshot that a row's last (possibly partial) chunk used
             if layout.trivial:  # every row ends in the last slice
@@ -337,85 +344,330 @@ class HopeSelfModifyingTitans(nn.Module):
         pre = (z @ a).unflatten(-1, (self.num_memories, self.memory_dim))
         return pre, z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", F.silu(pre), b)
 
-    def _chunk(self, q, generated, write, snap_a, snap_b, cur_a, cur_b):
-        """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once."""
-        cfg = self.config
-        C, n, m = self.chunk_size, self.num_memories, self.memory_dim
-        p = self.fast_init
 
-        k, v, eta, log_alpha = generated
-        length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
-        eta = eta * write  # pad tokens: no write ...
-        log_alpha = log_alpha * write  # ... and no decay
+# ---------------------------------------------------------------------------------------------------- chunk step
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What the chunk step needs to know of the config (hashable, so that `torch.compile` can guard on it)."""
 
-        # self-generated targets (Eq. 84) or, without self-modification, the value itself
-        # and the gradients of 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88); v and k share one product
-        if cfg.self_modifying:
-            pre, read = self._read_all(snap_a, snap_b, torch.cat([v, k], dim=2))
-            vhat, mk, pre = read[:, :, :length], read[:, :, length:], pre[:, :, length:]
-            if cfg.detach_self_targets:
-                vhat = vhat.detach()
-        else:
-            vhat = v.unsqueeze(-2)
-            pre, mk = self._read_all(snap_a, snap_b, k)
-        h = F.silu(pre)  # (R,H,C,n,m)
-        e = mk - vhat  # (R,H,C,n,d)
-        dpre = silu_grad(pre)
-        delta = torch.einsum("rhcnd,rhnmd->rhcnm", e, snap_b) * dpre
+    chunk_size: int
+    num_memories: int
+    memory_dim: int
+    self_modifying: bool
+    detach_self_targets: bool
+    dgd: bool
+    retain_toward_init: bool
 
-        # step sizes: DGD's curvature normalisation, and by the C gradients taken at one snapshot
-        eta_n = eta.unsqueeze(-1)
-        eta1 = eta_n / (1 + C * eta_n * h.pow(2).sum(-1))
-        col_norms = snap_b.pow(2).sum(-1)  # |W1_s[:, j]|^2: (R,H,n,m)
-        eta2 = eta_n / (1 + C * eta_n * (dpre.pow(2) * col_norms.unsqueeze(2)).sum(-1))
 
-        # decays in log space: gamma_t = prod_{i<=t} alpha_i
-        g = torch.cumsum(log_alpha, dim=-1)  # (R,H,C)
-        g_prev = g - log_alpha
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
-        decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,C,C) i<t
-        g_end = g[..., -1:]
-        to_end = torch.exp(g_end - g)  # gamma_C / gamma_i
+def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b,
+                  keep: bool = False):
+    """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once (Eq. 84-91).
 
-        retain_to_init = cfg.retention and cfg.retain_toward_init
-        anchor_a = fp32(p.init_in) if retain_to_init else None
-        anchor_b = fp32(p.init_out) if retain_to_init else None
+    q, k, v: (R, H, L, d); eta, log_alpha: (R, H, L); write: (R, 1, L) (1 = real token); snapshot and current
+    weights A (R, H, d, n*m) and B (R, H, n, m, d); anchors (the initial states, H-shaped) or None. Returns the reads
+    o (R, H, L, d) and the weights after the chunk; with `keep`, also every intermediate (`chunk_backward` uses them).
+    Differentiable with autograd (the reference for `chunk_backward`); the model calls it through `ChunkStep`.
+    """
+    C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
+    length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
+    eta = eta * write  # pad tokens: no write ...
+    log_alpha = log_alpha * write  # ... and no decay
 
-        # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
-        x0 = cur_a - anchor_a if retain_to_init else cur_a
-        force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,C,n*m)
-        if cfg.dgd:
-            eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
-            if retain_to_init:
-                force = force - eta_p.unsqueeze(-1) * (k @ anchor_a)
-            rhs = force - (eta_p * torch.exp(g_prev)).unsqueeze(-1) * (k @ x0)
-            lower = eta_p.unsqueeze(-1) * decay * (k @ k.transpose(-1, -2))
-            r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
-        else:
-            r = force
-        a_end = torch.exp(g_end).unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (to_end.unsqueeze(-1) * r)
+    # self-generated targets (Eq. 84) or, without self-modification, the value itself; the gradients of
+    # 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88). v and k share one product.
+    z = torch.cat([v, k], dim=2) if spec.self_modifying else k
+    pre_all = (z @ snap_a).unflatten(-1, (n, m))  # (R,H,2L or L,n,m)
+    sig_all = torch.sigmoid(pre_all)
+    h_all = pre_all * sig_all  # silu
+    read = z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", h_all, snap_b)
+    if spec.self_modifying:
+        vhat, mk, pre, h = read[:, :, :length], read[:, :, length:], pre_all[:, :, length:], h_all[:, :, length:]
+        sig = sig_all[:, :, length:]
+        if spec.detach_self_targets:
+            vhat = vhat.detach()
+    else:
+        vhat, mk, pre, h, sig = v.unsqueeze(-2), read, pre_all, h_all, sig_all
+    e = mk - vhat  # (R,H,L,n,d)
+    dpre = torch.addcmul(sig, h, 1 - sig)  # silu'(pre) = sig + silu(pre) (1 - sig)
+    b_e = torch.einsum("rhcnd,rhnmd->rhcnm", e, snap_b)
+    delta = b_e * dpre
 
-        # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
-        y0 = cur_b - anchor_b if retain_to_init else cur_b
-        weighted_h = h * (eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
-        b_end = torch.exp(g_end).unsqueeze(-1).unsqueeze(-1) * y0 - torch.einsum("rhcnm,rhcnd->rhnmd", weighted_h, e)
+    # step sizes: DGD's curvature normalisation, and by the C gradients taken at one snapshot
+    eta_n = eta.unsqueeze(-1)
+    h_sq = h.pow(2).sum(-1)
+    eta1 = eta_n / (1 + C * eta_n * h_sq)
+    col_norms = snap_b.pow(2).sum(-1)  # |W1_s[:, j]|^2: (R,H,n,m)
+    dpre_sq = dpre.pow(2)
+    curv = (dpre_sq * col_norms.unsqueeze(2)).sum(-1)
+    eta2 = eta_n / (1 + C * eta_n * curv)
 
-        # ---- read the output memory at the per-token state (Eq. 86, read before write)
-        sl_o = slice((n - 1) * m, n * m)
-        qk = (q @ k.transpose(-1, -2)) * decay
-        pre_q = torch.exp(g_prev).unsqueeze(-1) * (q @ x0[..., sl_o]) + qk @ r[..., sl_o]
-        if retain_to_init:
-            pre_q = pre_q + q @ anchor_a[..., sl_o]
-        s = F.silu(pre_q)  # (R,H,C,m)
-        sh = (s @ h[..., -1, :].transpose(-1, -2)) * decay * eta1[..., -1].unsqueeze(-2)
-        o = q + torch.exp(g_prev).unsqueeze(-1) * (s @ y0[:, :, -1]) - sh @ e[..., -1, :]
-        if retain_to_init:
-            o = o + s @ anchor_b[:, -1]
+    # decays in log space: gamma_t = prod_{i<=t} alpha_i
+    g = torch.cumsum(log_alpha, dim=-1)  # (R,H,L)
+    g_prev = g - log_alpha
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
+    decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,L,L) i<t
+    g_end = g[..., -1:]
+    to_end = torch.exp(g_end - g)  # gamma_L / gamma_i
+    e_prev, e_end = torch.exp(g_prev), torch.exp(g_end)
 
-        if retain_to_init:
-            a_end = a_end + anchor_a
-            b_end = b_end + anchor_b
+    # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
+    x0 = cur_a - anchor_a if spec.retain_toward_init else cur_a
+    force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,L,n*m)
+    eta_p = k_anchor = k_x0 = kk = lower = None
+    if spec.dgd:
+        eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
+        if spec.retain_toward_init:
+            k_anchor = k @ anchor_a
+            force = force - eta_p.unsqueeze(-1) * k_anchor
+        k_x0 = k @ x0
+        rhs = force - (eta_p * e_prev).unsqueeze(-1) * k_x0
+        kk = k @ k.transpose(-1, -2)
+        lower = eta_p.unsqueeze(-1) * decay * kk
+        r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
+    else:
+        r = force
+    a_end = e_end.unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (to_end.unsqueeze(-1) * r)
+
+    # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
+    y0 = cur_b - anchor_b if spec.retain_toward_init else cur_b
+    weighted_h = h * (eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
+    b_end = e_end.unsqueeze(-1).unsqueeze(-1) * y0 - torch.einsum("rhcnm,rhcnd->rhnmd", weighted_h, e)
+
+    # ---- read the output memory at the per-token state (Eq. 86, read before write)
+    sl_o = slice((n - 1) * m, n * m)
+    qk_raw = q @ k.transpose(-1, -2)
+    qk = qk_raw * decay
+    q_x0 = q @ x0[..., sl_o]
+    pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
+    if spec.retain_toward_init:
+        pre_q = pre_q + q @ anchor_a[..., sl_o]
+    s = F.silu(pre_q)  # (R,H,L,m)
+    sh_raw = s @ h[..., -1, :].transpose(-1, -2)
+    sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
+    s_y0 = s @ y0[:, :, -1]
+    o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
+    if spec.retain_toward_init:
+        o = o + s @ anchor_b[:, -1]
+        a_end = a_end + anchor_a
+        b_end = b_end + anchor_b
+    if not keep:
         return o, a_end, b_end
+    # everything chunk_backward reads, except x0 and y0 (weight-sized, and one subtraction away from the inputs)
+    saved = dict(eta=eta, z=z, pre_all=pre_all, sig_all=sig_all, h_all=h_all, pre=pre, sig=sig, h=h, e=e, dpre=dpre, b_e=b_e, delta=delta,
+                 h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2, decay=decay,
+                 to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0, kk=kk,
+                 lower=lower, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
+                 sh_raw=sh_raw, sh=sh, s_y0=s_y0)
+    return o, a_end, b_end, saved
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a (R, H, ...) gradient over the batch rows of an (H, ...) anchor."""
+    return grad.sum(0) if grad.dim() > like.dim() else grad
+
+
+def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
+    """The vector-Jacobian product of `chunk_forward`, written out (same numbers as autograd through it, tested).
+
+    `inputs` are the forward's tensors, `t` its intermediates (`keep=True`), `d_*` the gradients of its outputs.
+    Returns the gradients of (q, k, v, eta, log_alpha, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b).
+    """
+    q, k, v, eta_in, log_alpha_in, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b = inputs
+    C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
+    length = q.shape[2]
+    retain = spec.retain_toward_init
+    sl_o = slice((n - 1) * m, n * m)
+    eta, h, e, decay, eta1, s, r = t["eta"], t["h"], t["e"], t["decay"], t["eta1"], t["s"], t["r"]
+    e_prev, e_end, to_end = t["e_prev"], t["e_end"], t["to_end"]
+    x0 = cur_a - anchor_a if retain else cur_a
+    y0 = cur_b - anchor_b if retain else cur_b
+    d_o = d_o if d_o is not None else torch.zeros_like(q)
+    d_a_end = d_a_end if d_a_end is not None else torch.zeros_like(cur_a)
+    d_b_end = d_b_end if d_b_end is not None else torch.zeros_like(cur_b)
+    tr = lambda x: x.transpose(-1, -2)  # noqa: E731
+    # Every use of a (t, i) matrix below is multiplied by `decay`, zero for i >= t: no causal mask is needed.
+    # d_log_decay: the gradient of the exponent of decay, i.e. of decay times decay.
+
+    # ---- the output read: o = q + e_prev * (s @ y0_o) - sh @ e_o (+ s @ anchor_b_o); "_o": the output memory's
+    # slices, added into the full gradients further down
+    d_q = d_o.clone()
+    d_o_prev = e_prev.unsqueeze(-1) * d_o
+    d_s = d_o_prev @ tr(y0[:, :, -1])
+    d_y0_o = tr(s) @ d_o_prev
+    d_g_prev = (d_o * t["s_y0"]).sum(-1) * e_prev
+    if retain:
+        d_s = d_s + d_o @ tr(anchor_b[:, -1])
+        d_anchor_b_o = _sum_to(tr(s) @ d_o, anchor_b[:, -1])
+    d_sh = -(d_o @ tr(e[..., -1, :]))
+    d_e_o = -(tr(t["sh"]) @ d_o)
+    d_sh = d_sh * decay
+    d_sh_raw = d_sh * eta1[..., -1].unsqueeze(-2)
+    d_log_decay = d_sh_raw * t["sh_raw"]
+    d_eta1_o = (d_sh * t["sh_raw"]).sum(-2)
+    d_s = d_s + d_sh_raw @ h[..., -1, :]
+    d_h_o = tr(d_sh_raw) @ s
+    sig_q = torch.sigmoid(t["pre_q"])
+    d_pre_q = d_s * torch.addcmul(sig_q, s, 1 - sig_q)  # silu'
+    # pre_q = e_prev * (q @ x0_o) + qk @ r_o (+ q @ anchor_a_o)
+    d_pre_q_prev = e_prev.unsqueeze(-1) * d_pre_q
+    d_q = d_q + d_pre_q_prev @ tr(x0[..., sl_o])
+    d_x0_o = tr(q) @ d_pre_q_prev
+    d_g_prev = d_g_prev + (d_pre_q * t["q_x0"]).sum(-1) * e_prev
+    d_r_o = tr(t["qk"]) @ d_pre_q
+    d_qk = d_pre_q @ tr(r[..., sl_o])
+    if retain:
+        d_q = d_q + d_pre_q @ tr(anchor_a[..., sl_o])
+        d_anchor_a_o = _sum_to(tr(q) @ d_pre_q, anchor_a[..., sl_o])
+    d_qk_raw = d_qk * decay
+    d_log_decay = d_log_decay + d_qk_raw * t["qk_raw"]
+    d_q = d_q + d_qk_raw @ k
+    d_k = tr(d_qk_raw) @ q
+
+    # ---- W1: b_end = e_end * y0 - sum_c weighted_h^T e (+ anchor_b)
+    d_y0 = e_end.unsqueeze(-1).unsqueeze(-1) * d_b_end
+    d_y0[:, :, -1] += d_y0_o
+    d_g_end = (d_b_end * y0).sum((-3, -2, -1)).unsqueeze(-1) * e_end
+    d_weighted_h = torch.einsum("rhnmd,rhcnd->rhcnm", d_b_end, e)  # (minus) the gradient of weighted_h
+    d_e = torch.einsum("rhcnm,rhnmd->rhcnd", t["weighted_h"], d_b_end).neg_()
+    d_e[..., -1, :] += d_e_o
+    scale = eta1 * to_end.unsqueeze(-1)
+    d_h = d_weighted_h * scale.unsqueeze(-1).neg()
+    d_h[..., -1, :] += d_h_o
+    d_scale = (d_weighted_h * h).sum(-1).neg_()
+    d_eta1 = d_scale * to_end.unsqueeze(-1)
+    d_eta1[..., -1] += d_eta1_o
+    d_to_end = (d_scale * eta1).sum(-1)
+    d_cur_b = d_y0
+    d_anchor_a = d_anchor_b = None
+    if retain:
+        d_anchor_b = _sum_to(d_b_end - d_y0, anchor_b)
+        d_anchor_b[:, -1] += d_anchor_b_o
+
+    # ---- W2: a_end = e_end * x0 + k^T (to_end * r) (+ anchor_a), r from the UT transform
+    d_x0 = e_end.unsqueeze(-1) * d_a_end
+    d_x0[..., sl_o] += d_x0_o
+    d_g_end = d_g_end + (d_a_end * x0).sum((-2, -1)).unsqueeze(-1) * e_end
+    weighted_r = to_end.unsqueeze(-1) * r
+    d_k = d_k + weighted_r @ tr(d_a_end)
+    d_weighted_r = k @ d_a_end
+    d_r = to_end.unsqueeze(-1) * d_weighted_r
+    d_r[..., sl_o] += d_r_o
+    d_to_end = d_to_end + (d_weighted_r * r).sum(-1)
+    if retain:
+        d_anchor_a = _sum_to(d_a_end, anchor_a)
+        d_anchor_a[..., sl_o] += d_anchor_a_o
+    if spec.dgd:
+        eta_p, k_x0, kk = t["eta_p"], t["k_x0"], t["kk"]
+        d_rhs = torch.linalg.solve_triangular(tr(t["lower"]), d_r, upper=True, unitriangular=True)
+        # lower = eta_p * decay * kk; its gradient is -(d_rhs r^T), strictly lower (the factor decay sees to it)
+        neg_d_lower = (d_rhs @ tr(r)) * decay
+        d_eta_p = -(neg_d_lower * kk).sum(-1)
+        neg_d_kk = neg_d_lower * eta_p.unsqueeze(-1)
+        d_log_decay = d_log_decay - neg_d_kk * kk
+        d_k = d_k - (neg_d_kk + tr(neg_d_kk)) @ k
+        d_force = d_rhs
+        coef = eta_p * e_prev
+        d_coef = -(d_rhs * k_x0).sum(-1)
+        d_eta_p = d_eta_p + d_coef * e_prev
+        d_g_prev = d_g_prev + d_coef * coef
+        d_k_x0 = -coef.unsqueeze(-1) * d_rhs
+        d_k = d_k + d_k_x0 @ tr(x0)
+        d_x0 = d_x0 + tr(k) @ d_k_x0
+        if retain:
+            d_k_anchor = -eta_p.unsqueeze(-1) * d_force
+            d_k = d_k + d_k_anchor @ tr(anchor_a)
+            d_anchor_a = d_anchor_a + _sum_to(tr(k) @ d_k_anchor, anchor_a)
+            d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
+        # eta_p = eta / (1 + eta |k|^2)
+        den = (1 + eta * k.pow(2).sum(-1)).pow(2)
+        d_eta = d_eta_p / den
+        d_k = d_k - (2 * d_eta_p * eta.pow(2) / den).unsqueeze(-1) * k
+    else:
+        d_force = d_r
+        d_eta = torch.zeros_like(eta)
+    d_force = d_force.unflatten(-1, (n, m))
+    d_delta = -t["eta2"].unsqueeze(-1) * d_force
+    d_eta2 = -(d_force * t["delta"]).sum(-1)
+    d_cur_a = d_x0
+    if retain:
+        d_anchor_a = d_anchor_a - _sum_to(d_x0, anchor_a)
+
+    # ---- decays: decay[t, i] = exp(g_prev_t - g_i) (i < t), to_end = exp(g_end - g), g = cumsum(log_alpha)
+    d_g_prev = d_g_prev + d_log_decay.sum(-1)
+    d_g = -d_log_decay.sum(-2)
+    d_to_end = d_to_end * to_end
+    d_g_end = d_g_end + d_to_end.sum(-1, keepdim=True)
+    d_g = d_g - d_to_end
+    d_g[..., -1:] += d_g_end
+    d_g = d_g + d_g_prev
+    d_log_alpha = d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
+
+    # ---- step sizes: eta1 = eta / (1 + C eta |h|^2), eta2 = eta / (1 + C eta curv)
+    eta_n = eta.unsqueeze(-1)
+    den1 = (1 + C * eta_n * t["h_sq"]).pow(2)
+    d_eta = d_eta + (d_eta1 / den1).sum(-1)
+    d_h = d_h + (-2 * C * d_eta1 * eta_n.pow(2) / den1).unsqueeze(-1) * h
+    den2 = (1 + C * eta_n * t["curv"]).pow(2)
+    d_eta = d_eta + (d_eta2 / den2).sum(-1)
+    d_curv = -C * d_eta2 * eta_n.pow(2) / den2
+    dpre = t["dpre"]
+    d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
+    d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
+    d_snap_b = 2 * d_col.unsqueeze(-1) * snap_b
+
+    # ---- gradients at the snapshot: delta = (e B^T) * silu'(pre), e = M(k) - vhat
+    d_b_e = d_delta * dpre
+    d_dpre = d_dpre + d_delta * t["b_e"]
+    d_e = d_e + torch.einsum("rhcnm,rhnmd->rhcnd", d_b_e, snap_b)
+    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", d_b_e, e)
+    sig, pre = t["sig"], t["pre"]
+    silu_grad2 = sig * (1 - sig) * (2 + pre - 2 * h)  # silu''(pre) = sig (1 - sig) (2 + pre (1 - 2 sig))
+    d_pre = torch.addcmul(d_h * dpre, d_dpre, silu_grad2)
+
+    # ---- the reads through the snapshot: read = z + silu(z A) B
+    z, sig_all = t["z"], t["sig_all"]
+    if spec.self_modifying:
+        d_vhat = torch.zeros_like(d_e) if spec.detach_self_targets else -d_e
+        d_read = torch.cat([d_vhat, d_e], dim=2)
+    else:
+        d_read = d_e
+    d_z = d_read.sum(-2)
+    d_h_all = torch.einsum("rhcnd,rhnmd->rhcnm", d_read, snap_b)
+    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", t["h_all"], d_read)
+    d_pre_all = d_h_all * torch.addcmul(sig_all, t["h_all"], 1 - sig_all)  # silu'
+    d_pre_all[:, :, d_pre_all.shape[2] - length :] += d_pre
+    d_pre_all = d_pre_all.flatten(-2)
+    d_z = d_z + d_pre_all @ tr(snap_a)
+    d_snap_a = tr(z) @ d_pre_all
+    if spec.self_modifying:
+        d_v, d_kz = d_z[:, :, :length], d_z[:, :, length:]
+    else:
+        d_v, d_kz = -d_e.sum(-2), d_z
+    d_k = d_k + d_kz
+    return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
+            d_anchor_a, d_anchor_b)
+
+
+class ChunkStep(torch.autograd.Function):
+    """`chunk_forward` with `chunk_backward` as its backward. It keeps the chunk's inputs and the intermediates that
+    the forward computes anyway (no weight-sized copies), without autograd's graph of ~100 nodes per chunk; under
+    `recompute_memory_states` the checkpoint discards them and the recomputed forward stores them again."""
+
+    @staticmethod
+    def forward(ctx, spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b):
+        inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b)
+        o, a_end, b_end, saved = chunk_forward(spec, *inputs, keep=True)
+        ctx.spec, ctx.names = spec, list(saved)
+        ctx.save_for_backward(*inputs, *saved.values())
+        return o, a_end, b_end
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_o, d_a_end, d_b_end):
+        tensors = ctx.saved_tensors
+        inputs, saved = tensors[:12], dict(zip(ctx.names, tensors[12:]))
+        grads = chunk_backward(ctx.spec, inputs, saved, d_o, d_a_end, d_b_end)
+        return (None,) + grads[:5] + (None,) + grads[5:]  # no gradient for the spec and the write mask
 
 
 # ---------------------------------------------------------------------------------------------------- layout

@@ -326,3 +326,50 @@ def test_recomputed_states_store_far_less_for_backward():
     with torch.no_grad():  # no gradients: nothing to recompute, the plain path runs
         _, nbytes = saved_bytes(lambda: layer.forward_with_state(x)[0])
     assert nbytes == 0
+
+
+@pytest.mark.parametrize("switches", SINGLE_SWITCH_OFF + COMBOS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("length", [5, 2])  # a full chunk and a piece of one
+def test_hand_written_chunk_backward_equals_autograd(switches, length):
+    """`ChunkStep` (the chunk math with its written-out backward) against autograd through the same forward, for
+    every input the scan passes: reads, keys, values, gates, snapshot and current weights, anchors; pad positions
+    in the write mask; distinct snapshot and current weights (a chunk that a previous call began)."""
+    from hope_hf.memory_hope import ChunkStep, chunk_forward
+
+    layer = make_layer(chunk_size=5, **switches)
+    spec = layer.chunk_spec
+    H, d, n, m = 2, 4, layer.num_memories, layer.memory_dim
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
+
+    q, k, v = (rand(3, H, length, d) for _ in range(3))
+    eta = (torch.rand(3, H, length, dtype=torch.float64, generator=gen) * 0.8).requires_grad_()
+    log_alpha = (-torch.rand(3, H, length, dtype=torch.float64, generator=gen)).requires_grad_()
+    write = torch.ones(3, 1, length, dtype=torch.float64)
+    write[1, 0, 0] = 0  # a pad position
+    snap_a, cur_a = rand(3, H, d, n * m, scale=0.5), rand(3, H, d, n * m, scale=0.5)
+    snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
+    anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
+    inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, *anchors)
+    outputs_ref = chunk_forward(spec, *inputs)
+    outputs = ChunkStep.apply(spec, *inputs)
+    for got, want in zip(outputs, outputs_ref):
+        torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    ref = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs_ref)), wrt, allow_unused=True,
+                              retain_graph=True)
+    got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs)), wrt, allow_unused=True,
+                              retain_graph=True)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        r = torch.zeros_like(wrt[i]) if r is None else r
+        assert g is not None
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-10, msg=lambda msg: f"input {i}: {msg}")
+    assert any(float(r.abs().max()) > 0.1 for r in ref if r is not None)
+    # only the reads carry a gradient (the weights after the chunk are not used)
+    got_o = torch.autograd.grad((weights[0] * outputs[0]).sum(), wrt, allow_unused=True)
+    ref_o = torch.autograd.grad((weights[0] * outputs_ref[0]).sum(), wrt, allow_unused=True)
+    for g, r in zip(got_o, ref_o):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-11, rtol=1e-10)

@@ -279,7 +279,9 @@ class HopeSelfModifyingTitans(nn.Module):
         for first in range(0, len(chunks), step):
             segment = chunks[first : first + step]
             if recompute:
-                o_seg, carry = checkpoint(self._scan_chunks, first, segment, carry, anchors, layout, use_reentrant=False)
+                o_seg, carry = checkpoint(
+                    self._scan_chunks, first, segment, carry, anchors, layout, use_reentrant=False
+                )
             else:
                 o_seg, carry = self._scan_chunks(first, segment, carry, anchors, layout)
             outs.append(o_seg)
@@ -303,7 +305,9 @@ class HopeSelfModifyingTitans(nn.Module):
         outs = []
         for c, (q_c, src, write_c) in enumerate(chunks, start=first):
             gen = self._generate(src, snap_a, snap_b) if self.config.self_modifying else src
-            o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, q_c, *gen, write_c, snap_a, snap_b, cur_a, cur_b, *anchors)
+            o_c, cur_a, cur_b = ChunkStep.apply(
+                self.chunk_spec, q_c, *gen, write_c, snap_a, snap_b, cur_a, cur_b, *anchors
+            )
             outs.append(o_c)
             # remember the snapshot that a row's last (possibly partial) chunk used
             if layout.trivial:  # every row ends in the last slice
@@ -338,11 +342,6 @@ class HopeSelfModifyingTitans(nn.Module):
         else:
             log_alpha = torch.zeros_like(eta)
         return k, v, eta, log_alpha
-
-    def _read_all(self, a, b, z):
-        """All memories applied to one input z (R,H,C,d): returns pre-activations (R,H,C,n,m) and outputs (R,H,C,n,d)."""
-        pre = (z @ a).unflatten(-1, (self.num_memories, self.memory_dim))
-        return pre, z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", F.silu(pre), b)
 
 
 # ---------------------------------------------------------------------------------------------------- chunk step
@@ -453,24 +452,20 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     if not keep:
         return o, a_end, b_end
     # everything chunk_backward reads, except x0 and y0 (weight-sized, and one subtraction away from the inputs)
-    saved = dict(eta=eta, z=z, pre_all=pre_all, sig_all=sig_all, h_all=h_all, pre=pre, sig=sig, h=h, e=e, dpre=dpre, b_e=b_e, delta=delta,
-                 h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2, decay=decay,
-                 to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0, kk=kk,
-                 lower=lower, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
+    saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
+                 b_e=b_e, delta=delta, h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2,
+                 decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0,
+                 kk=kk, lower=lower, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
                  sh_raw=sh_raw, sh=sh, s_y0=s_y0)
     return o, a_end, b_end, saved
-
-
-def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a (R, H, ...) gradient over the batch rows of an (H, ...) anchor."""
-    return grad.sum(0) if grad.dim() > like.dim() else grad
 
 
 def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     """The vector-Jacobian product of `chunk_forward`, written out (same numbers as autograd through it, tested).
 
     `inputs` are the forward's tensors, `t` its intermediates (`keep=True`), `d_*` the gradients of its outputs.
-    Returns the gradients of (q, k, v, eta, log_alpha, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b).
+    Returns the gradients of (q, k, v, eta, log_alpha, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b); the
+    anchors' (H-shaped, shared by the batch rows) are summed over the rows.
     """
     q, k, v, eta_in, log_alpha_in, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b = inputs
     C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
@@ -497,7 +492,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_g_prev = (d_o * t["s_y0"]).sum(-1) * e_prev
     if retain:
         d_s = d_s + d_o @ tr(anchor_b[:, -1])
-        d_anchor_b_o = _sum_to(tr(s) @ d_o, anchor_b[:, -1])
+        d_anchor_b_o = (tr(s) @ d_o).sum(0)
     d_sh = -(d_o @ tr(e[..., -1, :]))
     d_e_o = -(tr(t["sh"]) @ d_o)
     d_sh = d_sh * decay
@@ -517,7 +512,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_qk = d_pre_q @ tr(r[..., sl_o])
     if retain:
         d_q = d_q + d_pre_q @ tr(anchor_a[..., sl_o])
-        d_anchor_a_o = _sum_to(tr(q) @ d_pre_q, anchor_a[..., sl_o])
+        d_anchor_a_o = (tr(q) @ d_pre_q).sum(0)
     d_qk_raw = d_qk * decay
     d_log_decay = d_log_decay + d_qk_raw * t["qk_raw"]
     d_q = d_q + d_qk_raw @ k
@@ -540,7 +535,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_cur_b = d_y0
     d_anchor_a = d_anchor_b = None
     if retain:
-        d_anchor_b = _sum_to(d_b_end - d_y0, anchor_b)
+        d_anchor_b = (d_b_end - d_y0).sum(0)
         d_anchor_b[:, -1] += d_anchor_b_o
 
     # ---- W2: a_end = e_end * x0 + k^T (to_end * r) (+ anchor_a), r from the UT transform
@@ -554,7 +549,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_r[..., sl_o] += d_r_o
     d_to_end = d_to_end + (d_weighted_r * r).sum(-1)
     if retain:
-        d_anchor_a = _sum_to(d_a_end, anchor_a)
+        d_anchor_a = d_a_end.sum(0)
         d_anchor_a[..., sl_o] += d_anchor_a_o
     if spec.dgd:
         eta_p, k_x0, kk = t["eta_p"], t["k_x0"], t["kk"]
@@ -576,7 +571,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
             d_k = d_k + d_k_anchor @ tr(anchor_a)
-            d_anchor_a = d_anchor_a + _sum_to(tr(k) @ d_k_anchor, anchor_a)
+            d_anchor_a = d_anchor_a + (tr(k) @ d_k_anchor).sum(0)
             d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
         # eta_p = eta / (1 + eta |k|^2)
         den = (1 + eta * k.pow(2).sum(-1)).pow(2)
@@ -590,7 +585,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_eta2 = -(d_force * t["delta"]).sum(-1)
     d_cur_a = d_x0
     if retain:
-        d_anchor_a = d_anchor_a - _sum_to(d_x0, anchor_a)
+        d_anchor_a = d_anchor_a - d_x0.sum(0)
 
     # ---- decays: decay[t, i] = exp(g_prev_t - g_i) (i < t), to_end = exp(g_end - g), g = cumsum(log_alpha)
     d_g_prev = d_g_prev + d_log_decay.sum(-1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 __all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes"]
@@ -257,9 +257,10 @@ class HopeSelfModifyingTitans(nn.Module):
         q, u: (R, H, L, d) float32; write: (R, 1, L) float (1 = real token). Returns the per-token reads
         o (R, H, L, d) and the final frame state (snapshot and current weights).
 
-        With `recompute_memory_states` and gradients on, the chunks run in about sqrt(#chunks) segments, each under
-        activation checkpointing: backward keeps the fast weights only at segment boundaries and recomputes the
-        rest, instead of holding two weight-sized tensors per chunk (numerically the same result).
+        With `recompute_memory_states` and gradients on, the chunks run in about sqrt(#chunks) segments
+        (`_RecomputedSegment`): the forward runs a segment without recording anything, backward keeps the fast
+        weights only at segment boundaries and re-runs a segment with gradients when it reaches it, instead of
+        holding the intermediates of every chunk (numerically the same result).
         """
         sizes = [hi - lo for lo, hi in layout.chunk_bounds]
         # split once (not a slice per chunk: the backward of a slice zero-fills the whole input every time)
@@ -279,9 +280,7 @@ class HopeSelfModifyingTitans(nn.Module):
         for first in range(0, len(chunks), step):
             segment = chunks[first : first + step]
             if recompute:
-                o_seg, carry = checkpoint(
-                    self._scan_chunks, first, segment, carry, anchors, layout, use_reentrant=False
-                )
+                o_seg, carry = _RecomputedSegment.run(self, first, segment, carry, anchors, layout)
             else:
                 o_seg, carry = self._scan_chunks(first, segment, carry, anchors, layout)
             outs.append(o_seg)
@@ -344,6 +343,57 @@ class HopeSelfModifyingTitans(nn.Module):
         return k, v, eta, log_alpha
 
 
+class _RecomputedSegment(torch.autograd.Function):
+    """Activation checkpointing of a run of chunks, specialised to the scan: the forward runs `_scan_chunks` under
+    `no_grad` (no graph, nothing stored but the segment's inputs); backward re-runs it with gradients and
+    differentiates it with `torch.autograd.grad`, returning the gradients of its inputs and of the layer's
+    `fast_init` parameters (passed as inputs, so that they are accumulated by the engine like any other)."""
+
+    @staticmethod
+    def run(layer, first, segment, carry, anchors, layout):
+        flat, tree = tree_flatten((segment, carry, anchors))
+        params = [p for p in layer.fast_init.parameters() if p.requires_grad]
+        outputs = _RecomputedSegment.apply(layer, first, layout, tree, len(flat), *flat, *params)
+        o, cur_a, cur_b, last_a, last_b = outputs
+        return o, (cur_a, cur_b, cur_a, cur_b, last_a, last_b)  # a segment ends on a complete chunk: snapshot = current
+
+    @staticmethod
+    def _scan(layer, first, layout, tree, flat):
+        segment, carry, anchors = tree_unflatten(list(flat), tree)
+        o, (_, _, cur_a, cur_b, last_a, last_b) = layer._scan_chunks(first, segment, carry, anchors, layout)
+        return o, cur_a, cur_b, last_a, last_b
+
+    @staticmethod
+    def forward(ctx, layer, first, layout, tree, num_flat, *tensors):
+        flat = tensors[:num_flat]
+        ctx.layer, ctx.first, ctx.layout, ctx.tree, ctx.num_flat = layer, first, layout, tree, num_flat
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outputs = _RecomputedSegment._scan(layer, first, layout, tree, flat)
+        # an output that is one of the inputs (a row's last snapshot set before this segment) must be a new tensor
+        ids = {id(t) for t in tensors if t is not None}
+        return tuple(t.clone() if id(t) in ids else t for t in outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        tensors = ctx.saved_tensors
+        flat = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors[: ctx.num_flat]]
+        params = list(tensors[ctx.num_flat :])
+        with torch.enable_grad():
+            outputs = _RecomputedSegment._scan(ctx.layer, ctx.first, ctx.layout, ctx.tree, flat)
+        wanted = [i for i, t in enumerate(flat + params) if t is not None and t.requires_grad]
+        pairs = [(out, g) for out, g in zip(outputs, grad_outputs) if g is not None and out.requires_grad]
+        grads = [None] * len(tensors)
+        if wanted and pairs:
+            found = torch.autograd.grad(
+                [out for out, _ in pairs], [(flat + params)[i] for i in wanted], [g for _, g in pairs],
+                allow_unused=True,
+            )
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        return (None, None, None, None, None, *grads)
+
+
 # ---------------------------------------------------------------------------------------------------- chunk step
 @dataclass(frozen=True)
 class ChunkSpec:
@@ -375,18 +425,18 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     # self-generated targets (Eq. 84) or, without self-modification, the value itself; the gradients of
     # 1/2 ||M_s(k) - vhat||^2 at the snapshot (Eq. 88). v and k share one product.
     z = torch.cat([v, k], dim=2) if spec.self_modifying else k
-    pre_all = (z @ snap_a).unflatten(-1, (n, m))  # (R,H,2L or L,n,m)
+    pre_all = (z @ snap_a).unflatten(-1, (n, m))  # (R,H,2L or L,n,m): v's rows first
     sig_all = torch.sigmoid(pre_all)
     h_all = pre_all * sig_all  # silu
-    read = z.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", h_all, snap_b)
-    if spec.self_modifying:
-        vhat, mk, pre, h = read[:, :, :length], read[:, :, length:], pre_all[:, :, length:], h_all[:, :, length:]
-        sig = sig_all[:, :, length:]
-        if spec.detach_self_targets:
-            vhat = vhat.detach()
-    else:
-        vhat, mk, pre, h, sig = v.unsqueeze(-2), read, pre_all, h_all, sig_all
-    e = mk - vhat  # (R,H,L,n,d)
+    first_k = pre_all.shape[2] - length
+    pre, sig, h = pre_all[:, :, first_k:], sig_all[:, :, first_k:], h_all[:, :, first_k:]  # the keys' rows
+    # M(k) - M(v) = (k - v) + (silu(k A) - silu(v A)) B: one product with B instead of two
+    h_e = h - h_all[:, :, :length] if spec.self_modifying else h
+    e = torch.einsum("rhcnm,rhnmd->rhcnd", h_e, snap_b) + (k - v).unsqueeze(-2)  # (R,H,L,n,d)
+    if spec.self_modifying and spec.detach_self_targets:  # same values; the gradient reaches e through M(k) only
+        mk = k.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", h, snap_b)
+        e = e.detach() + (mk - mk.detach())
+        h_e = h  # the hidden activations whose product with B reaches e with a gradient
     dpre = torch.addcmul(sig, h, 1 - sig)  # silu'(pre) = sig + silu(pre) (1 - sig)
     b_e = torch.einsum("rhcnd,rhnmd->rhcnm", e, snap_b)
     delta = b_e * dpre
@@ -452,7 +502,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     if not keep:
         return o, a_end, b_end
     # everything chunk_backward reads, except x0 and y0 (weight-sized, and one subtraction away from the inputs)
-    saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
+    saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, h_e=h_e, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
                  b_e=b_e, delta=delta, h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2,
                  decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0,
                  kk=kk, lower=lower, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
@@ -619,26 +669,26 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     silu_grad2 = sig * (1 - sig) * (2 + pre - 2 * h)  # silu''(pre) = sig (1 - sig) (2 + pre (1 - 2 sig))
     d_pre = torch.addcmul(d_h * dpre, d_dpre, silu_grad2)
 
-    # ---- the reads through the snapshot: read = z + silu(z A) B
-    z, sig_all = t["z"], t["sig_all"]
-    if spec.self_modifying:
-        d_vhat = torch.zeros_like(d_e) if spec.detach_self_targets else -d_e
-        d_read = torch.cat([d_vhat, d_e], dim=2)
+    # ---- the reads through the snapshot: e = (k - v) + (silu(k A) - silu(v A)) B (v's read absent without
+    # self-modification, and gradient-free with detached targets)
+    z, sig_all, h_all = t["z"], t["sig_all"], t["h_all"]
+    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", t["h_e"], d_e)
+    d_h_e = torch.einsum("rhcnd,rhnmd->rhcnm", d_e, snap_b)
+    d_e_sum = d_e.sum(-2)
+    if not spec.self_modifying:
+        d_h_all, d_v = d_h_e, -d_e_sum
+    elif spec.detach_self_targets:
+        d_h_all, d_v = torch.cat([torch.zeros_like(d_h_e), d_h_e], dim=2), torch.zeros_like(v)
     else:
-        d_read = d_e
-    d_z = d_read.sum(-2)
-    d_h_all = torch.einsum("rhcnd,rhnmd->rhcnm", d_read, snap_b)
-    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", t["h_all"], d_read)
-    d_pre_all = d_h_all * torch.addcmul(sig_all, t["h_all"], 1 - sig_all)  # silu'
+        d_h_all, d_v = torch.cat([-d_h_e, d_h_e], dim=2), -d_e_sum
+    d_pre_all = d_h_all * torch.addcmul(sig_all, h_all, 1 - sig_all)  # silu'
     d_pre_all[:, :, d_pre_all.shape[2] - length :] += d_pre
     d_pre_all = d_pre_all.flatten(-2)
-    d_z = d_z + d_pre_all @ tr(snap_a)
+    d_z = d_pre_all @ tr(snap_a)
     d_snap_a = tr(z) @ d_pre_all
+    d_k = d_k + d_e_sum + d_z[:, :, d_z.shape[2] - length :]
     if spec.self_modifying:
-        d_v, d_kz = d_z[:, :, :length], d_z[:, :, length:]
-    else:
-        d_v, d_kz = -d_e.sum(-2), d_z
-    d_k = d_k + d_kz
+        d_v = d_v + d_z[:, :, :length]
     return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
             d_anchor_a, d_anchor_b)
 

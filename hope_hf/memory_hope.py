@@ -350,6 +350,7 @@ class _RecomputedSegment(torch.autograd.Function):
     `fast_init` parameters (passed as inputs, so that they are accumulated by the engine like any other)."""
 
     @staticmethod
+    @torch.compiler.disable  # run eagerly inside a compiled model: the segment re-runs itself in backward anyway
     def run(layer, first, segment, carry, anchors, layout):
         flat, tree = tree_flatten((segment, carry, anchors))
         params = [p for p in layer.fast_init.parameters() if p.requires_grad]
@@ -696,7 +697,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
 class ChunkStep(torch.autograd.Function):
     """`chunk_forward` with `chunk_backward` as its backward. It keeps the chunk's inputs and the intermediates that
     the forward computes anyway (no weight-sized copies), without autograd's graph of ~100 nodes per chunk; under
-    `recompute_memory_states` the checkpoint discards them and the recomputed forward stores them again."""
+    `recompute_memory_states` the first pass runs without gradients (nothing kept) and the pass that backward repeats
+    keeps them for one segment at a time."""
 
     @staticmethod
     def forward(ctx, spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b):

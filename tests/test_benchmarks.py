@@ -78,3 +78,15 @@ def test_memory_layer_and_decode_quick(tmp_path):
     layer = run_quick("memory_layer.py", tmp_path)
     decode = run_quick("decode.py", tmp_path)
     assert layer["rows"] and decode
+
+
+def test_layer_versions_quick(tmp_path):
+    """The before/after benchmark of `memory_hope.py` loads two copies of the module and times both, recomputation
+    off and on; a bad revision is a clear error, not a traceback."""
+    report = run_quick("layer_versions.py", tmp_path)
+    assert [r["recompute_memory_states"] for r in report["rows"]] == [False, True]
+    for row in report["rows"]:
+        assert row["baseline_step_seconds"] > 0 and row["current_step_seconds"] > 0 and row["step_speedup"] > 0
+    proc = subprocess.run([sys.executable, "layer_versions.py", "--baseline", "no-such-revision", "--json", ""],
+                          cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--baseline 'no-such-revision'" in proc.stderr

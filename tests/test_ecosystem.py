@@ -122,6 +122,25 @@ def test_torch_compile_traces_the_forward_pass():
         assert torch.equal(compiled(ids, use_cache=False).logits, expected)
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute_memory_states", "stored_states"])
+def test_torch_compile_trains_with_the_same_gradients(recompute):
+    """A compiled training step (backend "eager") gives the eager loss and gradients, with the memory scan's
+    recomputed segments (run eagerly inside the compiled model) and without them."""
+    torch._dynamo.reset()
+    model, _ = _byte_model("linear", num_hidden_layers=1, recompute_memory_states=recompute)
+    ids = torch.randint(3, 259, (2, 30))  # eight chunks of 4 (the last partial): segments of 3, 3 and 2
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="eager")
+    compiled_loss = compiled(input_ids=ids, labels=ids).loss
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_runs_the_forward_pass():
     """`torch.compile(model)` with the default backend (inductor, a C++ build on a CPU: minutes on 2 cores)."""

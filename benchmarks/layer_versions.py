@@ -1,0 +1,126 @@
+"""Two versions of the self-modifying Titans layer side by side: is a change to `memory_hope.py` faster?
+
+Loads `hope_hf/memory_hope.py` as it is now and as it was at a git revision (or from a file), builds the same layer
+from both with the same seed, and times forward and forward + backward of `out.sum()` with recomputation off and
+on, the two versions interleaved in one process so that they share the machine's state. Times are this process's
+CPU time (one torch thread by default), so other jobs on the machine count less; the median of the repeats is kept.
+
+    python benchmarks/layer_versions.py --baseline 271fd4f            # width 128 (tiny), 4 x 2048
+    python benchmarks/layer_versions.py --baseline HEAD~1 --hidden 512 --heads 8 --batch 1
+    python benchmarks/layer_versions.py --quick                      # seconds: what CI runs (the file against itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from _report import save_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CURRENT = os.path.join(ROOT, "hope_hf", "memory_hope.py")
+
+
+def load_module(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_source(args) -> tuple[str, str]:
+    """(path of the baseline memory_hope.py, its label)."""
+    if args.baseline_file:
+        return args.baseline_file, args.baseline_file
+    try:
+        text = subprocess.run(["git", "show", f"{args.baseline}:hope_hf/memory_hope.py"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"--baseline {args.baseline!r}: cannot read hope_hf/memory_hope.py from git ({err})")
+    handle = tempfile.NamedTemporaryFile("w", suffix="_memory_hope.py", delete=False)
+    with handle:
+        handle.write(text)
+    return handle.name, args.baseline
+
+
+def step_times(layer, x) -> tuple[float, float]:
+    x.grad = None
+    start = time.process_time()
+    out, _ = layer.forward_with_state(x)
+    mid = time.process_time()
+    out.sum().backward()
+    layer.zero_grad(set_to_none=True)
+    return mid - start, time.process_time() - start
+
+
+def measure(args) -> list[dict]:
+    from hope_hf import HopeConfig
+
+    path, label = baseline_source(args)
+    versions = {"baseline": load_module("baseline_memory_hope", path),
+                "current": load_module("current_memory_hope", CURRENT)}
+    x = torch.randn(args.batch, args.length, args.hidden, requires_grad=True)
+    rows = []
+    print(f"baseline: {label}; width {args.hidden}, {args.heads} heads, {args.batch} x {args.length}, "
+          f"chunk {args.chunk_size}")
+    print(f"{'recompute':>9} | {'baseline fwd':>12} {'step':>7} | {'current fwd':>11} {'step':>7} | "
+          f"{'step speed-up':>13}")
+    for recompute in (False, True):
+        config = HopeConfig(vocab_size=128, hidden_size=args.hidden, num_attention_heads=args.heads,
+                            num_hidden_layers=1, chunk_size=args.chunk_size, recompute_memory_states=recompute)
+        layers = {}
+        for name, module in versions.items():
+            torch.manual_seed(0)
+            layers[name] = module.HopeSelfModifyingTitans(config, 0)
+            layers[name].init_memory_weights()
+        times = {name: [] for name in layers}
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for name, layer in layers.items():
+                measured = step_times(layer, x)
+                if repeat:
+                    times[name].append(measured)
+        median = {name: (statistics.median(f for f, _ in t), statistics.median(s for _, s in t))
+                  for name, t in times.items()}
+        row = {"recompute_memory_states": recompute, "step_speedup": median["baseline"][1] / median["current"][1]}
+        for name, (forward, step) in median.items():
+            row[f"{name}_forward_seconds"], row[f"{name}_step_seconds"] = forward, step
+        rows.append(row)
+        print(f"{str(recompute):>9} | {median['baseline'][0]:>12.3f} {median['baseline'][1]:>7.3f} | "
+              f"{median['current'][0]:>11.3f} {median['current'][1]:>7.3f} | {row['step_speedup']:>12.2f}x")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="HEAD", help="git revision of the baseline (default: HEAD)")
+    parser.add_argument("--baseline-file", help="a memory_hope.py file to compare against instead of a git revision")
+    parser.add_argument("--hidden", type=int, default=128, help="width (default: 128, the tiny preset's)")
+    parser.add_argument("--heads", type=int, default=4, help="heads (default: 4)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences (default: 4)")
+    parser.add_argument("--length", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    parser.add_argument("--chunk-size", type=int, default=16, help="chunk size (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up; the median is kept")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, the current file against itself")
+    parser.add_argument("--json", default="benchmarks/results/layer_versions.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    for name in ("hidden", "heads", "batch", "length", "chunk_size", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.hidden, args.heads, args.batch, args.length, args.repeats = 32, 2, 1, 64, 1
+        args.baseline_file = args.baseline_file or CURRENT
+    return save_report(args, rows=measure(args))
+
+
+if __name__ == "__main__":
+    main()

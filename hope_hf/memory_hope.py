@@ -237,7 +237,10 @@ class HopeSelfModifyingTitans(nn.Module):
 
         init = self.initial_state(layout.num_rows, hidden_states.device)
         start = layout.frame_state(state, init)
-        o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+        # the fast weights stay in float32 under autocast too: the memory math opts out of it (and so the forward,
+        # the written-out backward and its recomputation all see the same dtypes)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
         o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
         o = o.view(bsz, seq_len, self.num_heads, self.head_dim)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)

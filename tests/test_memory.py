@@ -223,6 +223,28 @@ def test_reduced_precision_keeps_fast_weights_in_float32():
     assert rel < 0.05
 
 
+@pytest.mark.parametrize("switches", [{}, {"self_modifying": False}], ids=["self_modifying", "titans"])
+def test_autocast_training_keeps_the_memory_in_float32(switches):
+    """Under bf16 autocast (what `Trainer(bf16=True)` turns on) the memory math opts out: the fast weights stay
+    float32, and a training step gives the same loss and gradients with and without recomputation (the written-out
+    backward and the recomputed pass see the forward's dtypes)."""
+    results = []
+    for recompute in (False, True):
+        layer = make_layer(dtype=torch.float32, chunk_size=3, recompute_memory_states=recompute, **switches)
+        x = torch.randn(2, 20, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state = layer.forward_with_state(x)
+        assert state.current_in.dtype == torch.float32 and state.snapshot_out.dtype == torch.float32
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        results.append((out.detach().float(), grads))
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, atol=0, rtol=0)
+    for new, old in zip(g1, g0):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-4)
+
+
 def test_long_stream_is_stable_and_alive():
     """65,536 tokens through the tiny preset's Titans layer with eta saturated at eta_max = 1: i.i.d., cyclic and
     constant token streams (one batch row each) stay finite, bounded and alive."""

@@ -530,9 +530,6 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     e_prev, e_end, to_end = t["e_prev"], t["e_end"], t["to_end"]
     x0 = cur_a - anchor_a if retain else cur_a
     y0 = cur_b - anchor_b if retain else cur_b
-    d_o = d_o if d_o is not None else torch.zeros_like(q)
-    d_a_end = d_a_end if d_a_end is not None else torch.zeros_like(cur_a)
-    d_b_end = d_b_end if d_b_end is not None else torch.zeros_like(cur_b)
     tr = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Every use of a (t, i) matrix below is multiplied by `decay`, zero for i >= t: no causal mask is needed.
     # d_log_decay: the gradient of the exponent of decay, i.e. of decay times decay.

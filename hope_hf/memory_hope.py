@@ -226,6 +226,9 @@ class HopeSelfModifyingTitans(nn.Module):
             raise ValueError(f"state holds {state.batch_size} sequences but hidden_states has batch size {bsz}")
         real = _real_token_mask(attention_mask, bsz, seq_len, hidden_states.device)
         starts = _document_starts(position_ids, real)
+        if seq_len == 1:
+            return self._forward_token(hidden_states, real[:, 0], starts[:, 0] if position_ids is not None else None,
+                                       state)
         layout = _Layout(real, starts, state.chunk_pos, self.chunk_size, self.kernel_size)
 
         q_in = self.q_proj(hidden_states)
@@ -249,11 +252,65 @@ class HopeSelfModifyingTitans(nn.Module):
         new_state = layout.row_state(state, final, conv_q, conv_u)
         return out, new_state
 
+    def _forward_token(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
+        """One token per row (decoding): the chunk step on a one-token piece, without the chunk frame.
+
+        Same numbers as the general path (tested): a pad token (`real` False) reads nothing (output 0) and leaves the
+        row's state as it was; a real token whose position id is 0 (`start`; None: no position ids) starts from the
+        initial state. No host synchronisation, and a fixed number of kernels per token.
+        """
+        bsz = hidden_states.shape[0]
+        if start is not None:  # a new document: the fresh state, empty convolution history
+            init = self.initial_state(bsz, hidden_states.device)
+            state = TitansState(**{
+                name: torch.where(start.view((-1,) + (1,) * (old.dim() - 1)), fresh, old)
+                for (name, old), fresh in zip(state.tensors().items(), init.tensors().values())
+            })
+        q, conv_q = _token_conv(self.q_proj(hidden_states), self.q_conv.weight, state.conv_q)
+        u, conv_u = _token_conv(self.u_proj(hidden_states), self.u_conv.weight, state.conv_u)
+        q = l2norm(fp32(self._heads(F.silu(q))))  # (B, H, 1, d)
+        u = fp32(self._heads(F.silu(u)))
+        write = real.to(q.dtype).view(bsz, 1, 1)
+        snap_a, snap_b = state.snapshot_in, state.snapshot_out
+        p = self.fast_init
+        anchors = (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            gen = self._generate(u, snap_a, snap_b) if self.config.self_modifying else self._generate(u, None, None)
+            inputs = (q, *gen, write, snap_a, snap_b, state.current_in, state.current_out, *anchors)
+            if torch.is_grad_enabled():
+                o, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, *inputs)
+            else:  # decoding: nothing to keep for a backward
+                o, cur_a, cur_b = chunk_forward(self.chunk_spec, *inputs)
+        pos = state.chunk_pos + real.long()
+        complete = pos == self.chunk_size  # the chunk is complete: its end is the next snapshot
+        keep = (~real).view(-1, 1, 1, 1)
+        cur_a = torch.where(keep, state.current_in, cur_a)
+        cur_b = torch.where(keep.unsqueeze(-1), state.current_out, cur_b)
+        new_state = TitansState(
+            snapshot_in=torch.where(complete.view(-1, 1, 1, 1), cur_a, snap_a),
+            snapshot_out=torch.where(complete.view(-1, 1, 1, 1, 1), cur_b, snap_b),
+            current_in=cur_a,
+            current_out=cur_b,
+            chunk_pos=torch.where(complete, 0, pos),
+            conv_q=torch.where(real.view(-1, 1, 1), conv_q, state.conv_q),
+            conv_u=torch.where(real.view(-1, 1, 1), conv_u, state.conv_u),
+        )
+        o = o.transpose(1, 2)  # (B, 1, H, d)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)
+        o = o * write.view(bsz, 1, 1, 1)
+        gate = F.silu(self.g_proj(hidden_states)).view(bsz, 1, self.num_heads, self.head_dim)
+        out = self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, 1, -1))
+        return out, new_state
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape
         return x.view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     # ------------------------------------------------------------------------------------------------ memory math
+    # Eager inside a compiled model: the scan is a loop of written-out chunk steps (`ChunkStep`) and recomputed
+    # segments. Dynamo crashed recompiling the segments (torch 2.13), and Inductor failed to build a Triton kernel
+    # for the unrolled scan's backward on an H200 (torch 2.11, Triton 3.6: "PassManager::run failed").
+    @torch.compiler.disable
     def _memory_scan(self, q, u, write, start: TitansState, layout: "_Layout"):
         """Chunk-parallel scan over the frame (Eq. 90-91): a loop over chunks, never over tokens.
 
@@ -353,7 +410,6 @@ class _RecomputedSegment(torch.autograd.Function):
     `fast_init` parameters (passed as inputs, so that they are accumulated by the engine like any other)."""
 
     @staticmethod
-    @torch.compiler.disable  # run eagerly inside a compiled model: the segment re-runs itself in backward anyway
     def run(layer, first, segment, carry, anchors, layout):
         flat, tree = tree_flatten((segment, carry, anchors))
         params = [p for p in layer.fast_init.parameters() if p.requires_grad]
@@ -455,13 +511,19 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     eta2 = eta_n / (1 + C * eta_n * curv)
 
     # decays in log space: gamma_t = prod_{i<=t} alpha_i
-    g = torch.cumsum(log_alpha, dim=-1)  # (R,H,L)
-    g_prev = g - log_alpha
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
-    decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,L,L) i<t
-    g_end = g[..., -1:]
-    to_end = torch.exp(g_end - g)  # gamma_L / gamma_i
-    e_prev, e_end = torch.exp(g_prev), torch.exp(g_end)
+    # One token with nothing kept (decoding): no pair i < t inside the piece, so the decay matrix, the triangular
+    # solve and the in-piece read terms vanish exactly (gamma_0 = 1, gamma_L / gamma_1 = 1); skip them.
+    single = length == 1 and not keep
+    if single:
+        e_end = torch.exp(log_alpha)  # (R,H,1)
+    else:
+        g = torch.cumsum(log_alpha, dim=-1)  # (R,H,L)
+        g_prev = g - log_alpha
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
+        decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))  # (R,H,L,L) i<t
+        g_end = g[..., -1:]
+        to_end = torch.exp(g_end - g)  # gamma_L / gamma_i
+        e_prev, e_end = torch.exp(g_prev), torch.exp(g_end)
 
     # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
     x0 = cur_a - anchor_a if spec.retain_toward_init else cur_a
@@ -473,32 +535,41 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
             k_anchor = k @ anchor_a
             force = force - eta_p.unsqueeze(-1) * k_anchor
         k_x0 = k @ x0
-        rhs = force - (eta_p * e_prev).unsqueeze(-1) * k_x0
-        kk = k @ k.transpose(-1, -2)
-        lower = eta_p.unsqueeze(-1) * decay * kk
-        r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
+        if single:
+            r = force - eta_p.unsqueeze(-1) * k_x0
+        else:
+            rhs = force - (eta_p * e_prev).unsqueeze(-1) * k_x0
+            kk = k @ k.transpose(-1, -2)
+            lower = eta_p.unsqueeze(-1) * decay * kk
+            r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
     else:
         r = force
-    a_end = e_end.unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (to_end.unsqueeze(-1) * r)
+    a_end = e_end.unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (r if single else to_end.unsqueeze(-1) * r)
 
     # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
     y0 = cur_b - anchor_b if spec.retain_toward_init else cur_b
-    weighted_h = h * (eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
+    weighted_h = h * (eta1 if single else eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
     b_end = e_end.unsqueeze(-1).unsqueeze(-1) * y0 - torch.einsum("rhcnm,rhcnd->rhnmd", weighted_h, e)
 
     # ---- read the output memory at the per-token state (Eq. 86, read before write)
     sl_o = slice((n - 1) * m, n * m)
-    qk_raw = q @ k.transpose(-1, -2)
-    qk = qk_raw * decay
     q_x0 = q @ x0[..., sl_o]
-    pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
+    if single:
+        pre_q = q_x0
+    else:
+        qk_raw = q @ k.transpose(-1, -2)
+        qk = qk_raw * decay
+        pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
     if spec.retain_toward_init:
         pre_q = pre_q + q @ anchor_a[..., sl_o]
     s = F.silu(pre_q)  # (R,H,L,m)
-    sh_raw = s @ h[..., -1, :].transpose(-1, -2)
-    sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
     s_y0 = s @ y0[:, :, -1]
-    o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
+    if single:
+        o = q + s_y0
+    else:
+        sh_raw = s @ h[..., -1, :].transpose(-1, -2)
+        sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
+        o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
     if spec.retain_toward_init:
         o = o + s @ anchor_b[:, -1]
         a_end = a_end + anchor_a
@@ -718,6 +789,14 @@ class ChunkStep(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------- layout
+def _token_conv(x, weight, tail):
+    """The causal depthwise convolution of one token per row: x (B, 1, ch), tail (B, K-1, ch) the previous inputs.
+    Returns the output (B, 1, ch) and the new tail."""
+    seq = torch.cat([tail.to(x.dtype), x], dim=1)  # (B, K, ch)
+    y = torch.einsum("bkc,ck->bc", seq, weight.to(x.dtype)[:, 0]).unsqueeze(1)
+    return y, seq[:, 1:]
+
+
 def _real_token_mask(attention_mask, bsz, seq_len, device) -> torch.Tensor:
     if attention_mask is None:
         return torch.ones(bsz, seq_len, dtype=torch.bool, device=device)

@@ -79,7 +79,7 @@ def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | N
 
 # ---------------------------------------------------------------------------------------------------- building blocks
 class HopeRMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back (as Llama's)."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (float64 for a float64 model) and cast back."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -88,7 +88,7 @@ class HopeRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
+        x = hidden_states.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(dtype)
 

@@ -90,3 +90,21 @@ def test_layer_versions_quick(tmp_path):
     proc = subprocess.run([sys.executable, "layer_versions.py", "--baseline", "no-such-revision", "--json", ""],
                           cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--baseline 'no-such-revision'" in proc.stderr
+
+
+def test_gpu_script_quick_on_a_cpu(tmp_path):
+    """The GPU script's sections run end to end at CPU sizes (the compile sections are skipped there): the device
+    correctness check passes, both models train, and decoding with the current file as the baseline layer gives
+    the same logits."""
+    current = str(ROOT / "hope_hf" / "memory_hope.py")
+    report = run_quick("gpu.py", tmp_path, "--device", "cpu", "--baseline-memory", current)
+    results = report["results"]
+    assert not report["errors"], report["errors"]
+    assert results["correctness"]["passed"] is True
+    assert {(r["model"], r["length"]) for r in results["training"]} == {("hope", 64), ("llama", 64)}
+    assert all(r["tokens_per_second"] > 0 and r["flops_per_token"] > 0 for r in results["training"])
+    for row in results["decode"]:
+        assert row["hope_ms_per_token"] > 0 and row["llama_ms_per_token"] > 0
+    assert results["decode"][0]["hope_baseline_max_logit_diff"] < 1e-4
+    assert [r["chunk_size"] for r in results["chunk_sizes"]] == [8, 16]
+    assert results["compiled"].startswith("skipped") and results["profile"].startswith("skipped")

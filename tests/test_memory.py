@@ -207,6 +207,51 @@ def test_packed_documents_reset_memories():
     torch.testing.assert_close(out[1, :6], cont[0], atol=1e-12, rtol=0)  # the first piece continues the state
 
 
+@pytest.mark.parametrize("switches", [{}, dict(self_modifying=False), dict(dgd=False, retain_toward_init=False),
+                                      dict(retention=False), dict(adaptive_k=False, detach_self_targets=True)],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_one_token_steps_equal_the_chunked_pass(switches):
+    """Decoding's one-token path (`_forward_token`) equals one pass over the whole sequence: outputs, every state
+    tensor and the gradients, through chunk ends, pad tokens (holes and left padding) and a document start."""
+    layer = make_layer(**switches)
+    x, mask = padded_batch()
+    x.requires_grad_(True)
+    pos = (mask.cumsum(1) - 1).clamp(min=0) + 5  # continuing rows ...
+    pos[1, 8] = 0  # ... and a new document in row 1 at token 8
+    pos[1, 9:] = torch.arange(1, 5)
+    _, prior = layer.forward_with_state(torch.randn(3, 4, 8, dtype=torch.float64))  # rows start mid-chunk
+    full, full_state = layer.forward_with_state(x, attention_mask=mask, position_ids=pos, state=prior)
+    weights = torch.randn_like(full)
+    grads = torch.autograd.grad((full * weights).sum(), [x, *layer.parameters()], allow_unused=True,
+                                retain_graph=True)  # the prior state's graph is shared
+
+    outs, state = [], prior
+    for t in range(x.shape[1]):
+        out, state = layer.forward_with_state(x[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                                              position_ids=pos[:, t : t + 1], state=state)
+        outs.append(out)
+    steps = torch.cat(outs, 1)
+    torch.testing.assert_close(steps, full, atol=1e-10, rtol=0)
+    for name, t in full_state.tensors().items():
+        torch.testing.assert_close(getattr(state, name), t, atol=1e-10, rtol=0)
+    step_grads = torch.autograd.grad((steps * weights).sum(), [x, *layer.parameters()], allow_unused=True)
+    for g_full, g_step in zip(grads, step_grads):
+        if g_full is None:
+            assert g_step is None or not g_step.any()
+        else:
+            torch.testing.assert_close(g_step, g_full, atol=1e-9, rtol=0)
+    assert torch.all(steps[~mask.bool()] == 0) and full.abs().max() > 0.1
+    with torch.no_grad():  # decoding proper: no graph, so the chunk step drops the in-piece terms (`single`)
+        state = prior
+        for t in range(x.shape[1]):
+            out, state = layer.forward_with_state(x[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                                                  position_ids=pos[:, t : t + 1], state=state)
+            torch.testing.assert_close(out, full[:, t : t + 1], atol=1e-10, rtol=0)
+    for name, t in full_state.tensors().items():
+        torch.testing.assert_close(getattr(state, name), t, atol=1e-10, rtol=0)
+    assert len(set(prior.chunk_pos.tolist() + full_state.chunk_pos.tolist())) > 1
+
+
 def test_reduced_precision_keeps_fast_weights_in_float32():
     layer = make_layer(dtype=torch.float32)
     x = torch.randn(2, 10, 8)

@@ -185,10 +185,35 @@ def test_batch_rows_are_independent(layout):
 
 
 def test_float64_model_runs_in_float64(layout):
-    model = HopeForCausalLM(small_config(layout)).double().eval()
-    with torch.no_grad():
+    """Every floating-point tensor of a float64 forward and backward is float64 (norms included), except the
+    rotary embedding's angles, which are float32 by design (as in Llama); so a float64 model is a float64
+    reference on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float32Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.in_rotary, self.found = False, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                    if not self.in_rotary:
+                        self.found.add(f"{func.overloadpacket.__name__} -> {t.dtype}")
+            return out
+
+    model = HopeForCausalLM(small_config(layout)).double()
+    mode = Float32Ops()
+    rotary = model.model.rotary_emb if hasattr(model.model, "rotary_emb") else None
+    if rotary is not None:
+        rotary.register_forward_pre_hook(lambda *_: setattr(mode, "in_rotary", True))
+        rotary.register_forward_hook(lambda *_: setattr(mode, "in_rotary", False))
+    with mode:
         logits = model(ids_batch()).logits
+        logits.pow(2).mean().backward()
     assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+    assert not mode.found, sorted(mode.found)
 
 
 # ------------------------------------------------------------------------------------------------ weights

@@ -84,7 +84,7 @@ def section_env(args, device):
         props = torch.cuda.get_device_properties(device)
         out.update(gpu=props.name, multiprocessors=props.multi_processor_count,
                    memory_gib=props.total_memory / 2**30)
-    n = 256 if args.quick else 8192
+    n = 256 if args.quick else 8192 if device.type == "cuda" else 1024
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         torch.matmul(a, b)

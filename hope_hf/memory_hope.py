@@ -245,12 +245,16 @@ class HopeSelfModifyingTitans(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
         o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
-        o = o.view(bsz, seq_len, self.num_heads, self.head_dim)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)
-        gate = F.silu(self.g_proj(hidden_states)).view(bsz, seq_len, self.num_heads, self.head_dim)
-        out = self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, seq_len, -1))
+        out = self._output(o.view(bsz, seq_len, self.num_heads, self.head_dim), hidden_states)
         new_state = layout.row_state(state, final, conv_q, conv_u)
         return out, new_state
+
+    def _output(self, o, hidden_states):
+        """The layer's output from the reads o (B, T, H, d): per-head RMSNorm, SiLU gate, output projection."""
+        bsz, seq_len, _ = hidden_states.shape
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)
+        gate = F.silu(self.g_proj(hidden_states)).view(bsz, seq_len, self.num_heads, self.head_dim)
+        return self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, seq_len, -1))
 
     def _forward_token(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
         """One token per row (decoding): the chunk step on a one-token piece, without the chunk frame.
@@ -295,12 +299,8 @@ class HopeSelfModifyingTitans(nn.Module):
             conv_q=torch.where(real.view(-1, 1, 1), conv_q, state.conv_q),
             conv_u=torch.where(real.view(-1, 1, 1), conv_u, state.conv_u),
         )
-        o = o.transpose(1, 2)  # (B, 1, H, d)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * fp32(self.out_norm_weight)
-        o = o * write.view(bsz, 1, 1, 1)
-        gate = F.silu(self.g_proj(hidden_states)).view(bsz, 1, self.num_heads, self.head_dim)
-        out = self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, 1, -1))
-        return out, new_state
+        o = o.transpose(1, 2) * write.view(bsz, 1, 1, 1)  # (B, 1, H, d); a pad token reads 0
+        return self._output(o, hidden_states), new_state
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape

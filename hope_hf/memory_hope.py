@@ -642,37 +642,37 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
 
     # ---- W1: b_end = e_end * y0 - sum_c weighted_h^T e (+ anchor_b)
     d_y0 = e_end.unsqueeze(-1).unsqueeze(-1) * d_b_end
-    d_y0[:, :, -1] += d_y0_o
+    d_y0[:, :, -1].add_(d_y0_o)
     d_g_end = (d_b_end * y0).sum((-3, -2, -1)).unsqueeze(-1) * e_end
     d_weighted_h = torch.einsum("rhnmd,rhcnd->rhcnm", d_b_end, e)  # (minus) the gradient of weighted_h
     d_e = torch.einsum("rhcnm,rhnmd->rhcnd", t["weighted_h"], d_b_end).neg_()
-    d_e[..., -1, :] += d_e_o
+    d_e[..., -1, :].add_(d_e_o)
     scale = eta1 * to_end.unsqueeze(-1)
     d_h = d_weighted_h * scale.unsqueeze(-1).neg()
-    d_h[..., -1, :] += d_h_o
+    d_h[..., -1, :].add_(d_h_o)
     d_scale = (d_weighted_h * h).sum(-1).neg_()
     d_eta1 = d_scale * to_end.unsqueeze(-1)
-    d_eta1[..., -1] += d_eta1_o
+    d_eta1[..., -1].add_(d_eta1_o)
     d_to_end = (d_scale * eta1).sum(-1)
     d_cur_b = d_y0
     d_anchor_a = d_anchor_b = None
     if retain:
         d_anchor_b = (d_b_end - d_y0).sum(0)
-        d_anchor_b[:, -1] += d_anchor_b_o
+        d_anchor_b[:, -1].add_(d_anchor_b_o)
 
     # ---- W2: a_end = e_end * x0 + k^T (to_end * r) (+ anchor_a), r from the UT transform
     d_x0 = e_end.unsqueeze(-1) * d_a_end
-    d_x0[..., sl_o] += d_x0_o
+    d_x0[..., sl_o].add_(d_x0_o)
     d_g_end = d_g_end + (d_a_end * x0).sum((-2, -1)).unsqueeze(-1) * e_end
     weighted_r = to_end.unsqueeze(-1) * r
     d_k = d_k + weighted_r @ tr(d_a_end)
     d_weighted_r = k @ d_a_end
     d_r = to_end.unsqueeze(-1) * d_weighted_r
-    d_r[..., sl_o] += d_r_o
+    d_r[..., sl_o].add_(d_r_o)
     d_to_end = d_to_end + (d_weighted_r * r).sum(-1)
     if retain:
         d_anchor_a = d_a_end.sum(0)
-        d_anchor_a[..., sl_o] += d_anchor_a_o
+        d_anchor_a[..., sl_o].add_(d_anchor_a_o)
     if spec.dgd:
         eta_p, k_x0, kk = t["eta_p"], t["k_x0"], t["kk"]
         d_rhs = torch.linalg.solve_triangular(tr(t["lower"]), d_r, upper=True, unitriangular=True)
@@ -715,7 +715,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_to_end = d_to_end * to_end
     d_g_end = d_g_end + d_to_end.sum(-1, keepdim=True)
     d_g = d_g - d_to_end
-    d_g[..., -1:] += d_g_end
+    d_g[..., -1:].add_(d_g_end)
     d_g = d_g + d_g_prev
     d_log_alpha = d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
 
@@ -748,19 +748,23 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_h_e = torch.einsum("rhcnd,rhnmd->rhcnm", d_e, snap_b)
     d_e_sum = d_e.sum(-2)
     if not spec.self_modifying:
-        d_h_all, d_v = d_h_e, -d_e_sum
+        d_h_all = d_h_e
     elif spec.detach_self_targets:
-        d_h_all, d_v = torch.cat([torch.zeros_like(d_h_e), d_h_e], dim=2), torch.zeros_like(v)
+        d_h_all = torch.cat([torch.zeros_like(d_h_e), d_h_e], dim=2)
     else:
-        d_h_all, d_v = torch.cat([-d_h_e, d_h_e], dim=2), -d_e_sum
+        d_h_all = torch.cat([-d_h_e, d_h_e], dim=2)
     d_pre_all = d_h_all * torch.addcmul(sig_all, h_all, 1 - sig_all)  # silu'
-    d_pre_all[:, :, d_pre_all.shape[2] - length :] += d_pre
+    d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_pre)
     d_pre_all = d_pre_all.flatten(-2)
     d_z = d_pre_all @ tr(snap_a)
     d_snap_a = tr(z) @ d_pre_all
     d_k = d_k + d_e_sum + d_z[:, :, d_z.shape[2] - length :]
-    if spec.self_modifying:
-        d_v = d_v + d_z[:, :, :length]
+    if not spec.self_modifying:
+        d_v = -d_e_sum
+    elif spec.detach_self_targets:
+        d_v = torch.zeros_like(v)  # the targets M(v) are constants, and v reaches e through them alone
+    else:
+        d_v = d_z[:, :, :length] - d_e_sum
     return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
             d_anchor_a, d_anchor_b)
 

@@ -18,6 +18,7 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
                --baseline-memory also HOPE with another version's Titans layer, with --compile-decode also
                `torch.compile(model)`, both at the shortest context, their logits compared with eager HOPE's;
   chunk_sizes  HOPE training steps at chunk sizes 16, 32, 64 (a model hyperparameter; the paper's is 16);
+  recompute    HOPE training steps with `recompute_memory_states` on and off (speed against peak memory);
   long         training at 8192 tokens;
   compile_model  `torch.compile` of the whole model: a short training step against eager, with and without
                recomputation.
@@ -419,22 +420,32 @@ def section_decode(args, device, clock, contexts, preset):
 
 
 # ---------------------------------------------------------------------------------------------------- chunk sizes
-def section_chunk_sizes(args, device, clock, length, chunk_sizes):
-    """HOPE tiny training steps at several chunk sizes (a model hyperparameter: the paper's is 16): the number of
-    sequential chunk steps is what a launch-bound GPU step pays for."""
+def hope_variant_rows(args, device, clock, length, variants):
+    """HOPE tiny training steps at `length` under each dict of config overrides in `variants`."""
     rows = []
-    for chunk in chunk_sizes:
+    for variant in variants:
         if clock.left() < args.reserve_s:
             break
         saved = args.overrides
-        args.overrides = {**saved, "chunk_size": chunk}
+        args.overrides = {**saved, **variant}
         try:
             row = train_rows(args, device, clock, "tiny", [length], "hope")[0]
         finally:
             args.overrides = saved
-        row["chunk_size"] = chunk
-        rows.append(row)
+        rows.append({**row, **variant})
     return rows
+
+
+def section_chunk_sizes(args, device, clock, length, chunk_sizes):
+    """HOPE tiny training steps at several chunk sizes (a model hyperparameter: the paper's is 16): the number of
+    sequential chunk steps is what a launch-bound GPU step pays for."""
+    return hope_variant_rows(args, device, clock, length, [{"chunk_size": c} for c in chunk_sizes])
+
+
+def section_recompute(args, device, clock, length):
+    """HOPE tiny training steps with `recompute_memory_states` on (the default) and off: the second forward pass of
+    the scan that recomputation costs, against the memory it saves."""
+    return hope_variant_rows(args, device, clock, length, [{"recompute_memory_states": r} for r in (True, False)])
 
 
 # ---------------------------------------------------------------------------------------------- whole-model compile
@@ -484,7 +495,8 @@ def main(argv=None):
     parser.add_argument("--baseline-memory", help="a memory_hope.py whose Titans layer HOPE also decodes with")
     parser.add_argument("--compile-decode", action="store_true", help="also decode with torch.compile(model)")
     parser.add_argument("--sections",
-                        default="env,correctness,training,profile,compiled,decode,chunk_sizes,long,compile_model",
+                        default="env,correctness,training,profile,compiled,decode,chunk_sizes,recompute,long,"
+                                "compile_model",
                         help="comma-separated sections to run, in this order")
     parser.add_argument("--quick", action="store_true", help="CPU-sized everything: a smoke run for CI")
     parser.add_argument("--json", default="benchmarks/results/gpu.json", help="where to write the results")
@@ -537,6 +549,7 @@ def main(argv=None):
         attempt("compiled", lambda: section_compiled(args, device, clock, compiled_len), min_left=150)
     attempt("decode", lambda: section_decode(args, device, clock, contexts, decode_preset))
     attempt("chunk_sizes", lambda: section_chunk_sizes(args, device, clock, lengths[0], chunk_sizes))
+    attempt("recompute", lambda: section_recompute(args, device, clock, lengths[0]))
     attempt("long", lambda: section_training(args, device, clock, long_lengths, presets, peak, first_warmup=False))
     if compiled_on_cpu:
         results["compile_model"] = "skipped: quick run on a CPU"

@@ -107,4 +107,5 @@ def test_gpu_script_quick_on_a_cpu(tmp_path):
         assert row["hope_ms_per_token"] > 0 and row["llama_ms_per_token"] > 0
     assert results["decode"][0]["hope_baseline_max_logit_diff"] < 1e-4
     assert [r["chunk_size"] for r in results["chunk_sizes"]] == [8, 16]
+    assert [r["recompute_memory_states"] for r in results["recompute"]] == [True, False]
     assert results["compiled"].startswith("skipped") and results["profile"].startswith("skipped")

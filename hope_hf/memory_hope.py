@@ -389,7 +389,7 @@ class HopeSelfModifyingTitans(nn.Module):
         if n_aux:
             hid = F.silu(u @ snap_a[..., : n_aux * m]).unflatten(-1, (n_aux, m))  # (R,H,C,n_aux,m)
             mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid, snap_b[:, :, :n_aux])
-            aux = {box: mem[..., i, :] for i, box in enumerate(self.boxes[:-1])}
+            aux = dict(zip(self.boxes[:-1], mem.unbind(-2)))  # one stack in backward, not a zero-filled copy each
         k = l2norm(aux["k"] if "k" in aux else u @ fp32(p.static_k))
         v = l2norm(aux["v"] if "v" in aux else u @ fp32(p.static_v))
         eta_src = aux.get("eta", u)

@@ -3,9 +3,10 @@
 Sections (each writes its results into the JSON report as soon as it finishes, so a run cut short keeps them):
   env          versions, the card, and the matmul rates that are the ceilings (bf16, and float32 without TF32,
                which is what the memory's fast weights run in);
-  correctness  a small hybrid HOPE model (Titans + full attention) on the device against the same model on the CPU
-               in float64: logits, loss and every parameter's gradient in float64 and float32, with left padding;
-               greedy generation with the recurrent cache against generation without it; a bf16-autocast step;
+  correctness  a small Titans-only and a hybrid (Titans + full attention) model on the device against the same
+               model on the CPU in float64: logits, a float64 loss and every parameter's gradient, in float64 and
+               float32, with left padding; greedy generation with the recurrent cache against generation without
+               it; a bf16-autocast step;
   training     training steps (forward, loss, backward; bf16 autocast as `Trainer(bf16=True)` runs them) of HOPE
                and of the Llama of the same parameter count (`decode.llama_like`, sdpa): tokens/s, peak device
                memory, and model FLOP utilisation (matmul FLOPs counted with `FlopCounterMode`, without
@@ -34,7 +35,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 import traceback
 
@@ -68,6 +68,13 @@ def timed_steps(step, device, max_steps=3, max_seconds=20.0):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), len(times)
+
+
+def allow_recompiles(limit: int = 64):
+    """Every distinct grad mode, stride pattern or piece length is a recompilation: allow them all rather than let
+    Dynamo fall back to eager after its default 8 (the setting's name changed in torch 2.6)."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
 def rel_err(a, b) -> float:
@@ -207,7 +214,6 @@ def train_rows(args, device, clock, preset, lengths, kind, first_warmup=True):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
-            return loss
 
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -224,7 +230,6 @@ def train_rows(args, device, clock, preset, lengths, kind, first_warmup=True):
               f"peak {row.get('peak_memory_gib', float('nan')):6.2f} GiB", flush=True)
         if clock.left() < args.reserve_s:
             break
-    del model
     return rows
 
 
@@ -288,7 +293,7 @@ def section_profile(args, device, length):
 
 
 # ------------------------------------------------------------------------------------------------------- compiled
-def section_compiled(args, device, clock, length):
+def section_compiled(args, device, length):
     """HOPE training with the chunk step compiled (inductor) against eager, one model, the same input."""
     import hope_hf.memory_hope as mh
 
@@ -306,9 +311,7 @@ def section_compiled(args, device, clock, length):
     step("eager")
     eager, _ = timed_steps(lambda: step("eager"), device, max_steps=3)
     forward, backward = mh.chunk_forward, mh.chunk_backward
-    # every distinct (grad mode, strides, partial chunk) is a recompilation: allow them all, never fall back to eager
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    allow_recompiles()
     mh.chunk_forward = torch.compile(forward, dynamic=False)
     mh.chunk_backward = torch.compile(backward, dynamic=False)
     try:
@@ -367,8 +370,7 @@ def section_decode(args, device, clock, contexts, preset):
 
     cfg = get_preset(preset, **args.overrides)
     models = decode_models(args, cfg, device)
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    allow_recompiles()
     rows, fill_rate = [], {}
     for context in contexts:
         row = {"preset": preset, "context": context}
@@ -546,7 +548,7 @@ def main(argv=None):
     if compiled_on_cpu:
         results["compiled"] = "skipped: quick run on a CPU"
     else:
-        attempt("compiled", lambda: section_compiled(args, device, clock, compiled_len), min_left=150)
+        attempt("compiled", lambda: section_compiled(args, device, compiled_len), min_left=150)
     attempt("decode", lambda: section_decode(args, device, clock, contexts, decode_preset))
     attempt("chunk_sizes", lambda: section_chunk_sizes(args, device, clock, lengths[0], chunk_sizes))
     attempt("recompute", lambda: section_recompute(args, device, clock, lengths[0]))
@@ -561,4 +563,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -276,8 +276,7 @@ class HopeSelfModifyingTitans(nn.Module):
         u = fp32(self._heads(F.silu(u)))
         write = real.to(q.dtype).view(bsz, 1, 1)
         snap_a, snap_b = state.snapshot_in, state.snapshot_out
-        p = self.fast_init
-        anchors = (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
+        anchors = self._anchors()
         with torch.autocast(device_type=q.device.type, enabled=False):
             gen = self._generate(u, snap_a, snap_b) if self.config.self_modifying else self._generate(u, None, None)
             inputs = (q, *gen, write, snap_a, snap_b, state.current_in, state.current_out, *anchors)
@@ -301,6 +300,11 @@ class HopeSelfModifyingTitans(nn.Module):
         )
         o = o.transpose(1, 2) * write.view(bsz, 1, 1, 1)  # (B, 1, H, d); a pad token reads 0
         return self._output(o, hidden_states), new_state
+
+    def _anchors(self):
+        """The initial states that retention pulls the fast weights toward (None, None without it)."""
+        p = self.fast_init
+        return (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape
@@ -332,8 +336,7 @@ class HopeSelfModifyingTitans(nn.Module):
         chunks = list(zip(q_chunks, src_chunks, write_chunks))
         carry = (start.snapshot_in, start.snapshot_out, start.current_in, start.current_out,
                  start.snapshot_in, start.snapshot_out)
-        p = self.fast_init
-        anchors = (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
+        anchors = self._anchors()
         recompute = self.config.recompute_memory_states and torch.is_grad_enabled() and len(chunks) > 1
         step = math.ceil(math.sqrt(len(chunks))) if recompute else len(chunks)
         outs = []

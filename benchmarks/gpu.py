@@ -7,6 +7,9 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
                model on the CPU in float64: logits, a float64 loss and every parameter's gradient, in float64 and
                float32, with left padding; greedy generation with the recurrent cache against generation without
                it; a bf16-autocast step;
+  cuda_graphs  HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`), with
+               recomputation on and off, against the eager scan and Llama at 2048 tokens (and tiny at 8192);
+               the step that captures is timed apart;
   training     training steps (forward, loss, backward; bf16 autocast as `Trainer(bf16=True)` runs them) of HOPE
                and of the Llama of the same parameter count (`decode.llama_like`, sdpa): tokens/s, peak device
                memory, and model FLOP utilisation (matmul FLOPs counted with `FlopCounterMode`, without
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import math
 import statistics
 import time
 import traceback
@@ -216,13 +221,20 @@ def train_rows(args, device, clock, preset, lengths, kind, first_warmup=True):
             model.zero_grad(set_to_none=True)
 
         if device.type == "cuda":
+            gc.collect()  # the models of earlier rows, and their CUDA graphs, are gone
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        first_step = None
         if i == 0 and first_warmup:
+            sync(device)
+            t0 = time.perf_counter()
             step()
+            sync(device)
+            first_step = time.perf_counter() - t0
         sec, n = timed_steps(step, device, max_steps=args.repeats, max_seconds=args.max_seconds)
         row = {"model": kind, "preset": preset, "length": length, "batch": args.batch, "parameters": params,
-               "step_seconds": sec, "timed_steps": n, "tokens_per_second": args.batch * length / sec}
+               "step_seconds": sec, "timed_steps": n, "tokens_per_second": args.batch * length / sec,
+               "first_step_seconds": first_step}
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         rows.append(row)
@@ -422,8 +434,8 @@ def section_decode(args, device, clock, contexts, preset):
 
 
 # ---------------------------------------------------------------------------------------------------- chunk sizes
-def hope_variant_rows(args, device, clock, length, variants):
-    """HOPE tiny training steps at `length` under each dict of config overrides in `variants`."""
+def hope_variant_rows(args, device, clock, length, variants, preset="tiny"):
+    """HOPE training steps of `preset` at `length` under each dict of config overrides in `variants`."""
     rows = []
     for variant in variants:
         if clock.left() < args.reserve_s:
@@ -431,10 +443,44 @@ def hope_variant_rows(args, device, clock, length, variants):
         saved = args.overrides
         args.overrides = {**saved, **variant}
         try:
-            row = train_rows(args, device, clock, "tiny", [length], "hope")[0]
+            row = train_rows(args, device, clock, preset, [length], "hope")[0]
+        except torch.OutOfMemoryError as exc:  # keep the other variants' rows
+            row = {"model": "hope", "preset": preset, "length": length, "batch": args.batch,
+                   "error": str(exc).split(". ")[0] + " (out of memory)"}
+            print(f"train  hope {preset:>5} {length:>5} {variant}: out of memory", flush=True)
         finally:
             args.overrides = saved
+            gc.collect()
         rows.append({**row, **variant})
+    return rows
+
+
+def section_cuda_graphs(args, device, clock, runs):
+    """HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`) against the eager
+    scan and Llama, same run (`first_step_seconds`: the step that captures). On a CPU the option is ignored."""
+    variants = [{"memory_cuda_graphs": False}, {"memory_cuda_graphs": True},
+                {"memory_cuda_graphs": True, "recompute_memory_states": False}]
+    rows = []
+    for preset, length in runs:
+        if clock.left() < args.reserve_s:
+            break
+        llama = train_rows(args, device, clock, preset, [length], "llama")[0]
+        hope = hope_variant_rows(args, device, clock, length, variants, preset)
+        eager = hope[0] if hope and "error" not in hope[0] else None
+        for row in hope:
+            if "error" in row:
+                continue
+            row["speed_ratio_vs_llama"] = row["tokens_per_second"] / llama["tokens_per_second"]
+            if eager:
+                row["speedup_vs_eager"] = row["tokens_per_second"] / eager["tokens_per_second"]
+            if "peak_memory_gib" in row:
+                row["memory_ratio_vs_llama"] = row["peak_memory_gib"] / llama["peak_memory_gib"]
+            print(f"cuda graphs {preset} {length} {row['memory_cuda_graphs']!s:>5} recompute "
+                  f"{row.get('recompute_memory_states', True)!s:>5}: "
+                  f"{row.get('speedup_vs_eager', math.nan):.2f}x eager, "
+                  f"{row['speed_ratio_vs_llama']:.4f}x llama, memory {row.get('memory_ratio_vs_llama', 0):.2f}x",
+                  flush=True)
+        rows += [llama, *hope]
     return rows
 
 
@@ -497,9 +543,13 @@ def main(argv=None):
     parser.add_argument("--baseline-memory", help="a memory_hope.py whose Titans layer HOPE also decodes with")
     parser.add_argument("--compile-decode", action="store_true", help="also decode with torch.compile(model)")
     parser.add_argument("--sections",
-                        default="env,correctness,training,profile,compiled,decode,chunk_sizes,recompute,long,"
-                                "compile_model",
+                        default="env,correctness,cuda_graphs,training,profile,compiled,decode,chunk_sizes,recompute,"
+                                "long,compile_model",
                         help="comma-separated sections to run, in this order")
+    parser.add_argument("--cuda-graph-runs",
+                        type=lambda s: [(r.split(":")[0], int(r.split(":")[1])) for r in s.split(",")],
+                        help="PRESET:LENGTH,... measured by the cuda_graphs section (default: tiny:2048,small:2048,"
+                             "tiny:8192)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized everything: a smoke run for CI")
     parser.add_argument("--json", default="benchmarks/results/gpu.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -542,6 +592,8 @@ def main(argv=None):
     # model FLOP utilisation against bf16 matmul on a GPU (the usual convention), float32 on a CPU
     peak = env.get("matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops", 1.0) * 1e12
     attempt("correctness", lambda: section_correctness(args, device))
+    graph_runs = args.cuda_graph_runs or [(preset, lengths[0]) for preset in presets] + [(presets[0], long_lengths[0])]
+    attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs))
     attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))
     attempt("profile", lambda: section_profile(args, device, profile_len), needs_cuda=True)
     compiled_on_cpu = args.quick and device.type == "cpu"  # inductor on a CPU takes minutes: not in a smoke run

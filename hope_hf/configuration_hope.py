@@ -103,6 +103,11 @@ class HopeConfig(PreTrainedConfig):
         recompute_memory_states (`bool`, defaults to `True`): when training, keep the fast weights of the Titans
             memories only every ~sqrt(#chunks) chunks and recompute the others in the backward pass (activation
             checkpointing inside the layer). Same numbers; much less memory for a little more compute.
+        memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan in
+            training from CUDA graphs (captured on the first step of each input shape, forward and backward) instead
+            of launching its ~500 small kernels per chunk one by one. Same numbers; applies to batches without
+            padding or document starts (others run eagerly) and costs the graphs' memory, one set per input shape
+            and layer. Ignored elsewhere.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.
@@ -145,6 +150,7 @@ class HopeConfig(PreTrainedConfig):
     retain_toward_init: bool = True
     detach_self_targets: bool = False
     recompute_memory_states: bool = True
+    memory_cuda_graphs: bool = False
     # continuum memory system
     cms_levels: list[dict] | None = None
     cms_variant: str = "sequential"
@@ -232,7 +238,8 @@ class HopeConfig(PreTrainedConfig):
                      "conv_kernel_size"):
             positive_int(name)
         for name in ("self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
-                     "detach_self_targets", "recompute_memory_states", "attention_bias", "tie_word_embeddings", "use_cache"):
+                     "detach_self_targets", "recompute_memory_states", "memory_cuda_graphs", "attention_bias",
+                     "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         for name in ("pad_token_id", "bos_token_id"):

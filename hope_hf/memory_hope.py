@@ -11,7 +11,10 @@ one matmul, and `B` as `(n, m, d)`. `n` is the number of memories (k, v, eta, al
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
@@ -144,6 +147,7 @@ class HopeSelfModifyingTitans(nn.Module):
         self.u_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
+        self._scan_graphs = _ScanGraphs()
 
     # ------------------------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -220,7 +224,8 @@ class HopeSelfModifyingTitans(nn.Module):
         bsz, seq_len, _ = hidden_states.shape
         if seq_len == 0:
             raise ValueError("hidden_states has no tokens (sequence length 0)")
-        if state is None:
+        fresh = state is None
+        if fresh:
             state = self.initial_state(bsz, hidden_states.device)
         elif state.batch_size != bsz:
             raise ValueError(f"state holds {state.batch_size} sequences but hidden_states has batch size {bsz}")
@@ -243,7 +248,7 @@ class HopeSelfModifyingTitans(nn.Module):
         # the fast weights stay in float32 under autocast too: the memory math opts out of it (and so the forward,
         # the written-out backward and its recomputation all see the same dtypes)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+            o, final = self._scan(q, u, start, layout, fresh)
         o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
         out = self._output(o.view(bsz, seq_len, self.num_heads, self.head_dim), hidden_states)
         new_state = layout.row_state(state, final, conv_q, conv_u)
@@ -315,6 +320,22 @@ class HopeSelfModifyingTitans(nn.Module):
     # segments. Dynamo crashed recompiling the segments (torch 2.13), and Inductor failed to build a Triton kernel
     # for the unrolled scan's backward on an H200 (torch 2.11, Triton 3.6: "PassManager::run failed").
     @torch.compiler.disable
+    def _scan(self, q, u, start: TitansState, layout: "_Layout", fresh: bool):
+        """The memory scan of the frame: replayed from CUDA graphs where `memory_cuda_graphs` allows it (training
+        on fresh sequences without padding or document starts, see `_ScanGraph`), eager otherwise."""
+        graph = self._scan_graphs.get(self, q, u, layout) if fresh else None
+        if graph is not None:
+            params = [p for p in self.fast_init.parameters() if p.requires_grad]
+            o, *final = _GraphedScan.apply(graph, q, u, *params)
+            return o, tuple(final)
+        return self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+
+    def _fresh_scan(self, q, u, layout: "_Layout"):
+        """The scan of fresh sequences (the computation that `_ScanGraph` captures): reads and final state."""
+        start = self.initial_state(layout.num_rows, q.device)
+        o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+        return (o, *final)
+
     def _memory_scan(self, q, u, write, start: TitansState, layout: "_Layout"):
         """Chunk-parallel scan over the frame (Eq. 90-91): a loop over chunks, never over tokens.
 
@@ -455,6 +476,156 @@ class _RecomputedSegment(torch.autograd.Function):
             for i, g in zip(wanted, found):
                 grads[i] = g
         return (None, None, None, None, None, *grads)
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA graphs
+class _ScanGraph:
+    """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as two CUDA graphs, its forward and its
+    backward, for one input shape (`capture`). A training step on a GPU is launch-bound (~500 small kernels per
+    chunk); a replay launches the whole scan at once. Inputs are copied into the captured buffers and results
+    copied out, so nothing a caller holds is ever overwritten by a later replay."""
+
+    def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout"):
+        # weakly: the layer holds this graph (a cycle would keep the graphs' memory until a garbage collection)
+        self.layer = weakref.ref(layer)
+        self.layout = layout  # the captured kernels read its tensors: keep them alive
+        named = [(name, p) for name, p in layer.fast_init.named_parameters() if p.requires_grad]
+        self.param_ptrs = [p.data_ptr() for _, p in named]  # the storage the graphs read
+        # The graphs read the parameters' storage through aliases: leaves of their own, whose gradient accumulators
+        # are not those of the running training step (made on another stream, they make the capture fail).
+        self.aliases = {name: p.detach().requires_grad_() for name, p in named}
+        self.q = q.detach().clone().requires_grad_(q.requires_grad)
+        self.u = u.detach().clone().requires_grad_(u.requires_grad)
+        self.needs_grad = [t.requires_grad for t in (self.q, self.u, *self.aliases.values())]
+        self.pending = None  # weak reference to the token of the replay whose backward has not run yet
+
+    def forward(self):
+        """The computation the forward graph holds: reads and final state from the captured inputs."""
+        layer = self.layer()
+        with _parameters_replaced(layer.fast_init, self.aliases):
+            return layer._fresh_scan(self.q, self.u, self.layout)
+
+    def backward(self, outputs, grad_outputs):
+        """The computation the backward graph holds: gradients of q, u and the parameters (None where not needed)."""
+        wrt = [t for t in (self.q, self.u, *self.aliases.values()) if t.requires_grad]
+        with _parameters_replaced(self.layer().fast_init, self.aliases):  # recomputation in backward reads them too
+            found = iter(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
+        return [next(found) if needed else None for needed in self.needs_grad]
+
+    def capture(self) -> "_ScanGraph":
+        # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                outputs = self.forward()
+                self.backward(outputs, [torch.zeros_like(t) for t in outputs])
+                # nothing of the warm-up may outlive it: its gradient accumulators belong to this side stream
+                del outputs
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may use CUDA meanwhile
+        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+            self.outputs = self.forward()
+        self.grad_outputs = [torch.zeros_like(t) for t in self.outputs]
+        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+            self.grads = self.backward(self.outputs, self.grad_outputs)
+        # the buffers alone: the capture's autograd graph would keep the layer (a cycle) and its memory alive
+        self.outputs = tuple(t.detach() for t in self.outputs)
+        return self
+
+    def busy(self) -> bool:
+        """A replay's backward is still to come (its autograd graph is alive): another replay would overwrite the
+        activations that backward reads."""
+        return self.pending is not None and self.pending() is not None
+
+
+@contextlib.contextmanager
+def _parameters_replaced(module: nn.Module, tensors: dict):
+    """`module`'s own parameters read as `tensors` (by name) inside the block."""
+    saved = dict(module._parameters)
+    module._parameters.update(tensors)
+    try:
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+class _Pending:
+    """Lives exactly as long as the autograd graph of one replay (kept by its context)."""
+
+
+class _GraphedScan(torch.autograd.Function):
+    """Replays a `_ScanGraph`: forward copies q, u in and the reads and final state out; backward copies the output
+    gradients in and the input and parameter gradients out."""
+
+    @staticmethod
+    def forward(ctx, graph: _ScanGraph, q, u, *params):
+        graph.q.copy_(q)
+        graph.u.copy_(u)
+        graph.forward_graph.replay()
+        ctx.graph, ctx.pending, ctx.params = graph, _Pending(), params
+        graph.pending = weakref.ref(ctx.pending)
+        return tuple(t.clone() for t in graph.outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        graph = ctx.graph
+        if [p.data_ptr() for p in ctx.params] != graph.param_ptrs:
+            raise RuntimeError(
+                "memory_cuda_graphs: the Titans memory's parameters moved to other storage between the forward and "
+                "the backward pass (parameter sharding such as FSDP or DeepSpeed ZeRO-3 does this), so the captured "
+                "backward would read stale memory; set memory_cuda_graphs=False for such training"
+            )
+        for buffer, grad in zip(graph.grad_outputs, grad_outputs):
+            buffer.copy_(grad)
+        graph.backward_graph.replay()
+        graph.pending = None
+        # copies: a parameter's gradient is kept (`.grad`) and the next replay rewrites the captured buffers
+        return (None, *(None if g is None else g.clone() for g in graph.grads))
+
+
+class _ScanGraphs:
+    """The captured scans of one layer, by input shape and parameter storage (at most `MAX_SHAPES`, least recently
+    used dropped). Not copied by `copy.deepcopy` or pickling: a copy captures its own."""
+
+    MAX_SHAPES = 4
+
+    def __init__(self):
+        self.graphs: OrderedDict = OrderedDict()
+
+    def __deepcopy__(self, memo):
+        return _ScanGraphs()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.graphs = OrderedDict()
+
+    def get(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout") -> _ScanGraph | None:
+        """The graph for these inputs (captured on first use), or None where the eager scan must run: graphs off,
+        not on CUDA, not training, padding or document starts, nothing to differentiate, or the graph's previous
+        replay still awaits its backward (two forward passes before one backward)."""
+        if not (layer.config.memory_cuda_graphs and q.is_cuda and torch.is_grad_enabled() and layout.trivial
+                and layout.pad_front == 0):
+            return None
+        params = [p for p in layer.fast_init.parameters()]
+        if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):
+            return None
+        key = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
+               q.requires_grad, u.requires_grad, tuple((p.data_ptr(), p.requires_grad) for p in params))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = _ScanGraph(layer, q, u, layout).capture()
+            while len(self.graphs) > self.MAX_SHAPES:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        return None if graph.busy() else graph
 
 
 # ---------------------------------------------------------------------------------------------------- chunk step

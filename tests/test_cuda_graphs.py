@@ -1,0 +1,218 @@
+"""`memory_cuda_graphs`: the Titans memory scan replayed from CUDA graphs in training gives the eager numbers.
+
+The tests that capture graphs need a CUDA device (skipped elsewhere; `benchmarks/gpu.py` runs them on a lent GPU).
+On a CPU the option must change nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from hope_hf import HopeConfig, HopeForCausalLM
+from hope_hf import memory_hope
+from hope_hf.memory_hope import HopeSelfModifyingTitans
+
+from conftest import small_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: needs a CUDA device")
+
+
+def titans_layers(model):
+    return [m for m in model.modules() if isinstance(m, HopeSelfModifyingTitans)]
+
+
+def twin_models(device, **overrides):
+    """The same weights twice: graphs off, graphs on."""
+    torch.manual_seed(0)
+    eager = HopeForCausalLM(small_config("hybrid", **overrides)).to(device)
+    graphed = copy.deepcopy(eager)
+    graphed.config.memory_cuda_graphs = True
+    assert all(layer.config.memory_cuda_graphs for layer in titans_layers(graphed))
+    assert not any(layer.config.memory_cuda_graphs for layer in titans_layers(eager))
+    return eager, graphed
+
+
+def ids_batch(device, batch=2, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 61, (batch, length), generator=g).to(device)
+
+
+def assert_same_grads(eager, graphed, atol=1e-5):
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.fixture
+def count_replays(monkeypatch):
+    """How many times the graphed scan ran."""
+    calls = []
+    original = memory_hope._GraphedScan.apply
+
+    def apply(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(memory_hope._GraphedScan, "apply", apply)
+    return calls
+
+
+def test_option_is_validated():
+    with pytest.raises(ValueError, match="memory_cuda_graphs"):
+        HopeConfig(memory_cuda_graphs="yes")
+
+
+def test_on_a_cpu_the_option_changes_nothing(count_replays):
+    eager, graphed = twin_models("cpu")
+    ids = ids_batch("cpu")
+    for model in (eager, graphed):
+        model(ids, labels=ids).loss.backward()
+    assert_same_grads(eager, graphed, atol=0)
+    assert count_replays == [] and all(not layer._scan_graphs.graphs for layer in titans_layers(graphed))
+
+
+def test_copies_and_pickles_do_not_carry_graphs():
+    _, graphed = twin_models("cpu")
+    layer = titans_layers(graphed)[0]
+    layer._scan_graphs.graphs["key"] = object()  # stands for a captured graph (not copyable)
+    assert not titans_layers(copy.deepcopy(graphed))[0]._scan_graphs.graphs
+    assert not pickle.loads(pickle.dumps(layer))._scan_graphs.graphs
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_the_captured_computation_gives_the_layers_reads_and_gradients(recompute):
+    """What the graphs hold, run eagerly (on any device): the scan through parameter aliases, differentiated with
+    respect to the aliases, gives the eager layer's reads, final state and parameter gradients."""
+    config = small_config("linear", recompute_memory_states=recompute)
+    layer = HopeSelfModifyingTitans(config, 0).double()
+    layer.init_memory_weights()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64, requires_grad=True)  # 4 chunks, the last partial
+    u = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    real = torch.ones(2, 14, dtype=torch.bool)
+    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    graph = memory_hope._ScanGraph(layer, q, u, layout)
+    with torch.no_grad():
+        graph.q.copy_(q)
+        graph.u.copy_(u)
+    outputs = graph.forward()
+    grad_outputs = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in outputs]
+    grads = graph.backward(outputs, grad_outputs)
+
+    params = [p for p in layer.fast_init.parameters() if p.requires_grad]
+    expected = layer._fresh_scan(q, u, layout)
+    expected_grads = torch.autograd.grad(expected, [q, u, *params], grad_outputs)
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert len(grads) == 2 + len(params)
+    for name, got, want in zip(["q", "u", *graph.aliases], grads, expected_grads):
+        assert got is not None, name
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"recompute_memory_states": False},
+    {"self_modifying": False},
+], ids=["default", "no-recompute", "titans-only"])
+def test_graphed_training_steps_equal_eager(overrides, count_replays):
+    eager, graphed = twin_models("cuda", **overrides)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, graphed)]
+    for step in range(3):
+        ids = ids_batch("cuda", seed=step)
+        losses = []
+        for model in (eager, graphed):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+        assert_same_grads(eager, graphed)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    layers = titans_layers(graphed)
+    assert len(count_replays) == 3 * len(layers)  # every step replayed, captured once per layer
+    assert all(len(layer._scan_graphs.graphs) == 1 for layer in layers)
+
+
+@cuda
+def test_gradient_accumulation_and_two_forwards_before_one_backward(count_replays):
+    eager, graphed = twin_models("cuda")
+    a, b = ids_batch("cuda", seed=1), ids_batch("cuda", seed=2)
+    for model in (eager, graphed):  # accumulation: gradients must add up, not alias a captured buffer
+        model(a, labels=a).loss.backward()
+        model(b, labels=b).loss.backward()
+    assert_same_grads(eager, graphed)
+    replays = len(count_replays)
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        # the second forward must not overwrite the activations the first one's backward needs
+        (model(a, labels=a).loss + model(b, labels=b).loss).backward()
+    assert_same_grads(eager, graphed)
+    assert len(count_replays) == replays + len(titans_layers(graphed))  # only the first forward replayed
+
+
+@cuda
+def test_padding_runs_eagerly_and_bf16_autocast_matches(count_replays):
+    eager, graphed = twin_models("cuda")
+    ids = ids_batch("cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    for model in (eager, graphed):
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert_same_grads(eager, graphed)
+    assert count_replays == []
+    losses = []
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert_same_grads(eager, graphed, atol=1e-4)
+    assert len(count_replays) == len(titans_layers(graphed))
+
+
+@cuda
+def test_moved_parameters_are_captured_again():
+    _, graphed = twin_models("cuda")
+    ids = ids_batch("cuda")
+    graphed(ids, labels=ids).loss.backward()
+    old = [p.data for p in graphed.parameters()]  # kept alive: the new storage cannot reuse these addresses
+    with torch.no_grad():
+        for p in graphed.parameters():
+            p.data = p.data.clone() * 1.1  # new storage and values: the old graphs would read the old weights
+    graphed.zero_grad(set_to_none=True)
+    reference = copy.deepcopy(graphed)
+    reference.config.memory_cuda_graphs = False
+    for model in (reference, graphed):
+        model(ids, labels=ids).loss.backward()
+    assert_same_grads(reference, graphed)
+    del old
+    assert all(len(layer._scan_graphs.graphs) == 2 for layer in titans_layers(graphed))
+
+
+@cuda
+def test_a_deleted_model_frees_its_graphs_at_once():
+    import gc
+    import weakref
+
+    _, graphed = twin_models("cuda")
+    ids = ids_batch("cuda")
+    graphed(ids, labels=ids).loss.backward()
+    refs = [weakref.ref(g) for layer in titans_layers(graphed) for g in layer._scan_graphs.graphs.values()]
+    assert refs
+    gc.disable()  # freed by reference counting alone: no cycle keeps the graphs' memory
+    try:
+        del graphed
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()

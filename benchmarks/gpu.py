@@ -245,6 +245,13 @@ def train_rows(args, device, clock, preset, lengths, kind, first_warmup=True):
     return rows
 
 
+def add_ratios_to_llama(row, llama):
+    """HOPE's tokens/s and peak memory in `row` as ratios to Llama's row of the same preset and length."""
+    row["speed_ratio_vs_llama"] = row["tokens_per_second"] / llama["tokens_per_second"]
+    if "peak_memory_gib" in row:
+        row["memory_ratio_vs_llama"] = row["peak_memory_gib"] / llama["peak_memory_gib"]
+
+
 def section_training(args, device, clock, lengths, presets, peak_flops, first_warmup=True):
     out = []
     for preset in presets:
@@ -264,9 +271,7 @@ def section_training(args, device, clock, lengths, presets, peak_flops, first_wa
     for (preset, length, kind), row in by.items():
         llama = by.get((preset, length, "llama"))
         if kind == "hope" and llama:
-            row["speed_ratio_vs_llama"] = row["tokens_per_second"] / llama["tokens_per_second"]
-            if "peak_memory_gib" in row:
-                row["memory_ratio_vs_llama"] = row["peak_memory_gib"] / llama["peak_memory_gib"]
+            add_ratios_to_llama(row, llama)
             print(f"hope/llama {preset} {length}: speed {row['speed_ratio_vs_llama']:.3f}x, memory "
                   f"{row.get('memory_ratio_vs_llama', float('nan')):.2f}x, MFU hope "
                   f"{row.get('model_flops_utilisation', float('nan')):.2%} llama "
@@ -470,11 +475,9 @@ def section_cuda_graphs(args, device, clock, runs):
         for row in hope:
             if "error" in row:
                 continue
-            row["speed_ratio_vs_llama"] = row["tokens_per_second"] / llama["tokens_per_second"]
+            add_ratios_to_llama(row, llama)
             if eager:
                 row["speedup_vs_eager"] = row["tokens_per_second"] / eager["tokens_per_second"]
-            if "peak_memory_gib" in row:
-                row["memory_ratio_vs_llama"] = row["peak_memory_gib"] / llama["peak_memory_gib"]
             print(f"cuda graphs {preset} {length} {row['memory_cuda_graphs']!s:>5} recompute "
                   f"{row.get('recompute_memory_states', True)!s:>5}: "
                   f"{row.get('speedup_vs_eager', math.nan):.2f}x eager, "

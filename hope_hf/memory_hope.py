@@ -481,8 +481,8 @@ class _RecomputedSegment(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------- CUDA graphs
 class _ScanGraph:
     """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as two CUDA graphs, its forward and its
-    backward, for one input shape (`capture`). A training step on a GPU is launch-bound (~500 small kernels per
-    chunk); a replay launches the whole scan at once. Inputs are copied into the captured buffers and results
+    backward, for one input shape (`capture`). A training step on a GPU is launch-bound (~560 small kernels per
+    chunk and layer); a replay launches the whole scan at once. Inputs are copied into the captured buffers and results
     copied out, so nothing a caller holds is ever overwritten by a later replay."""
 
     def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout"):
@@ -513,6 +513,7 @@ class _ScanGraph:
         return [next(found) if needed else None for needed in self.needs_grad]
 
     def capture(self) -> "_ScanGraph":
+        """Record `forward` and `backward` into the two graphs (one memory pool), after a warm-up."""
         # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
@@ -614,7 +615,7 @@ class _ScanGraphs:
         if not (layer.config.memory_cuda_graphs and q.is_cuda and torch.is_grad_enabled() and layout.trivial
                 and layout.pad_front == 0):
             return None
-        params = [p for p in layer.fast_init.parameters()]
+        params = list(layer.fast_init.parameters())
         if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):
             return None
         key = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,

@@ -482,8 +482,8 @@ class _RecomputedSegment(torch.autograd.Function):
 class _ScanGraph:
     """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as two CUDA graphs, its forward and its
     backward, for one input shape (`capture`). A training step on a GPU is launch-bound (~560 small kernels per
-    chunk and layer); a replay launches the whole scan at once. Inputs are copied into the captured buffers and results
-    copied out, so nothing a caller holds is ever overwritten by a later replay."""
+    chunk and layer); a replay launches the whole scan at once. Inputs are copied into the captured buffers and
+    results copied out, so nothing a caller holds is ever overwritten by a later replay."""
 
     def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout"):
         # weakly: the layer holds this graph (a cycle would keep the graphs' memory until a garbage collection)

@@ -85,11 +85,17 @@ def test_copies_and_pickles_do_not_carry_graphs():
     assert not pickle.loads(pickle.dumps(layer))._scan_graphs.graphs
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_the_captured_computation_gives_the_layers_reads_and_gradients(recompute):
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"recompute_memory_states": False},
+    {"self_modifying": False},
+    {"retain_toward_init": False, "adaptive_v": False},
+], ids=["default", "no-recompute", "titans-only", "static-v"])
+def test_the_captured_computation_gives_the_layers_reads_and_gradients(overrides):
     """What the graphs hold, run eagerly (on any device): the scan through parameter aliases, differentiated with
-    respect to the aliases, gives the eager layer's reads, final state and parameter gradients."""
-    config = small_config("linear", recompute_memory_states=recompute)
+    respect to the aliases, gives the eager layer's reads, final state and parameter gradients, and the layer's own
+    parameters are back in place afterwards."""
+    config = small_config("linear", **overrides)
     layer = HopeSelfModifyingTitans(config, 0).double()
     layer.init_memory_weights()
     g = torch.Generator().manual_seed(0)
@@ -114,6 +120,7 @@ def test_the_captured_computation_gives_the_layers_reads_and_gradients(recompute
     for name, got, want in zip(["q", "u", *graph.aliases], grads, expected_grads):
         assert got is not None, name
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+    assert all(isinstance(p, torch.nn.Parameter) for p in layer.fast_init.parameters())
 
 
 @cuda

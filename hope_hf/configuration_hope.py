@@ -105,7 +105,7 @@ class HopeConfig(PreTrainedConfig):
             checkpointing inside the layer). Same numbers; much less memory for a little more compute.
         memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan in
             training from CUDA graphs (captured on the first step of each input shape, forward and backward) instead
-            of launching its ~500 small kernels per chunk one by one. Same numbers; applies to batches without
+            of launching its ~560 small kernels per chunk one by one. Same numbers; applies to batches without
             padding or document starts (others run eagerly) and costs the graphs' memory, one set per input shape
             and layer. Ignored elsewhere.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,

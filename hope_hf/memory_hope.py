@@ -544,6 +544,18 @@ class _ScanGraph:
         return self.pending is not None and self.pending() is not None
 
 
+def _under_checkpointing() -> bool:
+    """Saved-tensor hooks are on (non-reentrant activation checkpointing, Transformers' default, or offloading) or
+    a backward pass is running (reentrant checkpointing's recomputation). The scan then runs eagerly: the
+    checkpointed pass and its recomputation must save the same tensors (a replay saves none), and no graph is
+    captured from inside the autograd engine."""
+    hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    if hooks is None or graph_task is None:  # private functions of torch: without them, assume the worst
+        return True
+    return hooks(False) is not None or graph_task() != -1
+
+
 @contextlib.contextmanager
 def _parameters_replaced(module: nn.Module, tensors: dict):
     """`module`'s own parameters read as `tensors` (by name) inside the block."""
@@ -610,10 +622,10 @@ class _ScanGraphs:
 
     def get(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout") -> _ScanGraph | None:
         """The graph for these inputs (captured on first use), or None where the eager scan must run: graphs off,
-        not on CUDA, not training, padding or document starts, nothing to differentiate, or the graph's previous
-        replay still awaits its backward (two forward passes before one backward)."""
+        not on CUDA, not training, padding or document starts, checkpointing, nothing to differentiate, or the
+        graph's previous replay still awaits its backward (two forward passes before one backward)."""
         if not (layer.config.memory_cuda_graphs and q.is_cuda and torch.is_grad_enabled() and layout.trivial
-                and layout.pad_front == 0):
+                and layout.pad_front == 0) or _under_checkpointing():
             return None
         params = list(layer.fast_init.parameters())
         if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):

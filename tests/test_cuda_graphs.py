@@ -77,6 +77,29 @@ def test_on_a_cpu_the_option_changes_nothing(count_replays):
     assert count_replays == [] and all(not layer._scan_graphs.graphs for layer in titans_layers(graphed))
 
 
+def test_activation_checkpointing_is_detected():
+    """Under activation checkpointing the scan runs eagerly in both passes: non-reentrant (Transformers' default)
+    is seen by its saved-tensor hooks, reentrant's recomputation by the running backward pass (its first pass has no
+    gradients, so it is eager anyway)."""
+    from torch.utils.checkpoint import checkpoint
+
+    seen = []
+
+    def layer(x):
+        seen.append(memory_hope._under_checkpointing())
+        return x.sin()
+
+    x = torch.randn(3, requires_grad=True)
+    assert not memory_hope._under_checkpointing()
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert seen == [True, True]  # the forward and its recomputation
+    seen.clear()
+    checkpoint(layer, x, use_reentrant=True).sum().backward()
+    assert seen == [False, True]  # the forward (no gradients: eager anyway), the recomputation in backward
+    with torch.autograd.graph.save_on_cpu():
+        assert memory_hope._under_checkpointing()
+
+
 def test_copies_and_pickles_do_not_carry_graphs():
     _, graphed = twin_models("cpu")
     layer = titans_layers(graphed)[0]
@@ -223,3 +246,17 @@ def test_a_deleted_model_frees_its_graphs_at_once():
         assert all(ref() is None for ref in refs)
     finally:
         gc.enable()
+
+
+@cuda
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_runs_the_eager_scan(reentrant, count_replays):
+    eager, graphed = twin_models("cuda")
+    for model in (eager, graphed):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = ids_batch("cuda")
+    for model in (eager, graphed):
+        model(ids, labels=ids).loss.backward()
+    assert_same_grads(eager, graphed)
+    assert count_replays == [] and all(not layer._scan_graphs.graphs for layer in titans_layers(graphed))

@@ -549,11 +549,11 @@ def _under_checkpointing() -> bool:
     a backward pass is running (reentrant checkpointing's recomputation). The scan then runs eagerly: the
     checkpointed pass and its recomputation must save the same tensors (a replay saves none), and no graph is
     captured from inside the autograd engine."""
-    hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)
-    if hooks is None or graph_task is None:  # private functions of torch: without them, assume the worst
+    try:  # private functions of torch: where they are missing or changed, assume the worst
+        return (torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+                or torch._C._current_graph_task_id() != -1)
+    except (AttributeError, TypeError, RuntimeError):
         return True
-    return hooks(False) is not None or graph_task() != -1
 
 
 @contextlib.contextmanager

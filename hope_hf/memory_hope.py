@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,9 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers.utils import logging
 
 
 __all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes"]
+
+logger = logging.get_logger(__name__)
 
 # Initial gate biases (DESIGN §2.2): alpha = sigmoid(5) ~ 0.993 retains, eta = eta_max * sigmoid(-4) ~ 0.018 eta_max.
 ALPHA_BIAS_INIT = 5.0
@@ -603,13 +605,14 @@ class _GraphedScan(torch.autograd.Function):
 
 
 class _ScanGraphs:
-    """The captured scans of one layer, by input shape and parameter storage (at most `MAX_SHAPES`, least recently
-    used dropped). Not copied by `copy.deepcopy` or pickling: a copy captures its own."""
+    """The captured scans of one layer, by input shape and parameter storage. At most `MAX_SHAPES` shapes: a capture
+    costs about 2.6 eager steps, so a stream of ever new shapes would run slower than eager; shapes beyond these run
+    eagerly. Not copied by `copy.deepcopy` or pickling: a copy captures its own."""
 
     MAX_SHAPES = 4
 
     def __init__(self):
-        self.graphs: OrderedDict = OrderedDict()
+        self.graphs: dict = {}
 
     def __deepcopy__(self, memo):
         return _ScanGraphs()
@@ -618,7 +621,7 @@ class _ScanGraphs:
         return {}
 
     def __setstate__(self, state):
-        self.graphs = OrderedDict()
+        self.graphs = {}
 
     def get(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout") -> _ScanGraph | None:
         """The graph for these inputs (captured on first use), or None where the eager scan must run: graphs off,
@@ -630,15 +633,29 @@ class _ScanGraphs:
         params = list(layer.fast_init.parameters())
         if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):
             return None
-        key = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
-               q.requires_grad, u.requires_grad, tuple((p.data_ptr(), p.requires_grad) for p in params))
+        shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
+                 q.requires_grad, u.requires_grad)
+        key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
         graph = self.graphs.get(key)
         if graph is None:
+            if not self.admit(key):
+                return None
             graph = self.graphs[key] = _ScanGraph(layer, q, u, layout).capture()
-            while len(self.graphs) > self.MAX_SHAPES:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
         return None if graph.busy() else graph
+
+    def admit(self, key) -> bool:
+        """May a graph be captured for `key` = (shape, parameter storage)? Graphs that read another storage than the
+        parameters' present one are dropped first (they can no longer be replayed); then a new shape is admitted
+        while fewer than `MAX_SHAPES` are held."""
+        for old in [k for k in self.graphs if k[1] != key[1]]:
+            del self.graphs[old]
+        if len(self.graphs) < self.MAX_SHAPES:
+            return True
+        logger.warning_once(
+            f"memory_cuda_graphs: more than {self.MAX_SHAPES} input shapes for the Titans memory; new shapes run "
+            "eagerly (pack or pad the batches to a few fixed lengths to replay graphs for all of them)"
+        )
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- chunk step

@@ -100,6 +100,21 @@ def test_activation_checkpointing_is_detected():
         assert memory_hope._under_checkpointing()
 
 
+def test_graphs_are_kept_for_a_few_shapes_and_dropped_when_the_parameters_move(caplog):
+    memory_hope.logger.warning_once.cache_clear()  # warned at most once per process
+    graphs = memory_hope._ScanGraphs()
+    storage = ((1, True), (2, True))
+    for length in range(graphs.MAX_SHAPES):
+        key = (((2, 4, 16 * (length + 1), 8),), storage)
+        assert graphs.admit(key)
+        graphs.graphs[key] = object()  # stands for a captured graph
+    assert not graphs.admit((((2, 4, 999, 8),), storage))  # one shape too many: eager, with a warning
+    assert "new shapes run eagerly" in caplog.text
+    assert len(graphs.graphs) == graphs.MAX_SHAPES
+    assert graphs.admit((((2, 4, 16, 8),), ((3, True), (4, True))))  # parameters moved: the old graphs are useless
+    assert graphs.graphs == {}
+
+
 def test_copies_and_pickles_do_not_carry_graphs():
     _, graphed = twin_models("cpu")
     layer = titans_layers(graphed)[0]
@@ -227,7 +242,7 @@ def test_moved_parameters_are_captured_again():
         model(ids, labels=ids).loss.backward()
     assert_same_grads(reference, graphed)
     del old
-    assert all(len(layer._scan_graphs.graphs) == 2 for layer in titans_layers(graphed))
+    assert all(len(layer._scan_graphs.graphs) == 1 for layer in titans_layers(graphed))  # the stale ones dropped
 
 
 @cuda

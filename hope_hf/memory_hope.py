@@ -500,6 +500,7 @@ class _ScanGraph:
         self.u = u.detach().clone().requires_grad_(u.requires_grad)
         self.needs_grad = [t.requires_grad for t in (self.q, self.u, *self.aliases.values())]
         self.pending = None  # weak reference to the token of the replay whose backward has not run yet
+        self.replays = 0
 
     def forward(self):
         """The computation the forward graph holds: reads and final state from the captured inputs."""
@@ -582,7 +583,8 @@ class _GraphedScan(torch.autograd.Function):
         graph.q.copy_(q)
         graph.u.copy_(u)
         graph.forward_graph.replay()
-        ctx.graph, ctx.pending, ctx.params = graph, _Pending(), params
+        graph.replays += 1
+        ctx.graph, ctx.pending, ctx.params, ctx.replay = graph, _Pending(), params, graph.replays
         graph.pending = weakref.ref(ctx.pending)
         return tuple(t.clone() for t in graph.outputs)
 
@@ -590,6 +592,12 @@ class _GraphedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs):
         graph = ctx.graph
+        if ctx.replay != graph.replays or ctx.pending is None:
+            raise RuntimeError(
+                "memory_cuda_graphs: a backward pass through the Titans memory's CUDA graphs can run once, before the "
+                "next forward pass (its activations live in the graphs' buffers); a second backward (retain_graph) "
+                "needs memory_cuda_graphs=False"
+            )
         if [p.data_ptr() for p in ctx.params] != graph.param_ptrs:
             raise RuntimeError(
                 "memory_cuda_graphs: the Titans memory's parameters moved to other storage between the forward and "
@@ -599,7 +607,7 @@ class _GraphedScan(torch.autograd.Function):
         for buffer, grad in zip(graph.grad_outputs, grad_outputs):
             buffer.copy_(grad)
         graph.backward_graph.replay()
-        graph.pending = None
+        graph.pending = ctx.pending = None
         # copies: a parameter's gradient is kept (`.grad`) and the next replay rewrites the captured buffers
         return (None, *(None if g is None else g.clone() for g in graph.grads))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,6 +114,53 @@ def test_graphs_are_kept_for_a_few_shapes_and_dropped_when_the_parameters_move(c
     assert len(graphs.graphs) == graphs.MAX_SHAPES
     assert graphs.admit((((2, 4, 16, 8),), ((3, True), (4, True))))  # parameters moved: the old graphs are useless
     assert graphs.graphs == {}
+
+
+class StandInGraph:
+    """What `_GraphedScan` uses of a `_ScanGraph`, without CUDA: its "graphs" compute o = q * w + u and the
+    gradients of q, u and w into fixed buffers, as captured kernels would."""
+
+    def __init__(self, w):
+        self.q, self.u, self.outputs = torch.zeros(3), torch.zeros(3), (torch.zeros(3),)
+        self.grad_outputs, self.grads = [torch.zeros(3)], [torch.zeros(3), torch.zeros(3), torch.zeros(3)]
+        self.param_ptrs, self.pending, self.replays = [w.data_ptr()], None, 0
+
+        def forward():
+            self.outputs[0].copy_(self.q * w.detach() + self.u)
+
+        def backward():
+            g = self.grad_outputs[0]
+            self.grads[0].copy_(g * w.detach())
+            self.grads[1].copy_(g)
+            self.grads[2].copy_(g * self.q)
+
+        self.forward_graph, self.backward_graph = SimpleNamespace(replay=forward), SimpleNamespace(replay=backward)
+
+
+def test_replays_copy_in_and_out_and_guard_their_buffers():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    graph = StandInGraph(w)
+    steps = [(torch.tensor([1.0, 0.0, 2.0]), torch.full((3,), 0.5)), (torch.tensor([3.0, 1.0, 1.0]), torch.ones(3))]
+    for q, u in steps:  # two micro-batches: the parameter's gradient must add up, not alias a buffer
+        q.requires_grad_()
+        (o,) = memory_hope._GraphedScan.apply(graph, q, u, w)
+        assert graph.pending() is not None  # the replay's backward is due
+        graph.outputs[0].zero_()  # a later replay rewrites the buffer: what the caller holds stays
+        torch.testing.assert_close(o, q.detach() * w.detach() + u)
+        o.sum().backward()
+        assert graph.pending is None
+        torch.testing.assert_close(q.grad, w.detach())
+    torch.testing.assert_close(w.grad, steps[0][0] + steps[1][0])
+
+    q = torch.ones(3, requires_grad=True)
+    (o,) = memory_hope._GraphedScan.apply(graph, q, torch.zeros(3), w)
+    o.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can run once"):  # its activations may be gone from the buffers
+        o.sum().backward()
+    (o,) = memory_hope._GraphedScan.apply(graph, q, torch.zeros(3), w)
+    w.data = w.data.clone()  # what parameter sharding does between forward and backward
+    with pytest.raises(RuntimeError, match="moved to other storage"):
+        o.sum().backward()
 
 
 def test_copies_and_pickles_do_not_carry_graphs():

@@ -500,7 +500,6 @@ class _ScanGraph:
         self.u = u.detach().clone().requires_grad_(u.requires_grad)
         self.needs_grad = [t.requires_grad for t in (self.q, self.u, *self.aliases.values())]
         self.pending = None  # weak reference to the token of the replay whose backward has not run yet
-        self.replays = 0
 
     def forward(self):
         """The computation the forward graph holds: reads and final state from the captured inputs."""
@@ -583,8 +582,7 @@ class _GraphedScan(torch.autograd.Function):
         graph.q.copy_(q)
         graph.u.copy_(u)
         graph.forward_graph.replay()
-        graph.replays += 1
-        ctx.graph, ctx.pending, ctx.params, ctx.replay = graph, _Pending(), params, graph.replays
+        ctx.graph, ctx.pending, ctx.params = graph, _Pending(), params
         graph.pending = weakref.ref(ctx.pending)
         return tuple(t.clone() for t in graph.outputs)
 
@@ -592,7 +590,9 @@ class _GraphedScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs):
         graph = ctx.graph
-        if ctx.replay != graph.replays or ctx.pending is None:
+        # A replay happens only while no earlier one awaits its backward (`busy`), so a context whose backward has
+        # run (pending None) is the only one whose buffers a later forward may have rewritten.
+        if ctx.pending is None:
             raise RuntimeError(
                 "memory_cuda_graphs: a backward pass through the Titans memory's CUDA graphs can run once, before the "
                 "next forward pass (its activations live in the graphs' buffers); a second backward (retain_graph) "

@@ -123,7 +123,7 @@ class StandInGraph:
     def __init__(self, w):
         self.q, self.u, self.outputs = torch.zeros(3), torch.zeros(3), (torch.zeros(3),)
         self.grad_outputs, self.grads = [torch.zeros(3)], [torch.zeros(3), torch.zeros(3), torch.zeros(3)]
-        self.param_ptrs, self.pending, self.replays = [w.data_ptr()], None, 0
+        self.param_ptrs, self.pending = [w.data_ptr()], None
 
         def forward():
             self.outputs[0].copy_(self.q * w.detach() + self.u)

@@ -8,15 +8,16 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
                float32, with left padding; greedy generation with the recurrent cache against generation without
                it; a bf16-autocast step;
   cuda_graphs  HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`), with
-               recomputation on and off, against the eager scan and Llama at 2048 tokens (and tiny at 8192);
-               the step that captures is timed apart;
+               and without the compiled chunk step (`compile_chunk_step`), recomputation on and off, against the
+               eager scan and Llama at 2048 tokens (and tiny at 8192); the step that captures is timed apart;
   training     training steps (forward, loss, backward; bf16 autocast as `Trainer(bf16=True)` runs them) of HOPE
                and of the Llama of the same parameter count (`decode.llama_like`, sdpa): tokens/s, peak device
                memory, and model FLOP utilisation (matmul FLOPs counted with `FlopCounterMode`, without
                recomputation, over the measured bf16 matmul rate);
-  profile      one HOPE training step under the profiler: time the device spends in kernels against wall time,
-               and the number of kernels (how far the step is from bound by the host's kernel launches);
-  compiled     HOPE training with `chunk_forward` / `chunk_backward` compiled by `torch.compile` (inductor),
+  profile      one HOPE training step under the profiler (--profile-variant: eager, or replayed from graphs and
+               compiled, ...): time the device spends in kernels against wall time, and the number of kernels
+               (how far the step is from bound by the host's kernel launches);
+  compiled     HOPE training with the chunk step compiled by `torch.compile` (inductor, `compile_chunk_step`),
                against eager in the same run: compile time, step time, and the loss of both;
   decode       ms/token of HOPE (recurrent cache) and Llama (KV cache) after 1K and 32K tokens of context; with
                --baseline-memory also HOPE with another version's Titans layer, with --compile-decode also
@@ -280,10 +281,11 @@ def section_training(args, device, clock, lengths, presets, peak_flops, first_wa
 
 
 # -------------------------------------------------------------------------------------------------------- profile
-def section_profile(args, device, length):
+def section_profile(args, device, length, variant="eager"):
+    """`variant` (a `GRAPH_VARIANTS` name): its first step (capture, compilation) runs before the profiled one."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, config = build("hope", "tiny", args.overrides, device)
+    model, config = build("hope", "tiny", {**args.overrides, **GRAPH_VARIANTS[variant]}, device)
     ids = torch.randint(0, config.vocab_size, (args.batch, length), device=device)
 
     def step():
@@ -302,7 +304,7 @@ def section_profile(args, device, length):
         if e.device_type.name == "CUDA":
             kernel_us += e.time_range.elapsed_us()
             kernels += 1
-    out = {"preset": "tiny", "length": length, "batch": args.batch, "wall_seconds": wall,
+    out = {"preset": "tiny", "variant": variant, "length": length, "batch": args.batch, "wall_seconds": wall,
            "device_kernel_seconds": kernel_us / 1e6, "device_kernels": kernels,
            "device_busy_fraction": kernel_us / 1e6 / wall, "wall_us_per_kernel": wall * 1e6 / max(kernels, 1)}
     print(f"profile: {out}", flush=True)
@@ -311,9 +313,8 @@ def section_profile(args, device, length):
 
 # ------------------------------------------------------------------------------------------------------- compiled
 def section_compiled(args, device, length):
-    """HOPE training with the chunk step compiled (inductor) against eager, one model, the same input."""
-    import hope_hf.memory_hope as mh
-
+    """HOPE training with the chunk step compiled (`compile_chunk_step`, inductor) against eager: one model, the same
+    input, the option switched on between the two."""
     model, config = build("hope", "tiny", args.overrides, device)
     ids = torch.randint(0, config.vocab_size, (args.batch, length), device=device)
     losses = {}
@@ -327,20 +328,15 @@ def section_compiled(args, device, length):
 
     step("eager")
     eager, _ = timed_steps(lambda: step("eager"), device, max_steps=3)
-    forward, backward = mh.chunk_forward, mh.chunk_backward
     allow_recompiles()
-    mh.chunk_forward = torch.compile(forward, dynamic=False)
-    mh.chunk_backward = torch.compile(backward, dynamic=False)
-    try:
-        sync(device)
-        t0 = time.perf_counter()
-        step("compiled")  # compiles: forward under no_grad (recomputation's first pass) and inside backward
-        step("compiled")
-        sync(device)
-        first_two = time.perf_counter() - t0
-        compiled, _ = timed_steps(lambda: step("compiled"), device, max_steps=3)
-    finally:
-        mh.chunk_forward, mh.chunk_backward = forward, backward
+    model.config.compile_chunk_step = True
+    sync(device)
+    t0 = time.perf_counter()
+    step("compiled")  # compiles: the forward, and the backward inside the first backward pass
+    step("compiled")
+    sync(device)
+    first_two = time.perf_counter() - t0
+    compiled, _ = timed_steps(lambda: step("compiled"), device, max_steps=3)
     out = {"preset": "tiny", "length": length, "batch": args.batch, "eager_step_seconds": eager,
            "compiled_step_seconds": compiled, "speedup": eager / compiled,
            "compile_and_two_steps_seconds": first_two, "loss_eager": losses["eager"],
@@ -460,29 +456,39 @@ def hope_variant_rows(args, device, clock, length, variants, preset="tiny"):
     return rows
 
 
-def section_cuda_graphs(args, device, clock, runs):
-    """HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`) against the eager
-    scan and Llama, same run (`first_step_seconds`: the step that captures). On a CPU the option is ignored."""
-    variants = [{"memory_cuda_graphs": False}, {"memory_cuda_graphs": True},
-                {"memory_cuda_graphs": True, "recompute_memory_states": False}]
+GRAPH_VARIANTS = {
+    "eager": {"memory_cuda_graphs": False},
+    "compiled": {"compile_chunk_step": True},
+    "graphs": {"memory_cuda_graphs": True},
+    "graphs_compiled": {"memory_cuda_graphs": True, "compile_chunk_step": True},
+    "graphs_no_recompute": {"memory_cuda_graphs": True, "recompute_memory_states": False},
+    "graphs_compiled_no_recompute": {"memory_cuda_graphs": True, "compile_chunk_step": True,
+                                     "recompute_memory_states": False},
+}
+
+
+def section_cuda_graphs(args, device, clock, runs, variant_names):
+    """HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`), with and without
+    the compiled chunk step (`compile_chunk_step`), against the eager scan and Llama, same run
+    (`first_step_seconds`: the step that captures and compiles). On a CPU the graphs option is ignored."""
+    variants = [{"variant": name, **GRAPH_VARIANTS[name]} for name in variant_names]
     rows = []
     for preset, length in runs:
         if clock.left() < args.reserve_s:
             break
         llama = train_rows(args, device, clock, preset, [length], "llama")[0]
         hope = hope_variant_rows(args, device, clock, length, variants, preset)
-        eager = hope[0] if hope and "error" not in hope[0] else None
+        eager = next((row for row in hope if row["variant"] == "eager" and "error" not in row), None)
         for row in hope:
             if "error" in row:
                 continue
             add_ratios_to_llama(row, llama)
             if eager:
                 row["speedup_vs_eager"] = row["tokens_per_second"] / eager["tokens_per_second"]
-            print(f"cuda graphs {preset} {length} {row['memory_cuda_graphs']!s:>5} recompute "
-                  f"{row.get('recompute_memory_states', True)!s:>5}: "
+            print(f"cuda graphs {preset} {length} {row['variant']:>28}: "
                   f"{row.get('speedup_vs_eager', math.nan):.2f}x eager, "
-                  f"{row['speed_ratio_vs_llama']:.4f}x llama, memory {row.get('memory_ratio_vs_llama', 0):.2f}x",
-                  flush=True)
+                  f"{row['speed_ratio_vs_llama']:.4f}x llama, memory {row.get('memory_ratio_vs_llama', 0):.2f}x, "
+                  f"first step {row['first_step_seconds']:.1f} s", flush=True)
         rows += [llama, *hope]
     return rows
 
@@ -553,6 +559,14 @@ def main(argv=None):
                         type=lambda s: [(r.split(":")[0], int(r.split(":")[1])) for r in s.split(",")],
                         help="PRESET:LENGTH,... measured by the cuda_graphs section (default: tiny:2048,small:2048,"
                              "tiny:8192)")
+    parser.add_argument("--cuda-graph-variants", type=lambda s: s.split(","),
+                        default=["eager", "graphs", "graphs_compiled", "graphs_no_recompute",
+                                 "graphs_compiled_no_recompute"],
+                        help="HOPE variants of the cuda_graphs section, comma-separated, from: "
+                             + ", ".join(GRAPH_VARIANTS) + " (default: all but compiled)")
+    parser.add_argument("--profile-variant", default="eager", choices=list(GRAPH_VARIANTS),
+                        help="the HOPE variant the profile section profiles (default: eager)")
+    parser.add_argument("--profile-length", type=int, help="tokens per row in the profile section (default: 512)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized everything: a smoke run for CI")
     parser.add_argument("--json", default="benchmarks/results/gpu.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -596,10 +610,15 @@ def main(argv=None):
     peak = env.get("matmul_bfloat16_tflops" if device.type == "cuda" else "matmul_float32_tflops", 1.0) * 1e12
     attempt("correctness", lambda: section_correctness(args, device))
     graph_runs = args.cuda_graph_runs or [(preset, lengths[0]) for preset in presets] + [(presets[0], long_lengths[0])]
-    attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs))
-    attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))
-    attempt("profile", lambda: section_profile(args, device, profile_len), needs_cuda=True)
     compiled_on_cpu = args.quick and device.type == "cpu"  # inductor on a CPU takes minutes: not in a smoke run
+    unknown = sorted(set(args.cuda_graph_variants) - set(GRAPH_VARIANTS))
+    if unknown:
+        parser.error(f"--cuda-graph-variants: unknown {unknown}; choose from {', '.join(GRAPH_VARIANTS)}")
+    graph_variants = [v for v in args.cuda_graph_variants if not (compiled_on_cpu and "compiled" in v)]
+    attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs, graph_variants))
+    attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))
+    attempt("profile", lambda: section_profile(args, device, args.profile_length or profile_len, args.profile_variant),
+            needs_cuda=True)
     if compiled_on_cpu:
         results["compiled"] = "skipped: quick run on a CPU"
     else:

@@ -76,6 +76,13 @@ class ModelArguments:
                           "recorded in the saved config). --no_cuda_graphs runs them eagerly. No effect on a CPU, "
                           "nor under FSDP or DeepSpeed (sharded parameters: always eager)."},
     )
+    compile_chunk_step: bool = field(
+        default=True,
+        metadata={"help": "On a CUDA device, compile the Titans memory's chunk step with torch.compile (config "
+                          "`compile_chunk_step`: fewer, fused kernels; 1.7x faster steps with --cuda_graphs on an "
+                          "H100, after about a minute of compiling in the first step). --no_compile_chunk_step "
+                          "runs it eagerly. No effect on a CPU (recorded in the saved config, like --cuda_graphs)."},
+    )
     continuum: bool = field(
         default=True,
         metadata={"help": "Step each CMS level only every `period` tokens on its summed gradients "
@@ -501,8 +508,11 @@ def cmd_train(argv: list[str]) -> dict:
             os.environ.get(name, "").lower() in ("1", "true")
             for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
         model.config.memory_cuda_graphs = model_args.cuda_graphs and not sharded
+        model.config.compile_chunk_step = model_args.compile_chunk_step
         _log("Titans memory scans: " + ("CUDA graphs" if model.config.memory_cuda_graphs else
-                                        "eager (FSDP / DeepSpeed)" if sharded else "eager (--no_cuda_graphs)"))
+                                        "eager (FSDP / DeepSpeed)" if sharded else "eager (--no_cuda_graphs)")
+             + ", chunk step " + ("compiled (the first step compiles it)" if model_args.compile_chunk_step
+                                  else "eager (--no_compile_chunk_step)"))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"Model: {n_params:,} parameters; layer types {model.config.layer_types}; "
          f"CMS periods {[lvl['period'] for lvl in model.config.cms_levels]}")

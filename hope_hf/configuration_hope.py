@@ -108,6 +108,11 @@ class HopeConfig(PreTrainedConfig):
             of launching its ~560 small kernels per chunk one by one. Same numbers; applies to batches without
             padding or document starts (others run eagerly) and costs the graphs' memory, one set per input shape
             and layer. Ignored elsewhere.
+        compile_chunk_step (`bool`, defaults to `False`): on a CUDA device, run the Titans memory's chunk step (its
+            forward and written-out backward) compiled by `torch.compile` (Inductor): fewer, fused kernels per
+            chunk. Compiles in the first step (about a minute); the same math, numbers equal up to float32
+            rounding. Combines with `memory_cuda_graphs`. Ignored elsewhere (on a CPU compiling takes minutes and
+            the compiled step was slower).
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.
@@ -151,6 +156,7 @@ class HopeConfig(PreTrainedConfig):
     detach_self_targets: bool = False
     recompute_memory_states: bool = True
     memory_cuda_graphs: bool = False
+    compile_chunk_step: bool = False
     # continuum memory system
     cms_levels: list[dict] | None = None
     cms_variant: str = "sequential"
@@ -238,7 +244,8 @@ class HopeConfig(PreTrainedConfig):
                      "conv_kernel_size"):
             positive_int(name)
         for name in ("self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
-                     "detach_self_targets", "recompute_memory_states", "memory_cuda_graphs", "attention_bias",
+                     "detach_self_targets", "recompute_memory_states", "memory_cuda_graphs", "compile_chunk_step",
+                     "attention_bias",
                      "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

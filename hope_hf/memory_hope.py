@@ -12,15 +12,16 @@ one matmul, and `B` as `(n, m, d)`. `n` is the number of memories (k, v, eta, al
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from transformers.utils import logging
 
 
@@ -128,7 +129,7 @@ class HopeSelfModifyingTitans(nn.Module):
         self.chunk_size = config.chunk_size
         self.eta_max = config.eta_max
         self.kernel_size = config.conv_kernel_size
-        self.chunk_spec = ChunkSpec(
+        self._chunk_spec = ChunkSpec(
             chunk_size=config.chunk_size,
             num_memories=self.num_memories,
             memory_dim=self.memory_dim,
@@ -150,6 +151,14 @@ class HopeSelfModifyingTitans(nn.Module):
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
         self._scan_graphs = _ScanGraphs()
+
+    @property
+    def chunk_spec(self) -> "ChunkSpec":
+        """The chunk step's settings; `compile_chunk_step` is read from the config at each use (like
+        `memory_cuda_graphs`), so that it can be switched on a loaded model."""
+        if self._chunk_spec.compiled != self.config.compile_chunk_step:
+            self._chunk_spec = replace(self._chunk_spec, compiled=self.config.compile_chunk_step)
+        return self._chunk_spec
 
     # ------------------------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -642,7 +651,7 @@ class _ScanGraphs:
         if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):
             return None
         shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
-                 q.requires_grad, u.requires_grad)
+                 layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
         key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
         graph = self.graphs.get(key)
         if graph is None:
@@ -678,6 +687,7 @@ class ChunkSpec:
     detach_self_targets: bool
     dgd: bool
     retain_toward_init: bool
+    compiled: bool = False  # `compile_chunk_step`: `ChunkStep` runs compiled `chunk_functions` on a GPU
 
 
 def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b,
@@ -981,6 +991,33 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
             d_anchor_a, d_anchor_b)
 
 
+# Where `compile_chunk_step` applies: on a CPU, Inductor takes minutes and its chunk step was slower than eager (the
+# tests add "cpu" here to trace the compiled path with a cheap backend).
+COMPILED_DEVICE_TYPES = {"cuda"}
+
+
+@functools.cache
+def chunk_functions(spec: ChunkSpec, compiled: bool):
+    """The forward (keeping its intermediates) and backward of `ChunkStep` for `spec`: `chunk_forward` and
+    `chunk_backward`, compiled by `torch.compile` (Inductor, whole graphs) if `compiled`. One pair per spec, shared
+    by every layer with that spec, so that equal layers share the compiled code instead of recompiling it."""
+
+    def forward(*inputs):
+        return chunk_forward(spec, *inputs, keep=True)
+
+    def backward(inputs, saved, d_o, d_a_end, d_b_end):
+        return chunk_backward(spec, inputs, saved, d_o, d_a_end, d_b_end)
+
+    if not compiled:
+        return forward, backward
+    forward, backward = torch.compile(forward, fullgraph=True), torch.compile(backward, fullgraph=True)
+
+    def detached(fn):  # one compiled graph whatever the inputs' requires_grad and identities (no autograd inside)
+        return lambda *args: fn(*tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, args))
+
+    return detached(forward), detached(backward)
+
+
 class ChunkStep(torch.autograd.Function):
     """`chunk_forward` with `chunk_backward` as its backward. It keeps the chunk's inputs and the intermediates that
     the forward computes anyway (no weight-sized copies), without autograd's graph of ~100 nodes per chunk; under
@@ -990,8 +1027,9 @@ class ChunkStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b):
         inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b)
-        o, a_end, b_end, saved = chunk_forward(spec, *inputs, keep=True)
-        ctx.spec, ctx.names = spec, list(saved)
+        forward, ctx.chunk_backward = chunk_functions(spec, spec.compiled and q.device.type in COMPILED_DEVICE_TYPES)
+        o, a_end, b_end, saved = forward(*inputs)
+        ctx.names = list(saved)
         ctx.save_for_backward(*inputs, *saved.values())
         return o, a_end, b_end
 
@@ -1000,7 +1038,7 @@ class ChunkStep(torch.autograd.Function):
     def backward(ctx, d_o, d_a_end, d_b_end):
         tensors = ctx.saved_tensors
         inputs, saved = tensors[:12], dict(zip(ctx.names, tensors[12:]))
-        grads = chunk_backward(ctx.spec, inputs, saved, d_o, d_a_end, d_b_end)
+        grads = ctx.chunk_backward(inputs, saved, d_o, d_a_end, d_b_end)
         return (None,) + grads[:5] + (None,) + grads[5:]  # no gradient for the spec and the write mask
 
 

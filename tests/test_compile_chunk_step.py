@@ -1,0 +1,148 @@
+"""`compile_chunk_step`: the Titans chunk step compiled by `torch.compile` gives the eager numbers.
+
+Inductor takes minutes on this CPU, so the default tests compile with the `aot_eager` backend: Dynamo and AOTAutograd
+trace `chunk_forward` / `chunk_backward` exactly as for Inductor (whole graphs, one per function and input shape),
+only the kernels stay eager. Inductor itself runs in a slow test and, on a CUDA device, with the CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from hope_hf import HopeConfig, HopeForCausalLM
+from hope_hf import memory_hope
+
+from conftest import small_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def compile_backend(monkeypatch):
+    """Compile the chunk step with the given backend, on the CPU too (fresh compiled functions; dropped
+    afterwards)."""
+    original = torch.compile
+
+    def use(backend, on_cpu=True):
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{"backend": backend, **kw}))
+        if on_cpu:
+            monkeypatch.setattr(memory_hope, "COMPILED_DEVICE_TYPES", {"cuda", "cpu"})
+        memory_hope.chunk_functions.cache_clear()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+
+    yield use
+    memory_hope.chunk_functions.cache_clear()
+    torch._dynamo.reset()
+
+
+def twin_models(device, **overrides):
+    torch.manual_seed(0)
+    eager = HopeForCausalLM(small_config("linear", **overrides)).to(device)  # two Titans layers
+    compiled = copy.deepcopy(eager)
+    compiled.config.compile_chunk_step = True  # read at each use: switches a built (or loaded) model
+    return eager, compiled
+
+
+def train_steps(models, device, steps=2, length=24, batch=2, attention_mask=None):
+    """AdamW steps of each model on the same batches; the per-step losses and the last gradients."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    losses = [[] for _ in models]
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(1, 61, (batch, length), generator=g).to(device)
+        for model, opt, out in zip(models, opts, losses):
+            loss = model(ids, attention_mask=attention_mask, labels=ids).loss
+            loss.backward()
+            out.append(loss.item())
+            if step < steps - 1:
+                opt.step()
+                opt.zero_grad()
+    return losses
+
+
+def assert_same_grads(a, b, atol, rtol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, atol=atol, rtol=rtol, msg=name)
+
+
+def test_option_is_validated():
+    with pytest.raises(ValueError, match="compile_chunk_step"):
+        HopeConfig(compile_chunk_step=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"recompute_memory_states": False}, {"self_modifying": False},
+                                       {"retain_toward_init": False, "dgd": False}],
+                         ids=["default", "no-recompute", "titans-only", "no-anchors-no-dgd"])
+def test_traced_chunk_step_equals_eager_with_one_graph_per_function(overrides, compile_backend):
+    compile_backend("aot_eager")
+    eager, compiled = twin_models("cpu", **overrides)
+    losses = train_steps([eager, compiled], "cpu")
+    assert losses[1] == losses[0]
+    assert_same_grads(eager, compiled, atol=0, rtol=0)
+    # whole graphs (fullgraph=True would raise on a break), and no recompilation across layers, chunks, the
+    # first-chunk aliasing of snapshot and current weights, or the inputs' requires_grad: one forward graph and one
+    # backward graph (length 24, chunk size 4: every chunk has the same shape)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["option-on-a-cpu", "option-off"])
+def test_nothing_compiles_on_a_cpu_or_with_the_option_off(on_cpu, compile_backend):
+    compile_backend("aot_eager", on_cpu=on_cpu)
+    eager, compiled = twin_models("cpu")
+    train_steps([compiled if not on_cpu else eager], "cpu", steps=1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_padding_and_decoding_with_the_compiled_step(compile_backend):
+    compile_backend("aot_eager")
+    eager, compiled = twin_models("cpu")
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[0, :5] = 0  # left padding: a partial first chunk, a second input shape
+    losses = train_steps([eager, compiled], "cpu", steps=1, length=21, attention_mask=mask)
+    assert losses[1] == losses[0]
+    assert_same_grads(eager, compiled, atol=0, rtol=0)
+    prompt = torch.randint(1, 61, (2, 9))
+    outs = [m.eval().generate(prompt, max_new_tokens=5, do_sample=False) for m in (eager, compiled)]
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_compiled_chunk_step_inside_a_compiled_model(compile_backend):
+    """`torch.compile(model)` leaves the scan eager (`torch.compiler.disable`); the chunk step inside still compiles."""
+    compile_backend("aot_eager")
+    eager, compiled = twin_models("cpu")
+    ids = torch.randint(1, 61, (2, 24))
+    losses = []
+    for model in (eager, torch.compile(compiled, backend="eager")):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert_same_grads(eager, compiled, atol=1e-6, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 2  # the model's graphs and the chunk step's
+
+
+@pytest.mark.slow
+def test_inductor_chunk_step_matches_eager_on_the_cpu(compile_backend):
+    compile_backend("inductor")
+    eager, compiled = twin_models("cpu")
+    losses = train_steps([eager, compiled], "cpu")
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert_same_grads(eager, compiled, atol=1e-5, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager-scan", "cuda-graphs"])
+def test_inductor_chunk_step_matches_eager_on_cuda(graphs):
+    eager, compiled = twin_models("cuda")
+    compiled.config.memory_cuda_graphs = graphs
+    losses = train_steps([eager, compiled], "cuda", steps=3)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert_same_grads(eager, compiled, atol=1e-5, rtol=1e-4)

@@ -154,10 +154,12 @@ class HopeSelfModifyingTitans(nn.Module):
 
     @property
     def chunk_spec(self) -> "ChunkSpec":
-        """The chunk step's settings; `compile_chunk_step` is read from the config at each use (like
-        `memory_cuda_graphs`), so that it can be switched on a loaded model."""
-        if self._chunk_spec.compiled != self.config.compile_chunk_step:
-            self._chunk_spec = replace(self._chunk_spec, compiled=self.config.compile_chunk_step)
+        """The chunk step's settings. `compile_chunk_step` is read from the config at each use (like
+        `memory_cuda_graphs`, so that it can be switched on a loaded model) and applies in training mode only:
+        prompts of varying lengths would make inference compile again and again."""
+        compiled = self.config.compile_chunk_step and self.training
+        if self._chunk_spec.compiled != compiled:
+            self._chunk_spec = replace(self._chunk_spec, compiled=compiled)
         return self._chunk_spec
 
     # ------------------------------------------------------------------------------------------------ init

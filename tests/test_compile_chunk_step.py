@@ -101,17 +101,23 @@ def test_nothing_compiles_on_a_cpu_or_with_the_option_off(on_cpu, compile_backen
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
-def test_padding_and_decoding_with_the_compiled_step(compile_backend):
+def test_padding_with_the_compiled_step_and_eval_mode_stays_eager(compile_backend):
     compile_backend("aot_eager")
     eager, compiled = twin_models("cpu")
     mask = torch.ones(2, 21, dtype=torch.long)
-    mask[0, :5] = 0  # left padding: a partial first chunk, a second input shape
+    mask[0, :5] = 0  # left padding: partial chunks, more input shapes
     losses = train_steps([eager, compiled], "cpu", steps=1, length=21, attention_mask=mask)
     assert losses[1] == losses[0]
     assert_same_grads(eager, compiled, atol=0, rtol=0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2
+    # evaluation and generation (eval mode: prompts of every length) run the eager chunk step
     prompt = torch.randint(1, 61, (2, 9))
     outs = [m.eval().generate(prompt, max_new_tokens=5, do_sample=False) for m in (eager, compiled)]
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    with torch.no_grad():
+        compiled(prompt, labels=prompt)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_compiled_chunk_step_inside_a_compiled_model(compile_backend):

@@ -692,6 +692,23 @@ class ChunkSpec:
     compiled: bool = False  # `compile_chunk_step`: `ChunkStep` runs compiled `chunk_functions` on a GPU
 
 
+def _per_head(x, w):
+    """x (R, H, L, X) @ w (H, X, Y) -> (R, H, L, Y) as one product per head over all rows' tokens (`x @ w` would
+    first copy w for every row: a weight-sized copy for an anchor)."""
+    rows, heads, length, width = x.shape
+    out = torch.matmul(x.transpose(0, 1).reshape(heads, rows * length, width), w)
+    return out.view(heads, rows, length, -1).transpose(0, 1)
+
+
+def _plus_outer_products(base, a, b, sign=1.0):
+    """base (R, H, n, X, Y) + sign * einsum("rhcnx,rhcny->rhnxy", a, b): one GEMM per (row, head, memory) over the
+    token axis c that accumulates into base (`torch.baddbmm`), not a weight-sized product added afterwards."""
+    rows, heads, length, n, width = a.shape
+    a = a.permute(0, 1, 3, 4, 2).reshape(rows * heads * n, width, length)
+    b = b.transpose(2, 3).reshape(rows * heads * n, length, -1)
+    return torch.baddbmm(base.reshape(rows * heads * n, width, -1), a, b, alpha=sign).view(base.shape)
+
+
 def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b,
                   keep: bool = False):
     """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once (Eq. 84-91).
@@ -756,7 +773,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     if spec.dgd:
         eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
         if spec.retain_toward_init:
-            k_anchor = k @ anchor_a
+            k_anchor = _per_head(k, anchor_a)
             force = force - eta_p.unsqueeze(-1) * k_anchor
         k_x0 = k @ x0
         if single:
@@ -768,12 +785,19 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
             r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
     else:
         r = force
-    a_end = e_end.unsqueeze(-1) * x0 + k.transpose(-1, -2) @ (r if single else to_end.unsqueeze(-1) * r)
+    # a_end = e_end x0 + k^T (to_end r) (+ anchor_a): the product accumulates into the decayed start
+    base = torch.addcmul(anchor_a, e_end.unsqueeze(-1), x0) if spec.retain_toward_init else e_end.unsqueeze(-1) * x0
+    batch, width = base.shape[0] * base.shape[1], k.shape[-1]
+    weighted_r = (r if single else to_end.unsqueeze(-1) * r).reshape(batch, length, -1)
+    a_end = torch.baddbmm(base.reshape(batch, width, -1), k.transpose(-1, -2).reshape(batch, width, length), weighted_r)
+    a_end = a_end.view(cur_a.shape)
 
     # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
     y0 = cur_b - anchor_b if spec.retain_toward_init else cur_b
     weighted_h = h * (eta1 if single else eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
-    b_end = e_end.unsqueeze(-1).unsqueeze(-1) * y0 - torch.einsum("rhcnm,rhcnd->rhnmd", weighted_h, e)
+    e_end_b = e_end.unsqueeze(-1).unsqueeze(-1)
+    base = torch.addcmul(anchor_b, e_end_b, y0) if spec.retain_toward_init else e_end_b * y0
+    b_end = _plus_outer_products(base, weighted_h, e, sign=-1.0)  # (anchor_b +) e_end y0 - sum_c weighted_h^T e
 
     # ---- read the output memory at the per-token state (Eq. 86, read before write)
     sl_o = slice((n - 1) * m, n * m)
@@ -785,7 +809,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         qk = qk_raw * decay
         pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
     if spec.retain_toward_init:
-        pre_q = pre_q + q @ anchor_a[..., sl_o]
+        pre_q = pre_q + _per_head(q, anchor_a[..., sl_o])
     s = F.silu(pre_q)  # (R,H,L,m)
     s_y0 = s @ y0[:, :, -1]
     if single:
@@ -795,9 +819,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
         o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
     if spec.retain_toward_init:
-        o = o + s @ anchor_b[:, -1]
-        a_end = a_end + anchor_a
-        b_end = b_end + anchor_b
+        o = o + _per_head(s, anchor_b[:, -1])
     if not keep:
         return o, a_end, b_end
     # everything chunk_backward reads, except x0 and y0 (weight-sized, and one subtraction away from the inputs)
@@ -837,7 +859,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_y0_o = tr(s) @ d_o_prev
     d_g_prev = (d_o * t["s_y0"]).sum(-1) * e_prev
     if retain:
-        d_s = d_s + d_o @ tr(anchor_b[:, -1])
+        d_s = d_s + _per_head(d_o, tr(anchor_b[:, -1]))
         d_anchor_b_o = (tr(s) @ d_o).sum(0)
     d_sh = -(d_o @ tr(e[..., -1, :]))
     d_e_o = -(tr(t["sh"]) @ d_o)
@@ -857,7 +879,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_r_o = tr(t["qk"]) @ d_pre_q
     d_qk = d_pre_q @ tr(r[..., sl_o])
     if retain:
-        d_q = d_q + d_pre_q @ tr(anchor_a[..., sl_o])
+        d_q = d_q + _per_head(d_pre_q, tr(anchor_a[..., sl_o]))
         d_anchor_a_o = (tr(q) @ d_pre_q).sum(0)
     d_qk_raw = d_qk * decay
     d_log_decay = d_log_decay + d_qk_raw * t["qk_raw"]
@@ -913,10 +935,12 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_g_prev = d_g_prev + d_coef * coef
         d_k_x0 = -coef.unsqueeze(-1) * d_rhs
         d_k = d_k + d_k_x0 @ tr(x0)
-        d_x0 = d_x0 + tr(k) @ d_k_x0
+        rows_heads, width = d_x0.shape[0] * d_x0.shape[1], k.shape[-1]
+        d_x0 = torch.baddbmm(d_x0.view(rows_heads, width, -1), tr(k).reshape(rows_heads, width, length),
+                             d_k_x0.reshape(rows_heads, length, -1)).view(d_x0.shape)
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
-            d_k = d_k + d_k_anchor @ tr(anchor_a)
+            d_k = d_k + _per_head(d_k_anchor, tr(anchor_a))
             d_anchor_a = d_anchor_a + (tr(k) @ d_k_anchor).sum(0)
             d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
         # eta_p = eta / (1 + eta |k|^2)
@@ -954,13 +978,12 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     dpre = t["dpre"]
     d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
     d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
-    d_snap_b = 2 * d_col.unsqueeze(-1) * snap_b
+    d_snap_b_col = (2 * d_col).unsqueeze(-1) * snap_b
 
     # ---- gradients at the snapshot: delta = (e B^T) * silu'(pre), e = M(k) - vhat
     d_b_e = d_delta * dpre
     d_dpre = d_dpre + d_delta * t["b_e"]
     d_e = d_e + torch.einsum("rhcnm,rhnmd->rhcnd", d_b_e, snap_b)
-    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", d_b_e, e)
     sig, pre = t["sig"], t["pre"]
     silu_grad2 = sig * (1 - sig) * (2 + pre - 2 * h)  # silu''(pre) = sig (1 - sig) (2 + pre (1 - 2 sig))
     d_pre = torch.addcmul(d_h * dpre, d_dpre, silu_grad2)
@@ -968,7 +991,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     # ---- the reads through the snapshot: e = (k - v) + (silu(k A) - silu(v A)) B (v's read absent without
     # self-modification, and gradient-free with detached targets)
     z, sig_all, h_all = t["z"], t["sig_all"], t["h_all"]
-    d_snap_b = d_snap_b + torch.einsum("rhcnm,rhcnd->rhnmd", t["h_e"], d_e)
+    # d_snap_b: the column norms' term + d_b_e^T e + h_e^T d_e, the two products as one over 2L tokens
+    d_snap_b = _plus_outer_products(d_snap_b_col, torch.cat([d_b_e, t["h_e"]], dim=2), torch.cat([e, d_e], dim=2))
     d_h_e = torch.einsum("rhcnd,rhnmd->rhcnm", d_e, snap_b)
     d_e_sum = d_e.sum(-2)
     if not spec.self_modifying:

@@ -7,6 +7,7 @@ CPU time (one torch thread by default), so other jobs on the machine count less;
 
     python benchmarks/layer_versions.py --baseline 271fd4f            # width 128 (tiny), 4 x 2048
     python benchmarks/layer_versions.py --baseline HEAD~1 --hidden 512 --heads 8 --batch 1
+    python benchmarks/layer_versions.py --baseline-file hope_hf/memory_hope.py --compile-current   # compiled vs eager
     python benchmarks/layer_versions.py --quick                      # seconds: what CI runs (the file against itself)
 """
 
@@ -74,10 +75,11 @@ def measure(args) -> list[dict]:
     print(f"{'recompute':>9} | {'baseline fwd':>12} {'step':>7} | {'current fwd':>11} {'step':>7} | "
           f"{'step speed-up':>13}")
     for recompute in (False, True):
-        config = HopeConfig(vocab_size=128, hidden_size=args.hidden, num_attention_heads=args.heads,
-                            num_hidden_layers=1, chunk_size=args.chunk_size, recompute_memory_states=recompute)
         layers = {}
         for name, module in versions.items():
+            config = HopeConfig(vocab_size=128, hidden_size=args.hidden, num_attention_heads=args.heads,
+                                num_hidden_layers=1, chunk_size=args.chunk_size, recompute_memory_states=recompute,
+                                compile_chunk_step=args.compile_current and name == "current")
             torch.manual_seed(0)
             layers[name] = module.HopeSelfModifyingTitans(config, 0)
             layers[name].init_memory_weights()
@@ -109,6 +111,9 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=16, help="chunk size (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up; the median is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--compile-current", action="store_true",
+                        help="the current version with compile_chunk_step=True (the warm-up round compiles); with "
+                             "--baseline-file hope_hf/memory_hope.py: compiled against eager, same code")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, the current file against itself")
     parser.add_argument("--json", default="benchmarks/results/layer_versions.json", help="where to write the results")
     args = parser.parse_args(argv)

@@ -150,6 +150,8 @@ class HopeSelfModifyingTitans(nn.Module):
         self.u_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
+        self._generate_spec = GenerateSpec(boxes=tuple(self.boxes), memory_dim=self.memory_dim,
+                                           eta_max=self.eta_max, retention=config.retention)
         self._scan_graphs = _ScanGraphs()
 
     @property
@@ -418,26 +420,59 @@ class HopeSelfModifyingTitans(nn.Module):
         return o, (snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b)
 
     def _generate(self, u, snap_a, snap_b):
-        """Keys, values, learning rates and retention gates of a chunk, from the snapshot memories (Eq. 87, 90)."""
-        p = self.fast_init
-        n_aux = self.num_memories - 1
-        m = self.memory_dim
-        aux = {}
-        if n_aux:
-            hid = F.silu(u @ snap_a[..., : n_aux * m]).unflatten(-1, (n_aux, m))  # (R,H,C,n_aux,m)
-            mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid, snap_b[:, :, :n_aux])
-            aux = dict(zip(self.boxes[:-1], mem.unbind(-2)))  # one stack in backward, not a zero-filled copy each
-        k = l2norm(aux["k"] if "k" in aux else u @ fp32(p.static_k))
-        v = l2norm(aux["v"] if "v" in aux else u @ fp32(p.static_v))
-        eta_src = aux.get("eta", u)
-        eta = self.eta_max * torch.sigmoid((eta_src * fp32(p.eta_readout)[:, None]).sum(-1) + fp32(p.eta_bias)[:, None])
-        if self.config.retention:
-            alpha_src = aux.get("alpha", u)
-            logit = (alpha_src * fp32(p.alpha_readout)[:, None]).sum(-1) + fp32(p.alpha_bias)[:, None]
-            log_alpha = F.logsigmoid(logit)
-        else:
-            log_alpha = torch.zeros_like(eta)
-        return k, v, eta, log_alpha
+        """Keys, values, learning rates and retention gates of a chunk, from the snapshot memories (Eq. 87, 90):
+        `generate` with this layer's settings and parameters, compiled with the chunk step (`compile_chunk_step`)."""
+        params = [getattr(self.fast_init, name, None) for name in GENERATE_PARAMETERS]
+        if self.chunk_spec.compiled and snap_a is not None:
+            return generate_function(self._generate_spec)(u, snap_a, snap_b, *params)
+        return generate(self._generate_spec, u, snap_a, snap_b, *params)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """What `generate` needs to know of the config (hashable: `torch.compile` guards on it)."""
+
+    boxes: tuple[str, ...]
+    memory_dim: int
+    eta_max: float
+    retention: bool
+
+
+GENERATE_PARAMETERS = ("static_k", "static_v", "eta_readout", "eta_bias", "alpha_readout", "alpha_bias")
+
+
+def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_readout, eta_bias, alpha_readout,
+             alpha_bias):
+    """Keys, values, learning rates and retention gates (Eq. 87, 90): read from the snapshot memories of k, v, eta,
+    alpha where they are adaptive (`snap_a`, `snap_b` None: none is), else from the static projections and
+    readouts. u: (R, H, L, d). Parameters a config does not have are None."""
+    n_aux, m = len(spec.boxes) - 1, spec.memory_dim
+    aux = {}
+    if n_aux:
+        hid = F.silu(u @ snap_a[..., : n_aux * m]).unflatten(-1, (n_aux, m))  # (R,H,C,n_aux,m)
+        mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid, snap_b[:, :, :n_aux])
+        aux = dict(zip(spec.boxes[:-1], mem.unbind(-2)))  # one stack in backward, not a zero-filled copy each
+    k = l2norm(aux["k"] if "k" in aux else u @ fp32(static_k))
+    v = l2norm(aux["v"] if "v" in aux else u @ fp32(static_v))
+    eta_src = aux.get("eta", u)
+    eta = spec.eta_max * torch.sigmoid((eta_src * fp32(eta_readout)[:, None]).sum(-1) + fp32(eta_bias)[:, None])
+    if spec.retention:
+        alpha_src = aux.get("alpha", u)
+        log_alpha = F.logsigmoid((alpha_src * fp32(alpha_readout)[:, None]).sum(-1) + fp32(alpha_bias)[:, None])
+    else:
+        log_alpha = torch.zeros_like(eta)
+    return k, v, eta, log_alpha
+
+
+@functools.cache
+def generate_function(spec: GenerateSpec):
+    """`generate` compiled by `torch.compile` for `compile_chunk_step` (differentiable: AOTAutograd compiles its
+    backward too). One per spec, shared by equal layers."""
+
+    def generate_for_spec(*args):
+        return generate(spec, *args)
+
+    return torch.compile(generate_for_spec, fullgraph=True)
 
 
 class _RecomputedSegment(torch.autograd.Function):
@@ -689,7 +724,7 @@ class ChunkSpec:
     detach_self_targets: bool
     dgd: bool
     retain_toward_init: bool
-    compiled: bool = False  # `compile_chunk_step`: `ChunkStep` runs compiled `chunk_functions` on a GPU
+    compiled: bool = False  # `compile_chunk_step` in training mode: `ChunkStep` runs the compiled `chunk_functions`
 
 
 def _per_head(x, w):
@@ -1017,16 +1052,11 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
             d_anchor_a, d_anchor_b)
 
 
-# Where `compile_chunk_step` applies: on a CPU, Inductor takes minutes and its chunk step was slower than eager (the
-# tests add "cpu" here to trace the compiled path with a cheap backend).
-COMPILED_DEVICE_TYPES = {"cuda"}
-
-
 @functools.cache
-def chunk_functions(spec: ChunkSpec, compiled: bool):
+def chunk_functions(spec: ChunkSpec):
     """The forward (keeping its intermediates) and backward of `ChunkStep` for `spec`: `chunk_forward` and
-    `chunk_backward`, compiled by `torch.compile` (Inductor, whole graphs) if `compiled`. One pair per spec, shared
-    by every layer with that spec, so that equal layers share the compiled code instead of recompiling it."""
+    `chunk_backward`, compiled by `torch.compile` (Inductor, whole graphs) if `spec.compiled`. One pair per spec,
+    shared by every layer with that spec, so that equal layers share the compiled code instead of recompiling it."""
 
     def forward(*inputs):
         return chunk_forward(spec, *inputs, keep=True)
@@ -1034,7 +1064,7 @@ def chunk_functions(spec: ChunkSpec, compiled: bool):
     def backward(inputs, saved, d_o, d_a_end, d_b_end):
         return chunk_backward(spec, inputs, saved, d_o, d_a_end, d_b_end)
 
-    if not compiled:
+    if not spec.compiled:
         return forward, backward
     forward, backward = torch.compile(forward, fullgraph=True), torch.compile(backward, fullgraph=True)
 
@@ -1053,7 +1083,7 @@ class ChunkStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b):
         inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b)
-        forward, ctx.chunk_backward = chunk_functions(spec, spec.compiled and q.device.type in COMPILED_DEVICE_TYPES)
+        forward, ctx.chunk_backward = chunk_functions(spec)
         o, a_end, b_end, saved = forward(*inputs)
         ctx.names = list(saved)
         ctx.save_for_backward(*inputs, *saved.values())

@@ -49,8 +49,9 @@ def test_train_saves_model_tokenizer_card_and_the_loss_falls(run_dir):
     assert m["first_logged_train_loss"] - m["last_logged_train_loss"] > 0.7, m
     assert m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
     assert m["unigram_perplexity"] > 1
-    # on a CPU the CUDA-graph default of `train` leaves the saved config as the preset has it
-    assert json.loads((run_dir / "config.json").read_text())["memory_cuda_graphs"] is False
+    # on a CPU the CUDA defaults of `train` (graphs, compiled chunk step) leave the saved config as the preset has it
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["memory_cuda_graphs"] is False and saved["compile_chunk_step"] is False
     card = (run_dir / "README.md").read_text()
     assert "library_name: transformers" in card and f"{m['eval_perplexity']:.2f}" in card
     assert isinstance(m["sample"], str) and m["sample"].startswith("def")

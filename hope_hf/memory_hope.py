@@ -346,8 +346,10 @@ class HopeSelfModifyingTitans(nn.Module):
         return self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
 
     def _fresh_scan(self, q, u, layout: "_Layout"):
-        """The scan of fresh sequences (the computation that `_ScanGraph` captures): reads and final state."""
-        start = self.initial_state(layout.num_rows, q.device)
+        """The scan of fresh sequences (the computation that `_ScanGraph` captures): reads and final state. The start
+        state is made as `forward_with_state` makes it, so that the compiled chunk step sees the same layouts."""
+        init = self.initial_state(layout.num_rows, q.device)
+        start = layout.frame_state(init, init)
         o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
         return (o, *final)
 
@@ -424,6 +426,8 @@ class HopeSelfModifyingTitans(nn.Module):
         `generate` with this layer's settings and parameters, compiled with the chunk step (`compile_chunk_step`)."""
         params = [getattr(self.fast_init, name, None) for name in GENERATE_PARAMETERS]
         if self.chunk_spec.compiled and snap_a is not None:
+            # plain tensors, as the CUDA graphs' parameter aliases are: Dynamo would recompile for the other type
+            params = [None if p is None else p.view_as(p) for p in params]
             return generate_function(self._generate_spec)(u, snap_a, snap_b, *params)
         return generate(self._generate_spec, u, snap_a, snap_b, *params)
 
@@ -560,6 +564,15 @@ class _ScanGraph:
             found = iter(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
         return [next(found) if needed else None for needed in self.needs_grad]
 
+    @staticmethod
+    def zero_grad_outputs(outputs):
+        """Buffers for the gradients of (reads, final state), the reads' in the layout in which `forward_with_state`
+        hands them back ((R, L, H, d) memory, from its transpose): the compiled chunk step then sees the strides of
+        the eager step and reuses its code."""
+        o, *final = outputs
+        reads = torch.zeros_like(o.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
+        return [reads, *(torch.zeros_like(t) for t in final)]
+
     def capture(self) -> "_ScanGraph":
         """Record `forward` and `backward` into the two graphs (one memory pool), after a warm-up."""
         # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
@@ -569,7 +582,7 @@ class _ScanGraph:
         with torch.cuda.stream(side):
             for _ in range(2):
                 outputs = self.forward()
-                self.backward(outputs, [torch.zeros_like(t) for t in outputs])
+                self.backward(outputs, self.zero_grad_outputs(outputs))
                 # nothing of the warm-up may outlive it: its gradient accumulators belong to this side stream
                 del outputs
         torch.cuda.current_stream().wait_stream(side)
@@ -579,7 +592,7 @@ class _ScanGraph:
         # thread_local: a DataLoader's pin-memory thread may use CUDA meanwhile
         with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = self.forward()
-        self.grad_outputs = [torch.zeros_like(t) for t in self.outputs]
+        self.grad_outputs = self.zero_grad_outputs(self.outputs)
         with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
             self.grads = self.backward(self.outputs, self.grad_outputs)
         # the buffers alone: the capture's autograd graph would keep the layer (a cycle) and its memory alive

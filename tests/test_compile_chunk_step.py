@@ -96,6 +96,28 @@ def test_traced_chunk_step_equals_eager_without_recompiling(overrides, compile_b
     assert 2 <= graphs <= (2 if overrides.get("self_modifying") is False else 5)
 
 
+def test_the_cuda_graphs_computation_does_not_recompile(compile_backend, monkeypatch):
+    """What `_ScanGraph` captures (the scan of the layer's own inputs, its parameters replaced by detached aliases)
+    must reuse the compiled code of the eager training step: a compilation inside a capture would break it, and
+    every new variant counts against Dynamo's recompilation limit."""
+    compile_backend("aot_eager")
+    _, compiled = twin_models("cpu")
+    scans = []
+
+    def record(self, layer, q, u, layout):  # on a CPU no graph is made: keep what a GPU would capture
+        scans.append((layer, q, u, layout))
+
+    monkeypatch.setattr(memory_hope._ScanGraphs, "get", record)
+    train_steps([compiled], "cpu", steps=1)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert len(scans) == 2
+    for layer, q, u, layout in scans:
+        graph = memory_hope._ScanGraph(layer, q, u, layout)
+        outputs = graph.forward()
+        graph.backward(outputs, [g + 1 for g in graph.zero_grad_outputs(outputs)])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_nothing_compiles_with_the_option_off(compile_backend):
     compile_backend("aot_eager")
     eager, _ = twin_models("cpu")

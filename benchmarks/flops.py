@@ -9,6 +9,7 @@ batched shapes that dominate the chunk step (batch R*H; the chunk's tokens again
 square matmul (the machine's practical peak).
 
     python benchmarks/flops.py                        # width 128 and 512 (the tiny and small presets' layers)
+    python benchmarks/flops.py --widths 128x4 --compile-chunk-step   # the layer with its chunk step compiled
     python benchmarks/flops.py --quick                # seconds: what CI runs (asserts nothing about time)
 """
 
@@ -32,12 +33,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_layer(hidden, heads, chunk_size, recompute):
+def build_layer(hidden, heads, chunk_size, recompute, compiled=False):
     from hope_hf import HopeConfig
     from hope_hf.memory_hope import HopeSelfModifyingTitans
 
     cfg = HopeConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads,
-                     chunk_size=chunk_size, recompute_memory_states=recompute)
+                     chunk_size=chunk_size, recompute_memory_states=recompute, compile_chunk_step=compiled)
     torch.manual_seed(0)
     layer = HopeSelfModifyingTitans(cfg, 0)
     layer.init_memory_weights()
@@ -83,7 +84,7 @@ def measure(args):
             flops = count_flops(build_layer(hidden, heads, args.chunk_size, False), x)
             times = {}
             for recompute in (True, False):
-                layer = build_layer(hidden, heads, args.chunk_size, recompute)
+                layer = build_layer(hidden, heads, args.chunk_size, recompute, args.compile_chunk_step)
 
                 def step():
                     layer(x).sum().backward()
@@ -98,6 +99,7 @@ def measure(args):
             rate, rate_plain = flops / times[True], flops / times[False]
             row = {
                 "hidden": hidden, "heads": heads, "length": length, "batch": args.batch, "chunk_size": C,
+                "compile_chunk_step": args.compile_chunk_step,
                 "flops_per_token": flops / (args.batch * length),
                 "layer_flops_per_second": rate,
                 "layer_flops_per_second_no_recompute": rate_plain,
@@ -124,6 +126,9 @@ def main(argv=None):
     parser.add_argument("--chunk_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--compile-chunk-step", action="store_true",
+                        help="time the layer with compile_chunk_step=True (the warm-up step compiles; the FLOPs are "
+                             "counted on the eager layer: the same math)")
     parser.add_argument("--quick", action="store_true", help="one small width and length, one repeat")
     parser.add_argument("--json", default="benchmarks/results/flops.json", help="where to write the results")
     args = parser.parse_args(argv)

@@ -110,11 +110,11 @@ class HopeConfig(PreTrainedConfig):
             and layer. Ignored elsewhere.
         compile_chunk_step (`bool`, defaults to `False`): in training mode (`model.train()`), run the Titans
             memory's chunk step (its forward and written-out backward, and the generation of keys, values and
-            gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step (about a minute); the same math, numbers equal
-            up to float32 rounding. Measured: 1.7x faster graphed steps on an H100 (with `memory_cuda_graphs`),
-            1.15-1.4x faster layer steps on a CPU at head sizes 32 and 64. Needs what `torch.compile` needs (Triton
-            on a GPU, a C++ compiler on a CPU). Eval mode (evaluation, `generate`) stays eager: prompts of new
-            lengths would compile again.
+            gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step
+            (about a minute); the same math, numbers equal up to float32 rounding. Measured: 1.7x faster graphed
+            steps on an H100 (with `memory_cuda_graphs`), 1.15-1.4x faster layer steps on a CPU at head sizes 32 and
+            64. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode (evaluation,
+            `generate`) stays eager: prompts of new lengths would compile again.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.

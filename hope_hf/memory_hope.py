@@ -748,13 +748,17 @@ def _per_head(x, w):
     return out.view(heads, rows, length, -1).transpose(0, 1)
 
 
-def _plus_outer_products(base, a, b, sign=1.0):
-    """base (R, H, n, X, Y) + sign * einsum("rhcnx,rhcny->rhnxy", a, b): one GEMM per (row, head, memory) over the
-    token axis c that accumulates into base (`torch.baddbmm`), not a weight-sized product added afterwards."""
-    rows, heads, length, n, width = a.shape
-    a = a.permute(0, 1, 3, 4, 2).reshape(rows * heads * n, width, length)
-    b = b.transpose(2, 3).reshape(rows * heads * n, length, -1)
-    return torch.baddbmm(base.reshape(rows * heads * n, width, -1), a, b, alpha=sign).view(base.shape)
+def _plus_product(base, a, b, sign=1.0):
+    """base + sign * (a @ b) for batched a (..., X, L), b (..., L, Y), base (..., X, Y): the product
+    accumulates into base inside one GEMM (`torch.baddbmm`), not as a weight-sized result added afterwards."""
+    x, y = base.shape[-2:]
+    return torch.baddbmm(base.reshape(-1, x, y), a.reshape(-1, x, a.shape[-1]), b.reshape(-1, b.shape[-2], y),
+                         alpha=sign).view(base.shape)
+
+
+def _tokens_last(x):
+    """(R, H, C, n, X) -> (R, H, n, X, C): per memory, the token axis as a product's inner dimension."""
+    return x.permute(0, 1, 3, 4, 2)
 
 
 def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b,
@@ -835,17 +839,14 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         r = force
     # a_end = e_end x0 + k^T (to_end r) (+ anchor_a): the product accumulates into the decayed start
     base = torch.addcmul(anchor_a, e_end.unsqueeze(-1), x0) if spec.retain_toward_init else e_end.unsqueeze(-1) * x0
-    batch, width = base.shape[0] * base.shape[1], k.shape[-1]
-    weighted_r = (r if single else to_end.unsqueeze(-1) * r).reshape(batch, length, -1)
-    a_end = torch.baddbmm(base.reshape(batch, width, -1), k.transpose(-1, -2).reshape(batch, width, length), weighted_r)
-    a_end = a_end.view(cur_a.shape)
+    a_end = _plus_product(base, k.transpose(-1, -2), r if single else to_end.unsqueeze(-1) * r)
 
     # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
     y0 = cur_b - anchor_b if spec.retain_toward_init else cur_b
     weighted_h = h * (eta1 if single else eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
     e_end_b = e_end.unsqueeze(-1).unsqueeze(-1)
     base = torch.addcmul(anchor_b, e_end_b, y0) if spec.retain_toward_init else e_end_b * y0
-    b_end = _plus_outer_products(base, weighted_h, e, sign=-1.0)  # (anchor_b +) e_end y0 - sum_c weighted_h^T e
+    b_end = _plus_product(base, _tokens_last(weighted_h), e.transpose(2, 3), sign=-1.0)  # - sum_c weighted_h^T e
 
     # ---- read the output memory at the per-token state (Eq. 86, read before write)
     sl_o = slice((n - 1) * m, n * m)
@@ -983,9 +984,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_g_prev = d_g_prev + d_coef * coef
         d_k_x0 = -coef.unsqueeze(-1) * d_rhs
         d_k = d_k + d_k_x0 @ tr(x0)
-        rows_heads, width = d_x0.shape[0] * d_x0.shape[1], k.shape[-1]
-        d_x0 = torch.baddbmm(d_x0.view(rows_heads, width, -1), tr(k).reshape(rows_heads, width, length),
-                             d_k_x0.reshape(rows_heads, length, -1)).view(d_x0.shape)
+        d_x0 = _plus_product(d_x0, tr(k), d_k_x0)
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
             d_k = d_k + _per_head(d_k_anchor, tr(anchor_a))
@@ -1040,7 +1039,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     # self-modification, and gradient-free with detached targets)
     z, sig_all, h_all = t["z"], t["sig_all"], t["h_all"]
     # d_snap_b: the column norms' term + d_b_e^T e + h_e^T d_e, the two products as one over 2L tokens
-    d_snap_b = _plus_outer_products(d_snap_b_col, torch.cat([d_b_e, t["h_e"]], dim=2), torch.cat([e, d_e], dim=2))
+    d_snap_b = _plus_product(d_snap_b_col, _tokens_last(torch.cat([d_b_e, t["h_e"]], dim=2)),
+                             torch.cat([e, d_e], dim=2).transpose(2, 3))
     d_h_e = torch.einsum("rhcnd,rhnmd->rhcnm", d_e, snap_b)
     d_e_sum = d_e.sum(-2)
     if not spec.self_modifying:

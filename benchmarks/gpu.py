@@ -299,15 +299,24 @@ def section_profile(args, device, length, variant="eager"):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         sync(device)
-    kernel_us, kernels = 0.0, 0
+    kernel_us, kernels, by_name = 0.0, 0, {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
-            kernel_us += e.time_range.elapsed_us()
+            us = e.time_range.elapsed_us()
+            kernel_us += us
             kernels += 1
+            total = by_name.setdefault(e.name[:80], [0, 0.0])
+            total[0] += 1
+            total[1] += us
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:12]
     out = {"preset": "tiny", "variant": variant, "length": length, "batch": args.batch, "wall_seconds": wall,
            "device_kernel_seconds": kernel_us / 1e6, "device_kernels": kernels,
-           "device_busy_fraction": kernel_us / 1e6 / wall, "wall_us_per_kernel": wall * 1e6 / max(kernels, 1)}
-    print(f"profile: {out}", flush=True)
+           "device_busy_fraction": kernel_us / 1e6 / wall, "wall_us_per_kernel": wall * 1e6 / max(kernels, 1),
+           "top_kernels": [{"name": name, "calls": calls, "seconds": us / 1e6} for name, (calls, us) in top]}
+    print("profile: " + ", ".join(f"{k} {v}" for k, v in out.items() if k != "top_kernels"), flush=True)
+    for kernel in out["top_kernels"]:
+        print(f"profile kernel: {kernel['seconds'] * 1e3:9.2f} ms {kernel['calls']:>7} calls  {kernel['name']}",
+              flush=True)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo): DDP through `accelerate launch`, FSDP2 through torchrun + `fully_shard`.
+"""Multi-process training on CPU (gloo): DDP through `accelerate launch`, FSDP2 through torchrun + `fully_shard`;
+on a CUDA machine also DDP with the memory scan replayed from CUDA graphs.
 
 Each test spawns 2 processes running a script from tests/scripts/ and compares with a single-process run of the same
 global batch in this process.
@@ -107,6 +108,32 @@ def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):
             assert not torch.equal(p, initial[n]), f"{n} did not train"
         else:
             assert torch.equal(p, initial[n]), f"frozen {n} changed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays CUDA graphs: needs a CUDA device")
+def test_ddp_with_graphed_memory_scan_matches_one_process(tmp_path):
+    """DDP (torchrun, 2 ranks x 2 rows on one GPU, gloo) with `memory_cuda_graphs`: the graphed scan runs in every
+    step of every rank, and the losses and weights equal one process's 4-row run without DDP."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir()
+    single.mkdir()
+    script = str(SCRIPTS / "ddp_cuda_graphs_train.py")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+          script, str(ddp)], timeout=300)
+    _run([sys.executable, script, str(single)], timeout=300)
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ref = json.loads((single / "rank0.json").read_text())
+    assert ref["world"] == 1 and all(r["world"] == 2 for r in ranks)
+    layers = 2  # tiny_model's Titans layers, each replays its graphed scan once per step
+    assert ref["replays"] == layers * len(ref["losses"]) and all(r["replays"] == ref["replays"] for r in ranks)
+    for r in ranks:
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert ref["losses"][-1] < ref["losses"][0]
+    w_ddp = torch.load(ddp / "weights.pt", weights_only=True)
+    w_ref = torch.load(single / "weights.pt", weights_only=True)
+    assert w_ddp.keys() == w_ref.keys()
+    for k in w_ref:  # float32 sums in another order, then Adam's normalised steps (see the CPU DDP test above)
+        torch.testing.assert_close(w_ddp[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_example_accelerate_configs_parse():

@@ -8,6 +8,7 @@ CPU time (one torch thread by default), so other jobs on the machine count less;
     python benchmarks/layer_versions.py --baseline 271fd4f            # width 128 (tiny), 4 x 2048
     python benchmarks/layer_versions.py --baseline HEAD~1 --hidden 512 --heads 8 --batch 1
     python benchmarks/layer_versions.py --baseline-file hope_hf/memory_hope.py --compile-current   # compiled vs eager
+    python benchmarks/layer_versions.py --baseline HEAD --compile-current --compile-baseline       # a change, compiled
     python benchmarks/layer_versions.py --quick                      # seconds: what CI runs (the file against itself)
 """
 
@@ -79,7 +80,8 @@ def measure(args) -> list[dict]:
         for name, module in versions.items():
             config = HopeConfig(vocab_size=128, hidden_size=args.hidden, num_attention_heads=args.heads,
                                 num_hidden_layers=1, chunk_size=args.chunk_size, recompute_memory_states=recompute,
-                                compile_chunk_step=args.compile_current and name == "current")
+                                compile_chunk_step=args.compile_current and name == "current"
+                                or args.compile_baseline and name == "baseline")
             torch.manual_seed(0)
             layers[name] = module.HopeSelfModifyingTitans(config, 0)
             layers[name].init_memory_weights()
@@ -114,6 +116,9 @@ def main(argv=None):
     parser.add_argument("--compile-current", action="store_true",
                         help="the current version with compile_chunk_step=True (the warm-up round compiles); with "
                              "--baseline-file hope_hf/memory_hope.py: compiled against eager, same code")
+    parser.add_argument("--compile-baseline", action="store_true",
+                        help="the baseline with compile_chunk_step=True; with --compile-current: is a change faster "
+                             "when both versions are compiled?")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, the current file against itself")
     parser.add_argument("--json", default="benchmarks/results/layer_versions.json", help="where to write the results")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
   cuda_graphs  HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`), with
                and without the compiled chunk step (`compile_chunk_step`), recomputation on and off, against the
                eager scan and Llama at 2048 tokens (and tiny at 8192); the step that captures is timed apart;
+               model FLOP utilisation as in the training section;
   training     training steps (forward, loss, backward; bf16 autocast as `Trainer(bf16=True)` runs them) of HOPE
                and of the Llama of the same parameter count (`decode.llama_like`, sdpa): tokens/s, peak device
                memory, and model FLOP utilisation (matmul FLOPs counted with `FlopCounterMode`, without
@@ -246,6 +247,19 @@ def train_rows(args, device, clock, preset, lengths, kind, first_warmup=True):
     return rows
 
 
+def add_flops(row, args, device, peak_flops, counted: dict):
+    """The row's model FLOPs per token (`count_flops_per_token`, cached in `counted` by model, preset and length)
+    and its model FLOP utilisation against `peak_flops`. Counting is a bonus: an error keeps the timing."""
+    key = (row["model"], row["preset"], row["length"])
+    try:
+        if key not in counted:
+            counted[key] = count_flops_per_token(row["model"], row["preset"], args.overrides, row["length"], device)
+        row["flops_per_token"] = counted[key]
+        row["model_flops_utilisation"] = counted[key] * row["tokens_per_second"] / peak_flops
+    except Exception as exc:
+        row["flops_error"] = repr(exc)[:300]
+
+
 def add_ratios_to_llama(row, llama):
     """HOPE's tokens/s and peak memory in `row` as ratios to Llama's row of the same preset and length."""
     row["speed_ratio_vs_llama"] = row["tokens_per_second"] / llama["tokens_per_second"]
@@ -262,11 +276,7 @@ def section_training(args, device, clock, lengths, presets, peak_flops, first_wa
                 return out
             rows = train_rows(args, device, clock, preset, lengths, kind, first_warmup)
             for row in rows:
-                try:
-                    row["flops_per_token"] = count_flops_per_token(kind, preset, args.overrides, row["length"], device)
-                    row["model_flops_utilisation"] = row["flops_per_token"] * row["tokens_per_second"] / peak_flops
-                except Exception as exc:  # counting is a bonus: keep the timing
-                    row["flops_error"] = repr(exc)[:300]
+                add_flops(row, args, device, peak_flops, {})
             out.extend(rows)
     by = {(r["preset"], r["length"], r["model"]): r for r in out}
     for (preset, length, kind), row in by.items():
@@ -476,28 +486,32 @@ GRAPH_VARIANTS = {
 }
 
 
-def section_cuda_graphs(args, device, clock, runs, variant_names):
+def section_cuda_graphs(args, device, clock, runs, variant_names, peak_flops):
     """HOPE training steps with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`), with and without
     the compiled chunk step (`compile_chunk_step`), against the eager scan and Llama, same run
     (`first_step_seconds`: the step that captures and compiles). On a CPU the graphs option is ignored."""
     variants = [{"variant": name, **GRAPH_VARIANTS[name]} for name in variant_names]
-    rows = []
+    rows, counted = [], {}
     for preset, length in runs:
         if clock.left() < args.reserve_s:
             break
         llama = train_rows(args, device, clock, preset, [length], "llama")[0]
         hope = hope_variant_rows(args, device, clock, length, variants, preset)
         eager = next((row for row in hope if row["variant"] == "eager" and "error" not in row), None)
+        add_flops(llama, args, device, peak_flops, counted)
         for row in hope:
             if "error" in row:
                 continue
+            add_flops(row, args, device, peak_flops, counted)  # the model's FLOPs: the same for every variant
             add_ratios_to_llama(row, llama)
             if eager:
                 row["speedup_vs_eager"] = row["tokens_per_second"] / eager["tokens_per_second"]
             print(f"cuda graphs {preset} {length} {row['variant']:>28}: "
                   f"{row.get('speedup_vs_eager', math.nan):.2f}x eager, "
                   f"{row['speed_ratio_vs_llama']:.4f}x llama, memory {row.get('memory_ratio_vs_llama', 0):.2f}x, "
-                  f"first step {row['first_step_seconds']:.1f} s", flush=True)
+                  f"first step {row['first_step_seconds']:.1f} s, MFU "
+                  f"{row.get('model_flops_utilisation', math.nan):.3%} (llama "
+                  f"{llama.get('model_flops_utilisation', math.nan):.2%})", flush=True)
         rows += [llama, *hope]
     return rows
 
@@ -624,7 +638,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--cuda-graph-variants: unknown {unknown}; choose from {', '.join(GRAPH_VARIANTS)}")
     graph_variants = [v for v in args.cuda_graph_variants if not (compiled_on_cpu and "compiled" in v)]
-    attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs, graph_variants))
+    attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs, graph_variants, peak))
     attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))
     attempt("profile", lambda: section_profile(args, device, args.profile_length or profile_len, args.profile_variant),
             needs_cuda=True)

@@ -15,6 +15,8 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
                and of the Llama of the same parameter count (`decode.llama_like`, sdpa): tokens/s, peak device
                memory, and model FLOP utilisation (matmul FLOPs counted with `FlopCounterMode`, without
                recomputation, over the measured bf16 matmul rate);
+  evaluation   evaluation forward passes (eval mode, no gradients) of Llama and of HOPE with the eager scan and
+               replayed from CUDA graphs (`memory_cuda_graphs`), at the cuda_graphs section's presets and lengths;
   profile      one HOPE training step under the profiler (--profile-variant: eager, or replayed from graphs and
                compiled, ...): time the device spends in kernels against wall time, and the number of kernels
                (how far the step is from bound by the host's kernel launches);
@@ -516,6 +518,55 @@ def section_cuda_graphs(args, device, clock, runs, variant_names, peak_flops):
     return rows
 
 
+def section_evaluation(args, device, clock, runs):
+    """Evaluation forward passes (eval mode, no gradients, as `Trainer.evaluate` runs them) of Llama and of HOPE
+    with the eager scan and with `memory_cuda_graphs` (a shape without gradients is captured on its second use):
+    tokens/s, the logits of both HOPE variants compared, and the two passes before the graphs replay timed apart."""
+    rows = []
+    for preset, length in runs:
+        if clock.left() < args.reserve_s:
+            break
+        logits = {}
+        for name, kind, overrides in (("llama", "llama", {}), ("hope_eager", "hope", {"memory_cuda_graphs": False}),
+                                      ("hope_graphs", "hope", {"memory_cuda_graphs": True})):
+            model, config = build(kind, preset, {**args.overrides, **overrides}, device)
+            model.eval()
+            ids = torch.randint(0, config.vocab_size, (args.batch, length), device=device,
+                                generator=torch.Generator(device).manual_seed(0))
+
+            def step():
+                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                     enabled=device.type == "cuda"):
+                    return model(input_ids=ids).logits
+
+            first = []
+            for _ in range(2):  # eager, then (graphs) the capture
+                sync(device)
+                t0 = time.perf_counter()
+                logits[name] = step().float()
+                sync(device)
+                first.append(time.perf_counter() - t0)
+            sec, n = timed_steps(step, device, max_steps=args.repeats, max_seconds=args.max_seconds)
+            row = {"model": name, "preset": preset, "length": length, "batch": args.batch, "step_seconds": sec,
+                   "timed_steps": n, "tokens_per_second": args.batch * length / sec, "first_two_seconds": first}
+            rows.append(row)
+            del model
+            gc.collect()
+            print(f"eval {name:>11} {preset:>5} {length:>5}: {sec:8.4f} s/batch, {row['tokens_per_second']:10.0f} "
+                  f"tok/s (first two {first[0]:.2f}, {first[1]:.2f} s)", flush=True)
+        by = {row["model"]: row for row in rows[-3:]}
+        by["hope_graphs"]["logits_rel_err_vs_eager"] = rel_err(logits["hope_graphs"], logits["hope_eager"])
+        for name in ("hope_eager", "hope_graphs"):
+            by[name]["speed_ratio_vs_llama"] = by[name]["tokens_per_second"] / by["llama"]["tokens_per_second"]
+        speedup = by["hope_graphs"]["tokens_per_second"] / by["hope_eager"]["tokens_per_second"]
+        by["hope_graphs"]["speedup_vs_eager"] = speedup
+        print(f"eval {preset} {length}: graphs {speedup:.2f}x eager, HOPE/Llama "
+              f"{by['hope_eager']['speed_ratio_vs_llama']:.4f}x eager, "
+              f"{by['hope_graphs']['speed_ratio_vs_llama']:.4f}x graphs; logits rel. err. "
+              f"{by['hope_graphs']['logits_rel_err_vs_eager']:.1e}", flush=True)
+    return rows
+
+
 def section_chunk_sizes(args, device, clock, length, chunk_sizes):
     """HOPE tiny training steps at several chunk sizes (a model hyperparameter: the paper's is 16): the number of
     sequential chunk steps is what a launch-bound GPU step pays for."""
@@ -575,13 +626,13 @@ def main(argv=None):
     parser.add_argument("--baseline-memory", help="a memory_hope.py whose Titans layer HOPE also decodes with")
     parser.add_argument("--compile-decode", action="store_true", help="also decode with torch.compile(model)")
     parser.add_argument("--sections",
-                        default="env,correctness,cuda_graphs,training,profile,compiled,decode,chunk_sizes,recompute,"
-                                "long,compile_model",
+                        default="env,correctness,cuda_graphs,training,evaluation,profile,compiled,decode,chunk_sizes,"
+                                "recompute,long,compile_model",
                         help="comma-separated sections to run, in this order")
     parser.add_argument("--cuda-graph-runs",
                         type=lambda s: [(r.split(":")[0], int(r.split(":")[1])) for r in s.split(",")],
                         help="PRESET:LENGTH,... measured by the cuda_graphs section (default: tiny:2048,small:2048,"
-                             "tiny:8192)")
+                             "tiny:8192) and the evaluation section (default: tiny:2048,small:2048)")
     parser.add_argument("--cuda-graph-variants", type=lambda s: s.split(","),
                         default=["eager", "graphs", "graphs_compiled", "graphs_no_recompute",
                                  "graphs_compiled_no_recompute"],
@@ -640,6 +691,8 @@ def main(argv=None):
     graph_variants = [v for v in args.cuda_graph_variants if not (compiled_on_cpu and "compiled" in v)]
     attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs, graph_variants, peak))
     attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))
+    eval_runs = args.cuda_graph_runs or [(preset, lengths[0]) for preset in presets]
+    attempt("evaluation", lambda: section_evaluation(args, device, clock, eval_runs))
     attempt("profile", lambda: section_profile(args, device, args.profile_length or profile_len, args.profile_variant),
             needs_cuda=True)
     if compiled_on_cpu:

@@ -103,11 +103,12 @@ class HopeConfig(PreTrainedConfig):
         recompute_memory_states (`bool`, defaults to `True`): when training, keep the fast weights of the Titans
             memories only every ~sqrt(#chunks) chunks and recompute the others in the backward pass (activation
             checkpointing inside the layer). Same numbers; much less memory for a little more compute.
-        memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan in
-            training from CUDA graphs (captured on the first step of each input shape, forward and backward) instead
-            of launching its ~560 small kernels per chunk one by one. Same numbers; applies to batches without
-            padding or document starts (others run eagerly) and costs the graphs' memory, one set per input shape
-            and layer. Ignored elsewhere.
+        memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan
+            from CUDA graphs instead of launching its ~560 small kernels per chunk one by one: in training (captured
+            on the first step of each input shape, forward and backward) and in passes without gradients such as
+            evaluation (forward, captured when an input shape comes the second time). Same numbers; applies to
+            batches without padding or document starts (others run eagerly) and costs the graphs' memory, one set
+            per input shape and layer (at most 4 shapes with gradients and 4 without). Ignored elsewhere.
         compile_chunk_step (`bool`, defaults to `False`): in training mode (`model.train()`), run the Titans
             memory's chunk step (its forward and written-out backward, and the generation of keys, values and
             gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step

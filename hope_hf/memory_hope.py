@@ -336,9 +336,12 @@ class HopeSelfModifyingTitans(nn.Module):
     # for the unrolled scan's backward on an H200 (torch 2.11, Triton 3.6: "PassManager::run failed").
     @torch.compiler.disable
     def _scan(self, q, u, start: TitansState, layout: "_Layout", fresh: bool):
-        """The memory scan of the frame: replayed from CUDA graphs where `memory_cuda_graphs` allows it (training
-        on fresh sequences without padding or document starts, see `_ScanGraph`), eager otherwise."""
+        """The memory scan of the frame: replayed from CUDA graphs where `memory_cuda_graphs` allows it (fresh
+        sequences without padding or document starts, see `_ScanGraph`), eager otherwise."""
         graph = self._scan_graphs.get(self, q, u, layout) if fresh else None
+        if graph is not None and graph.inference:
+            o, *final = graph.replay(q, u)
+            return o, tuple(final)
         if graph is not None:
             params = [p for p in self.fast_init.parameters() if p.requires_grad]
             o, *final = _GraphedScan.apply(graph, q, u, *params)
@@ -532,22 +535,24 @@ class _RecomputedSegment(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------------- CUDA graphs
 class _ScanGraph:
-    """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as two CUDA graphs, its forward and its
-    backward, for one input shape (`capture`). A training step on a GPU is launch-bound (~560 small kernels per
-    chunk and layer); a replay launches the whole scan at once. Inputs are copied into the captured buffers and
-    results copied out, so nothing a caller holds is ever overwritten by a later replay."""
+    """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as CUDA graphs for one input shape
+    (`capture`): for training its forward and its backward, for a pass without gradients (`inference`: evaluation)
+    its forward alone. A step on a GPU is launch-bound (~560 small kernels per chunk and layer in training); a
+    replay launches the whole scan at once. Inputs are copied into the captured buffers and results copied out, so
+    nothing a caller holds is ever overwritten by a later replay."""
 
-    def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout"):
+    def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout", inference: bool = False):
         # weakly: the layer holds this graph (a cycle would keep the graphs' memory until a garbage collection)
         self.layer = weakref.ref(layer)
         self.layout = layout  # the captured kernels read its tensors: keep them alive
-        named = [(name, p) for name, p in layer.fast_init.named_parameters() if p.requires_grad]
+        self.inference = inference
+        named = [(name, p) for name, p in layer.fast_init.named_parameters() if inference or p.requires_grad]
         self.param_ptrs = [p.data_ptr() for _, p in named]  # the storage the graphs read
         # The graphs read the parameters' storage through aliases: leaves of their own, whose gradient accumulators
         # are not those of the running training step (made on another stream, they make the capture fail).
-        self.aliases = {name: p.detach().requires_grad_() for name, p in named}
-        self.q = q.detach().clone().requires_grad_(q.requires_grad)
-        self.u = u.detach().clone().requires_grad_(u.requires_grad)
+        self.aliases = {name: p.detach().requires_grad_(not inference) for name, p in named}
+        self.q = q.detach().clone().requires_grad_(q.requires_grad and not inference)
+        self.u = u.detach().clone().requires_grad_(u.requires_grad and not inference)
         self.needs_grad = [t.requires_grad for t in (self.q, self.u, *self.aliases.values())]
         self.pending = None  # weak reference to the token of the replay whose backward has not run yet
 
@@ -574,30 +579,41 @@ class _ScanGraph:
         return [reads, *(torch.zeros_like(t) for t in final)]
 
     def capture(self) -> "_ScanGraph":
-        """Record `forward` and `backward` into the two graphs (one memory pool), after a warm-up."""
+        """Record `forward` and (unless `inference`) `backward` into graphs of one memory pool, after a warm-up."""
         # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), torch.set_grad_enabled(not self.inference):
             for _ in range(2):
                 outputs = self.forward()
-                self.backward(outputs, self.zero_grad_outputs(outputs))
+                if not self.inference:
+                    self.backward(outputs, self.zero_grad_outputs(outputs))
                 # nothing of the warm-up may outlive it: its gradient accumulators belong to this side stream
                 del outputs
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()
-        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.forward_graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may use CUDA meanwhile
-        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.set_grad_enabled(not self.inference), \
+                torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = self.forward()
-        self.grad_outputs = self.zero_grad_outputs(self.outputs)
-        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
-            self.grads = self.backward(self.outputs, self.grad_outputs)
+        if not self.inference:
+            self.backward_graph = torch.cuda.CUDAGraph()
+            self.grad_outputs = self.zero_grad_outputs(self.outputs)
+            with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+                self.grads = self.backward(self.outputs, self.grad_outputs)
         # the buffers alone: the capture's autograd graph would keep the layer (a cycle) and its memory alive
         self.outputs = tuple(t.detach() for t in self.outputs)
         return self
+
+    def replay(self, q, u):
+        """A pass without gradients (`inference` graphs): q, u in, replay, copies of the reads and final state out."""
+        self.q.copy_(q)
+        self.u.copy_(u)
+        self.forward_graph.replay()
+        return tuple(t.clone() for t in self.outputs)
 
     def busy(self) -> bool:
         """A replay's backward is still to come (its autograd graph is alive): another replay would overwrite the
@@ -672,14 +688,18 @@ class _GraphedScan(torch.autograd.Function):
 
 
 class _ScanGraphs:
-    """The captured scans of one layer, by input shape and parameter storage. At most `MAX_SHAPES` shapes: a capture
-    costs about 2.6 eager steps, so a stream of ever new shapes would run slower than eager; shapes beyond these run
-    eagerly. Not copied by `copy.deepcopy` or pickling: a copy captures its own."""
+    """The captured scans of one layer, by input shape and parameter storage. At most `MAX_SHAPES` shapes with
+    gradients and as many without: a capture costs about 2.6 eager steps, so a stream of ever new shapes would run
+    slower than eager; shapes beyond these run eagerly. Without gradients (evaluation, the prompt of `generate`) a
+    shape is captured when it comes the second time: an evaluation loop repeats its batch shape, while prompts of
+    one-off lengths would pay a capture each for nothing. Not copied by `copy.deepcopy` or pickling: a copy captures
+    its own."""
 
     MAX_SHAPES = 4
 
     def __init__(self):
         self.graphs: dict = {}
+        self.seen: set = set()  # shapes without gradients met once (bounded like the graphs)
 
     def __deepcopy__(self, memo):
         return _ScanGraphs()
@@ -688,40 +708,51 @@ class _ScanGraphs:
         return {}
 
     def __setstate__(self, state):
-        self.graphs = {}
+        self.__init__()
 
     def get(self, layer: "HopeSelfModifyingTitans", q, u, layout: "_Layout") -> _ScanGraph | None:
-        """The graph for these inputs (captured on first use), or None where the eager scan must run: graphs off,
-        not on CUDA, not training, padding or document starts, checkpointing, nothing to differentiate, or the
-        graph's previous replay still awaits its backward (two forward passes before one backward)."""
-        if not (layer.config.memory_cuda_graphs and q.is_cuda and torch.is_grad_enabled() and layout.trivial
-                and layout.pad_front == 0) or _under_checkpointing():
+        """The graph for these inputs (captured on first use with gradients, on second use without), or None where
+        the eager scan must run: graphs off, not on CUDA, padding or document starts, checkpointing, or the graph's
+        previous replay still awaits its backward (two forward passes before one backward)."""
+        if not (layer.config.memory_cuda_graphs and q.is_cuda and layout.trivial and layout.pad_front == 0) \
+                or _under_checkpointing():
             return None
         params = list(layer.fast_init.parameters())
-        if not (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)):
-            return None
-        shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
-                 layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
-        key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
+        inference = not (torch.is_grad_enabled()
+                         and (q.requires_grad or u.requires_grad or any(p.requires_grad for p in params)))
+        if inference:
+            # buffers made under inference mode can only be written under it: its graphs are apart
+            shape = ("inference", tuple(q.shape), tuple(u.shape), q.dtype, q.device,
+                     torch.is_inference_mode_enabled())
+        else:
+            shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
+                     layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
+        key = (shape, tuple((p.data_ptr(), p.requires_grad and not inference) for p in params))
         graph = self.graphs.get(key)
         if graph is None:
-            if not self.admit(key):
+            if inference and key not in self.seen:
+                if len(self.seen) < 4 * self.MAX_SHAPES:
+                    self.seen.add(key)
                 return None
-            graph = self.graphs[key] = _ScanGraph(layer, q, u, layout).capture()
+            if not self.admit(key, inference):
+                return None
+            graph = self.graphs[key] = _ScanGraph(layer, q, u, layout, inference).capture()
         return None if graph.busy() else graph
 
-    def admit(self, key) -> bool:
-        """May a graph be captured for `key` = (shape, parameter storage)? Graphs that read another storage than the
-        parameters' present one are dropped first (they can no longer be replayed); then a new shape is admitted
-        while fewer than `MAX_SHAPES` are held."""
-        for old in [k for k in self.graphs if k[1] != key[1]]:
+    def admit(self, key, inference: bool = False) -> bool:
+        """May a graph be captured for `key` = (shape, ((parameter address, requires_grad), ...))? Graphs that read
+        other storage than the parameters' present one are dropped first (they can no longer be replayed); then a
+        new shape is admitted while fewer than `MAX_SHAPES` of its kind (with or without gradients) are held."""
+        storage = [ptr for ptr, _ in key[1]]
+        for old in [k for k in self.graphs if [ptr for ptr, _ in k[1]] != storage]:
             del self.graphs[old]
-        if len(self.graphs) < self.MAX_SHAPES:
+        if sum((k[0][0] == "inference") == inference for k in self.graphs) < self.MAX_SHAPES:
             return True
-        logger.warning_once(
-            f"memory_cuda_graphs: more than {self.MAX_SHAPES} input shapes for the Titans memory; new shapes run "
-            "eagerly (pack or pad the batches to a few fixed lengths to replay graphs for all of them)"
-        )
+        if not inference:  # evaluation shapes beyond these run eagerly without a word: prompts come in all lengths
+            logger.warning_once(
+                f"memory_cuda_graphs: more than {self.MAX_SHAPES} input shapes for the Titans memory; new shapes run "
+                "eagerly (pack or pad the batches to a few fixed lengths to replay graphs for all of them)"
+            )
         return False
 
 

@@ -116,6 +116,86 @@ def test_graphs_are_kept_for_a_few_shapes_and_dropped_when_the_parameters_move(c
     assert graphs.graphs == {}
 
 
+class RecordedGraph:
+    """Stands for `_ScanGraph` in `_ScanGraphs.get`: records the capture instead of making CUDA graphs."""
+
+    def __init__(self, layer, q, u, layout, inference=False):
+        self.inference = inference
+
+    def capture(self):
+        return self
+
+    def busy(self):
+        return False
+
+
+def cuda_like(length, requires_grad):
+    """What `_ScanGraphs.get` reads of q and u, as a CUDA tensor's would read."""
+    return SimpleNamespace(shape=(2, 4, length, 8), dtype=torch.float32, device=torch.device("cuda", 0), is_cuda=True,
+                           requires_grad=requires_grad)
+
+
+def test_graphs_without_gradients_come_on_the_second_use_and_apart_from_training(monkeypatch, caplog):
+    """Evaluation repeats its batch shape, prompts come in all lengths: a shape without gradients is captured when it
+    comes again, such graphs are counted apart from the training graphs (neither evicts the other) and shapes beyond
+    the limit run eagerly without a warning; inference mode keeps graphs of its own (its buffers are inference
+    tensors)."""
+    monkeypatch.setattr(memory_hope, "_ScanGraph", RecordedGraph)
+    memory_hope.logger.warning_once.cache_clear()
+    _, graphed = twin_models("cpu")
+    layer = titans_layers(graphed)[0]
+    graphs = layer._scan_graphs
+    real = torch.ones(2, 32, dtype=torch.bool)
+    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+
+    def get(length, requires_grad=False):
+        x = cuda_like(length, requires_grad)
+        return graphs.get(layer, x, x, layout)
+
+    training = get(32, requires_grad=True)
+    assert training is not None and not training.inference  # with gradients: captured at once
+    with torch.no_grad():
+        assert get(32) is None  # first use: eager
+        evaluation = get(32)
+        assert evaluation is not None and evaluation.inference and get(32) is evaluation
+        with torch.inference_mode():
+            assert get(32) is None and get(32) not in (None, evaluation)
+        for length in range(1, 3 * graphs.MAX_SHAPES):  # prompts of many lengths, each twice
+            get(length), get(length)
+    kinds = [g.inference for g in graphs.graphs.values()]
+    assert kinds.count(False) == 1 and kinds.count(True) == graphs.MAX_SHAPES
+    assert graphs.graphs[next(iter(graphs.graphs))] is training  # not evicted by the graphs without gradients
+    assert "new shapes run eagerly" not in caplog.text
+    with torch.no_grad():  # without gradients only because nothing requires them: the same kind
+        for p in graphed.parameters():
+            p.requires_grad_(False)
+        assert get(33) is None and get(33) is None  # beyond the limit
+    assert "new shapes run eagerly" not in caplog.text
+
+
+@pytest.mark.parametrize("overrides", [{}, {"self_modifying": False}], ids=["default", "titans-only"])
+def test_the_captured_computation_without_gradients_gives_the_layers_reads(overrides):
+    """What an inference graph holds, run eagerly: the scan through detached aliases of all the parameters gives the
+    eager layer's reads and final state, and the layer's own parameters are back in place afterwards."""
+    layer = HopeSelfModifyingTitans(small_config("linear", **overrides), 0).double()
+    layer.init_memory_weights()
+    g = torch.Generator().manual_seed(0)
+    q, u = (torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    real = torch.ones(2, 14, dtype=torch.bool)
+    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    graph = memory_hope._ScanGraph(layer, q, u, layout, inference=True)
+    assert set(graph.aliases) == {name for name, _ in layer.fast_init.named_parameters()}
+    assert not any(t.requires_grad for t in (graph.q, graph.u, *graph.aliases.values()))
+    with torch.no_grad():
+        graph.q.copy_(q)
+        graph.u.copy_(u)
+        outputs = graph.forward()
+        expected = layer._fresh_scan(q, u, layout)
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert all(isinstance(p, torch.nn.Parameter) for p in layer.fast_init.parameters())
+
+
 class StandInGraph:
     """What `_GraphedScan` uses of a `_ScanGraph`, without CUDA: its "graphs" compute o = q * w + u and the
     gradients of q, u and w into fixed buffers, as captured kernels would."""
@@ -323,3 +403,41 @@ def test_activation_checkpointing_runs_the_eager_scan(reentrant, count_replays):
         model(ids, labels=ids).loss.backward()
     assert_same_grads(eager, graphed)
     assert count_replays == [] and all(not layer._scan_graphs.graphs for layer in titans_layers(graphed))
+
+
+@cuda
+def test_evaluation_and_prompts_replay_graphs_with_the_eager_numbers(monkeypatch):
+    """Without gradients (evaluation, `generate`'s prompt) a shape is captured on its second use and replayed after:
+    the eager logits and tokens, also after training steps have changed the weights in place; the training graphs and
+    the evaluation graphs live side by side."""
+    replays = []
+    original = memory_hope._ScanGraph.replay
+    monkeypatch.setattr(memory_hope._ScanGraph, "replay", lambda self, q, u: replays.append(1) or original(self, q, u))
+    eager, graphed = twin_models("cuda")
+    layers = titans_layers(graphed)
+    ids = ids_batch("cuda")
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, graphed)]
+    for round in range(2):
+        for model in (eager, graphed):
+            model.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                logits = [model(ids).logits for model in (eager, graphed)]
+                torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-4)
+        # round 0: the first pass eager, the next two replayed; round 1: the graph captured before reads the new weights
+        assert len(replays) == (2 if round == 0 else 5) * len(layers)
+        for model, opt in zip((eager, graphed), opts):
+            model.train()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(sorted(g.inference for g in layer._scan_graphs.graphs.values()) == [False, True] for layer in layers)
+    replays.clear()
+    eager, graphed = twin_models("cuda")  # the same weights: the same greedy tokens
+    for model in (eager, graphed):
+        model.eval()
+    for length in (5, 9, 5, 5):  # the prompt of 5 tokens is captured on its second use
+        prompts = ids[:, :length]
+        tokens = [model.generate(prompts, max_new_tokens=4, do_sample=False) for model in (eager, graphed)]
+        assert torch.equal(tokens[1], tokens[0])
+    assert len(replays) == 2 * len(titans_layers(graphed))

@@ -24,7 +24,8 @@ Sections (each writes its results into the JSON report as soon as it finishes, s
                against eager in the same run: compile time, step time, and the loss of both;
   decode       ms/token of HOPE (recurrent cache) and Llama (KV cache) after 1K and 32K tokens of context; with
                --baseline-memory also HOPE with another version's Titans layer, with --compile-decode also
-               `torch.compile(model)`, both at the shortest context, their logits compared with eager HOPE's;
+               `torch.compile(model)`, with --decode-graphs also `memory_cuda_graphs` (one-token steps replayed from
+               CUDA graphs), each at the shortest context, their logits compared with eager HOPE's;
   chunk_sizes  HOPE training steps at chunk sizes 16, 32, 64 (a model hyperparameter; the paper's is 16);
   recompute    HOPE training steps with `recompute_memory_states` on and off (speed against peak memory);
   long         training at 8192 tokens;
@@ -387,6 +388,10 @@ def decode_models(args, cfg, device) -> dict:
                 fresh.load_state_dict(layer.titans.state_dict())
                 layer.titans = fresh
         models["hope_baseline"] = old.eval()
+    if args.decode_graphs:
+        graphed = copy.deepcopy(hope)
+        graphed.config.memory_cuda_graphs = True  # one-token steps replayed from CUDA graphs
+        models["hope_graphs"] = graphed
     if args.compile_decode:
         models["hope_compiled"] = torch.compile(hope)
     return models
@@ -428,7 +433,8 @@ def section_decode(args, device, clock, contexts, preset):
                 row[f"{kind}_fill_seconds"] = time.perf_counter() - t0
                 fill_rate.setdefault(kind, row[f"{kind}_fill_seconds"] / context)
                 tok = ids[:, -1:]
-                warm = args.decode_steps if kind == "hope_compiled" else 1  # compiled: compilation and recompiles
+                # compiled: compilation and recompiles; graphs: an eager step, then the capture
+                warm = {"hope_compiled": args.decode_steps, "hope_graphs": 2}.get(kind, 1)
 
                 def step(i):
                     pos = torch.full((1, 1), context + i, device=device)
@@ -625,6 +631,9 @@ def main(argv=None):
                         help="comma-separated decoding contexts (default: 1024,32768)")
     parser.add_argument("--baseline-memory", help="a memory_hope.py whose Titans layer HOPE also decodes with")
     parser.add_argument("--compile-decode", action="store_true", help="also decode with torch.compile(model)")
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="also decode with memory_cuda_graphs (the Titans layers' one-token steps replayed from "
+                             "CUDA graphs)")
     parser.add_argument("--sections",
                         default="env,correctness,cuda_graphs,training,evaluation,profile,compiled,decode,chunk_sizes,"
                                 "recompute,long,compile_model",

@@ -105,10 +105,11 @@ class HopeConfig(PreTrainedConfig):
             checkpointing inside the layer). Same numbers; much less memory for a little more compute.
         memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan
             from CUDA graphs instead of launching its ~560 small kernels per chunk one by one: in training (captured
-            on the first step of each input shape, forward and backward) and in passes without gradients such as
-            evaluation (forward, captured when an input shape comes the second time). Same numbers; applies to
-            batches without padding or document starts (others run eagerly) and costs the graphs' memory, one set
-            per input shape and layer (at most 4 shapes with gradients and 4 without). Ignored elsewhere.
+            on the first step of each input shape, forward and backward), in passes without gradients such as
+            evaluation (forward, captured when an input shape comes the second time) and in decoding (each
+            one-token step, from a batch shape's second token on). Same numbers; the scans of batches with padding
+            or document starts run eagerly; costs the graphs' memory, one set per input shape and layer (at most 4
+            shapes of each kind). Ignored elsewhere.
         compile_chunk_step (`bool`, defaults to `False`): in training mode (`model.train()`), run the Titans
             memory's chunk step (its forward and written-out backward, and the generation of keys, values and
             gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step

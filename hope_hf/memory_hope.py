@@ -277,6 +277,14 @@ class HopeSelfModifyingTitans(nn.Module):
         return self.o_proj((o.to(hidden_states.dtype) * gate).reshape(bsz, seq_len, -1))
 
     def _forward_token(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
+        """One token per row (decoding): `_token_step`, replayed from a CUDA graph where `memory_cuda_graphs`
+        allows it (no gradients, the same batch shape a second time; see `_TokenGraph`)."""
+        graph = self._scan_graphs.get_token(self, hidden_states, real, start, state)
+        if graph is not None:
+            return graph.replay(hidden_states, real, start, state)
+        return self._token_step(hidden_states, real, start, state)
+
+    def _token_step(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
         """One token per row (decoding): the chunk step on a one-token piece, without the chunk frame.
 
         Same numbers as the general path (tested): a pad token (`real` False) reads nothing (output 0) and leaves the
@@ -621,6 +629,49 @@ class _ScanGraph:
         return self.pending is not None and self.pending() is not None
 
 
+class _TokenGraph:
+    """One layer's decoding step (`_token_step`) for one batch shape, captured as a CUDA graph: eagerly, a token
+    launches some hundred small kernels per Titans layer. A replay copies the token's hidden states, masks and the
+    layer's state into the captured buffers and copies the output and the new state out (the state is replaced,
+    never updated in place, as in the eager step: a cache that a caller holds stays as it was)."""
+
+    def __init__(self, layer: "HopeSelfModifyingTitans", hidden_states, real, start, state: TitansState):
+        self.layer = weakref.ref(layer)  # weakly, as `_ScanGraph`
+        self.names = list(state.tensors())
+        self.inputs = [t.detach().clone() for t in (hidden_states, real, *state.tensors().values())]
+        self.start = None if start is None else start.detach().clone()
+
+    def run(self):
+        """The computation the graph holds: the output and the new state's tensors from the captured inputs."""
+        hidden_states, real, *tensors = self.inputs
+        out, state = self.layer()._token_step(hidden_states, real, self.start,
+                                              TitansState(**dict(zip(self.names, tensors))))
+        return (out, *state.tensors().values())
+
+    def capture(self) -> "_TokenGraph":
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up, as for `_ScanGraph`
+                self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = self.run()
+        return self
+
+    def replay(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
+        for buffer, t in zip(self.inputs, (hidden_states, real, *state.tensors().values())):
+            buffer.copy_(t)
+        if start is not None:
+            self.start.copy_(start)
+        self.graph.replay()
+        out, *tensors = (t.clone() for t in self.outputs)
+        return out, TitansState(**dict(zip(self.names, tensors)))
+
+
 def _under_checkpointing() -> bool:
     """Saved-tensor hooks are on (non-reentrant activation checkpointing, Transformers' default, or offloading) or
     a backward pass is running (reentrant checkpointing's recomputation). The scan then runs eagerly: the
@@ -692,8 +743,9 @@ class _ScanGraphs:
     gradients and as many without: a capture costs about 2.6 eager steps, so a stream of ever new shapes would run
     slower than eager; shapes beyond these run eagerly. Without gradients (evaluation, the prompt of `generate`) a
     shape is captured when it comes the second time: an evaluation loop repeats its batch shape, while prompts of
-    one-off lengths would pay a capture each for nothing. Not copied by `copy.deepcopy` or pickling: a copy captures
-    its own."""
+    one-off lengths would pay a capture each for nothing. Decoding steps (`_TokenGraph`, one token per row, no
+    gradients) likewise, from a batch shape's second token on. Not copied by `copy.deepcopy` or pickling: a copy
+    captures its own."""
 
     MAX_SHAPES = 4
 
@@ -727,28 +779,52 @@ class _ScanGraphs:
         else:
             shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
                      layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
-        key = (shape, tuple((p.data_ptr(), p.requires_grad and not inference) for p in params))
+        if inference:
+            return self._get_without_gradients(shape, layer, lambda: _ScanGraph(layer, q, u, layout, inference=True))
+        key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
         graph = self.graphs.get(key)
         if graph is None:
-            if inference and key not in self.seen:
+            if not self.admit(key):
+                return None
+            graph = self.graphs[key] = _ScanGraph(layer, q, u, layout).capture()
+        return None if graph.busy() else graph
+
+    def get_token(self, layer: "HopeSelfModifyingTitans", hidden_states, real, start, state: TitansState):
+        """The decoding step's graph for these inputs (captured on the second use of their shapes), or None where
+        the eager step must run: graphs off, not on CUDA, gradients on."""
+        if not (layer.config.memory_cuda_graphs and hidden_states.is_cuda) or torch.is_grad_enabled():
+            return None
+        device = hidden_states.device.type
+        shape = ("token", tuple(hidden_states.shape), hidden_states.dtype, hidden_states.device, start is None,
+                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                 torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype) for t in state.tensors().values()))
+        return self._get_without_gradients(shape, layer, lambda: _TokenGraph(layer, hidden_states, real, start, state))
+
+    def _get_without_gradients(self, shape, layer, make):
+        key = (shape, tuple((p.data_ptr(), False) for p in layer.fast_init.parameters()))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:
                 if len(self.seen) < 4 * self.MAX_SHAPES:
                     self.seen.add(key)
                 return None
-            if not self.admit(key, inference):
+            if not self.admit(key, shape[0]):
                 return None
-            graph = self.graphs[key] = _ScanGraph(layer, q, u, layout, inference).capture()
-        return None if graph.busy() else graph
+            graph = self.graphs[key] = make().capture()
+        return graph
 
-    def admit(self, key, inference: bool = False) -> bool:
+    def admit(self, key, kind: str = "training") -> bool:
         """May a graph be captured for `key` = (shape, ((parameter address, requires_grad), ...))? Graphs that read
         other storage than the parameters' present one are dropped first (they can no longer be replayed); then a
-        new shape is admitted while fewer than `MAX_SHAPES` of its kind (with or without gradients) are held."""
+        new shape is admitted while fewer than `MAX_SHAPES` of its kind ("training", "inference": a scan without
+        gradients, "token": a decoding step) are held."""
         storage = [ptr for ptr, _ in key[1]]
         for old in [k for k in self.graphs if [ptr for ptr, _ in k[1]] != storage]:
             del self.graphs[old]
-        if sum((k[0][0] == "inference") == inference for k in self.graphs) < self.MAX_SHAPES:
+        kind_of = lambda k: k[0][0] if isinstance(k[0][0], str) else "training"  # noqa: E731
+        if sum(kind_of(k) == kind for k in self.graphs) < self.MAX_SHAPES:
             return True
-        if not inference:  # evaluation shapes beyond these run eagerly without a word: prompts come in all lengths
+        if kind == "training":  # shapes without gradients beyond these run eagerly without a word (prompt lengths)
             logger.warning_once(
                 f"memory_cuda_graphs: more than {self.MAX_SHAPES} input shapes for the Titans memory; new shapes run "
                 "eagerly (pack or pad the batches to a few fixed lengths to replay graphs for all of them)"

@@ -196,6 +196,57 @@ def test_the_captured_computation_without_gradients_gives_the_layers_reads(overr
     assert all(isinstance(p, torch.nn.Parameter) for p in layer.fast_init.parameters())
 
 
+def test_decoding_graphs_come_on_the_second_token_without_gradients(monkeypatch):
+    monkeypatch.setattr(memory_hope, "_TokenGraph", lambda *args: RecordedGraph(*args[:4]))
+    _, graphed = twin_models("cpu")
+    layer = titans_layers(graphed)[0]
+    state = layer.initial_state(2)
+    hidden = SimpleNamespace(shape=(2, 1, 32), dtype=torch.float32, device=torch.device("cuda", 0), is_cuda=True)
+    real = torch.ones(2, dtype=torch.bool)
+
+    def get():
+        return layer._scan_graphs.get_token(layer, hidden, real, None, state)
+
+    assert get() is None  # gradients on: eager
+    with torch.no_grad():
+        assert get() is None  # the first token of a shape: eager
+        graph = get()
+        assert graph is not None and get() is graph
+        graphed.config.memory_cuda_graphs = False
+        assert get() is None
+    assert [k[0][0] for k in layer._scan_graphs.graphs] == ["token"]
+
+
+def test_the_captured_decoding_step_gives_the_eager_steps():
+    """What a decoding graph holds, replayed by a stand-in (the graph's computation into its output buffers): token
+    after token, through a pad token, a chunk end and a document start, the outputs and states equal the eager
+    steps', and what a replay returned is not changed by the next one."""
+    layer = HopeSelfModifyingTitans(small_config("linear"), 0).double()
+    layer.init_memory_weights()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, 3] = False
+    starts = torch.zeros(2, 9, dtype=torch.bool)
+    starts[1, 6] = True
+    _, state = layer.forward_with_state(torch.randn(2, 5, 32, generator=g, dtype=torch.float64))  # mid-chunk
+    with torch.no_grad():
+        graph = memory_hope._TokenGraph(layer, x[:, :1], real[:, 0], starts[:, 0], state)
+        graph.outputs = graph.run()
+        graph.graph = SimpleNamespace(replay=lambda: [o.copy_(n) for o, n in zip(graph.outputs, graph.run())])
+        eager = replayed = state
+        held = []
+        for t in range(x.shape[1]):
+            want, eager = layer._token_step(x[:, t : t + 1], real[:, t], starts[:, t], eager)
+            got, replayed = graph.replay(x[:, t : t + 1], real[:, t], starts[:, t], replayed)
+            held.append((got, want))
+            for name, tensor in eager.tensors().items():
+                torch.testing.assert_close(getattr(replayed, name), tensor, atol=0, rtol=0, msg=name)
+    for got, want in held:
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert len(set(eager.chunk_pos.tolist())) == 2 and held[3][1][0].abs().max() == 0  # the pad token read nothing
+
+
 class StandInGraph:
     """What `_GraphedScan` uses of a `_ScanGraph`, without CUDA: its "graphs" compute o = q * w + u and the
     gradients of q, u and w into fixed buffers, as captured kernels would."""
@@ -441,3 +492,24 @@ def test_evaluation_and_prompts_replay_graphs_with_the_eager_numbers(monkeypatch
         tokens = [model.generate(prompts, max_new_tokens=4, do_sample=False) for model in (eager, graphed)]
         assert torch.equal(tokens[1], tokens[0])
     assert len(replays) == 2 * len(titans_layers(graphed))
+
+
+@cuda
+def test_decoding_replays_graphs_with_the_eager_tokens_and_scores(monkeypatch):
+    replays = []
+    original = memory_hope._TokenGraph.replay
+    monkeypatch.setattr(memory_hope._TokenGraph, "replay", lambda self, *a: replays.append(1) or original(self, *a))
+    eager, graphed = twin_models("cuda")
+    prompts = ids_batch("cuda", length=7)
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0  # left padding
+    outs = []
+    for model in (eager, graphed):
+        model.eval()
+        outs.append(model.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(outs[1].sequences, outs[0].sequences)
+    for want, got in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # the prompt, then 5 one-token steps: the first eager, the second captures, all but the first replayed
+    assert len(replays) == 4 * len(titans_layers(graphed))

@@ -649,6 +649,7 @@ class _TokenGraph:
         return (out, *state.tensors().values())
 
     def capture(self) -> "_TokenGraph":
+        """Record `run` into the graph after a warm-up on a side stream."""
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -663,6 +664,7 @@ class _TokenGraph:
         return self
 
     def replay(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
+        """`_token_step(hidden_states, real, start, state)` from the graph: inputs in, replay, copies out."""
         for buffer, t in zip(self.inputs, (hidden_states, real, *state.tensors().values())):
             buffer.copy_(t)
         if start is not None:
@@ -739,13 +741,13 @@ class _GraphedScan(torch.autograd.Function):
 
 
 class _ScanGraphs:
-    """The captured scans of one layer, by input shape and parameter storage. At most `MAX_SHAPES` shapes with
-    gradients and as many without: a capture costs about 2.6 eager steps, so a stream of ever new shapes would run
-    slower than eager; shapes beyond these run eagerly. Without gradients (evaluation, the prompt of `generate`) a
-    shape is captured when it comes the second time: an evaluation loop repeats its batch shape, while prompts of
-    one-off lengths would pay a capture each for nothing. Decoding steps (`_TokenGraph`, one token per row, no
-    gradients) likewise, from a batch shape's second token on. Not copied by `copy.deepcopy` or pickling: a copy
-    captures its own."""
+    """The CUDA graphs of one layer (its scans and its decoding step), by input shape and parameter storage. At most
+    `MAX_SHAPES` shapes with gradients and as many of each kind without: a capture costs about 2.6 eager steps, so a
+    stream of ever new shapes would run slower than eager; shapes beyond these run eagerly. Without gradients
+    (evaluation, the prompt of `generate`) a shape is captured when it comes the second time: an evaluation loop
+    repeats its batch shape, while prompts of one-off lengths would pay a capture each for nothing. Decoding steps
+    (`_TokenGraph`, one token per row, no gradients) likewise, from a batch shape's second token on. Not copied by
+    `copy.deepcopy` or pickling: a copy captures its own."""
 
     MAX_SHAPES = 4
 
@@ -776,11 +778,9 @@ class _ScanGraphs:
             # buffers made under inference mode can only be written under it: its graphs are apart
             shape = ("inference", tuple(q.shape), tuple(u.shape), q.dtype, q.device,
                      torch.is_inference_mode_enabled())
-        else:
-            shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
-                     layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
-        if inference:
             return self._get_without_gradients(shape, layer, lambda: _ScanGraph(layer, q, u, layout, inference=True))
+        shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
+                 layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
         key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
         graph = self.graphs.get(key)
         if graph is None:
@@ -801,6 +801,8 @@ class _ScanGraphs:
         return self._get_without_gradients(shape, layer, lambda: _TokenGraph(layer, hidden_states, real, start, state))
 
     def _get_without_gradients(self, shape, layer, make):
+        """The graph of `shape` (its kind first: "inference" or "token"), made by `make` and captured when the
+        shape comes the second time; None before that and beyond `MAX_SHAPES` of its kind."""
         key = (shape, tuple((p.data_ptr(), False) for p in layer.fast_init.parameters()))
         graph = self.graphs.get(key)
         if graph is None:

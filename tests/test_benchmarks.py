@@ -94,10 +94,10 @@ def test_layer_versions_quick(tmp_path):
 
 def test_gpu_script_quick_on_a_cpu(tmp_path):
     """The GPU script's sections run end to end at CPU sizes (the compile sections are skipped there): the device
-    correctness check passes, both models train, and decoding with the current file as the baseline layer gives
-    the same logits."""
+    correctness check passes, both models train and evaluate, and decoding with the current file as the baseline
+    layer, or with the graphs option (ignored on a CPU), gives the same logits."""
     current = str(ROOT / "hope_hf" / "memory_hope.py")
-    report = run_quick("gpu.py", tmp_path, "--device", "cpu", "--baseline-memory", current)
+    report = run_quick("gpu.py", tmp_path, "--device", "cpu", "--baseline-memory", current, "--decode-graphs")
     results = report["results"]
     assert not report["errors"], report["errors"]
     assert results["correctness"]["passed"] is True
@@ -106,6 +106,10 @@ def test_gpu_script_quick_on_a_cpu(tmp_path):
     for row in results["decode"]:
         assert row["hope_ms_per_token"] > 0 and row["llama_ms_per_token"] > 0
     assert results["decode"][0]["hope_baseline_max_logit_diff"] < 1e-4
+    assert results["decode"][0]["hope_graphs_max_logit_diff"] == 0  # on a CPU the option changes nothing
+    evaluation = {r["model"]: r for r in results["evaluation"]}
+    assert set(evaluation) == {"llama", "hope_eager", "hope_graphs"}
+    assert evaluation["hope_graphs"]["logits_rel_err_vs_eager"] == 0
     assert [r["chunk_size"] for r in results["chunk_sizes"]] == [8, 16]
     assert [r["recompute_memory_states"] for r in results["recompute"]] == [True, False]
     assert results["compiled"].startswith("skipped") and results["profile"].startswith("skipped")

@@ -278,7 +278,10 @@ class HopeSelfModifyingTitans(nn.Module):
 
     def _forward_token(self, hidden_states, real, start, state: TitansState) -> tuple[torch.Tensor, TitansState]:
         """One token per row (decoding): `_token_step`, replayed from a CUDA graph where `memory_cuda_graphs`
-        allows it (no gradients, the same batch shape a second time; see `_TokenGraph`)."""
+        allows it (no gradients, the same batch shape a second time; see `_TokenGraph`). Inside `torch.compile`
+        the step is traced as it is (the compiled model brings its own kernels and graphs)."""
+        if torch.compiler.is_compiling():
+            return self._token_step(hidden_states, real, start, state)
         graph = self._scan_graphs.get_token(self, hidden_states, real, start, state)
         if graph is not None:
             return graph.replay(hidden_states, real, start, state)

@@ -217,6 +217,24 @@ def test_decoding_graphs_come_on_the_second_token_without_gradients(monkeypatch)
     assert [k[0][0] for k in layer._scan_graphs.graphs] == ["token"]
 
 
+def test_a_compiled_decoding_step_does_not_look_for_graphs(monkeypatch):
+    """`torch.compile(model.forward)` (the README's decoding recipe) traces the one-token step itself: the graphs'
+    bookkeeping (storage addresses, a capture) must stay out of the traced code."""
+    calls = []
+    original = memory_hope._ScanGraphs.get_token
+    monkeypatch.setattr(memory_hope._ScanGraphs, "get_token", lambda self, *a: calls.append(1) or original(self, *a))
+    torch.manual_seed(0)
+    model = HopeForCausalLM(small_config("linear", memory_cuda_graphs=True)).eval()
+    ids = torch.randint(1, 61, (1, 6))
+    tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert calls  # eager decoding asks for a graph (and on a CPU gets none)
+    calls.clear()
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
+    assert calls == []
+
+
 def test_the_captured_decoding_step_gives_the_eager_steps():
     """What a decoding graph holds, replayed by a stand-in (the graph's computation into its output buffers): token
     after token, through a pad token, a chunk end and a document start, the outputs and states equal the eager

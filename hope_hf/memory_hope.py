@@ -756,7 +756,7 @@ class _ScanGraphs:
 
     def __init__(self):
         self.graphs: dict = {}
-        self.seen: set = set()  # shapes without gradients met once (bounded like the graphs)
+        self.seen: dict = {}  # shapes without gradients met once, oldest first (the last 4 * MAX_SHAPES)
 
     def __deepcopy__(self, memo):
         return _ScanGraphs()
@@ -810,8 +810,9 @@ class _ScanGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen:
-                if len(self.seen) < 4 * self.MAX_SHAPES:
-                    self.seen.add(key)
+                if len(self.seen) >= 4 * self.MAX_SHAPES:  # forget the oldest: one-off prompt lengths pile up
+                    del self.seen[next(iter(self.seen))]
+                self.seen[key] = None
                 return None
             if not self.admit(key, shape[0]):
                 return None

@@ -160,6 +160,9 @@ def test_graphs_without_gradients_come_on_the_second_use_and_apart_from_training
         assert evaluation is not None and evaluation.inference and get(32) is evaluation
         with torch.inference_mode():
             assert get(32) is None and get(32) not in (None, evaluation)
+        for length in range(100, 200):  # a hundred one-off prompt lengths, then an evaluation shape
+            get(length)
+        assert get(64) is None and get(64) is not None  # still captured on its second use
         for length in range(1, 3 * graphs.MAX_SHAPES):  # prompts of many lengths, each twice
             get(length), get(length)
     kinds = [g.inference for g in graphs.graphs.values()]

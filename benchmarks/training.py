@@ -8,6 +8,7 @@ that process minus its resident memory just before the model was built (weights,
 allocator's slack). On a CPU read the ratios, not the absolute numbers.
 
     python benchmarks/training.py                     # tiny + small at 2048 / 8192, batch 4
+    python benchmarks/training.py --mixer-breakdown   # also: memory scan vs attention vs the rest of each step
     python benchmarks/training.py --quick             # seconds: what CI runs (asserts nothing about time)
 """
 
@@ -53,9 +54,24 @@ def build(kind: str, preset: str, overrides: dict):
     return llama, config.vocab_size
 
 
+def replace_mixer_core():
+    """Stand-ins for the token mixers: HOPE's Titans layer and Llama's attention become `o_proj(q_proj(x))`, so that
+    a model's step time minus its stand-in's is what the memory scan (HOPE) or the attention (Llama) costs, beyond
+    two projections that both mixers have."""
+    from transformers.models.llama import modeling_llama
+
+    from hope_hf.memory_hope import HopeSelfModifyingTitans
+
+    HopeSelfModifyingTitans.forward = lambda self, hidden_states, *a, **k: self.o_proj(self.q_proj(hidden_states))
+    modeling_llama.LlamaAttention.forward = (
+        lambda self, hidden_states, *a, **k: (self.o_proj(self.q_proj(hidden_states)), None))
+
+
 def one(args) -> dict:
     """Runs inside the subprocess: time `repeats` training steps of one model at one length."""
     torch.set_num_threads(args.threads)
+    if args.stand_in:
+        replace_mixer_core()
     overrides = json.loads(args.overrides)
     base = rss_mib()
     model, vocab = build(args.one, args.preset, overrides)
@@ -88,10 +104,10 @@ def one(args) -> dict:
     }
 
 
-def run_one(args, kind, preset, length) -> dict:
+def run_one(args, kind, preset, length, stand_in=False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, "--preset", preset, "--length", str(length),
            "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--overrides", args.overrides]
+           "--overrides", args.overrides] + (["--stand-in"] if stand_in else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -116,8 +132,26 @@ def measure(args) -> list[dict]:
                 print(f"{preset:>6} {length:>6} | {hope['tokens_per_second']:>10.0f} {llama['tokens_per_second']:>11.0f} "
                       f"{row['speed_ratio']:>5.2f}x | {hope['peak_memory_mib']:>9.0f} {llama['peak_memory_mib']:>9.0f} "
                       f"{row['memory_ratio']:>5.2f}x")
+                if args.mixer_breakdown:
+                    add_breakdown(args, row)
             rows.append(row)
     return rows
+
+
+def add_breakdown(args, row):
+    """Each model's step split into its token mixer's core (the step minus the stand-in's, `replace_mixer_core`)
+    and the rest (embedding, head and loss, MLPs or CMS, norms, two projections)."""
+    for kind in ("hope", "llama"):
+        stand_in = run_one(args, kind, row["preset"], row["length"], stand_in=True)
+        if "error" in stand_in:
+            row[f"{kind}_stand_in"] = stand_in
+            return
+        row[f"{kind}_stand_in"] = stand_in
+        row[f"{kind}_mixer_seconds"] = row[kind]["step_seconds"] - stand_in["step_seconds"]
+        row[f"{kind}_rest_seconds"] = stand_in["step_seconds"]
+    print(f"{'':>13} | step s: HOPE {row['hope']['step_seconds']:.2f} = memory scan {row['hope_mixer_seconds']:.2f} + "
+          f"rest {row['hope_rest_seconds']:.2f}; Llama {row['llama']['step_seconds']:.2f} = attention "
+          f"{row['llama_mixer_seconds']:.2f} + rest {row['llama_rest_seconds']:.2f}")
 
 
 def main(argv=None):
@@ -131,11 +165,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--overrides", default="{}",
                         help='JSON of config overrides applied to every preset, e.g. \'{"chunk_size": 64}\'')
+    parser.add_argument("--mixer-breakdown", action="store_true",
+                        help="also time each model with its token mixer's core replaced by two projections (HOPE's "
+                             "memory scan, Llama's attention): where the difference between the models lies")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 64-dim vocabulary, short lengths")
     parser.add_argument("--json", default="benchmarks/results/training.json", help="where to write the results")
     parser.add_argument("--one", choices=["hope", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stand-in", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one(args)))

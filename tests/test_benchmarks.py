@@ -54,7 +54,7 @@ def run_quick(script, tmp_path, *extra):
 
 def test_training_quick(tmp_path):
     """Targets 1-2: both models train at every length in their own process; same parameter count (within 2%)."""
-    report = run_quick("training.py", tmp_path)
+    report = run_quick("training.py", tmp_path, "--mixer-breakdown")
     assert [r["length"] for r in report["rows"]] == report["config"]["lengths"]
     for row in report["rows"]:
         hope, llama = row["hope"], row["llama"]
@@ -63,6 +63,10 @@ def test_training_quick(tmp_path):
         for side in (hope, llama):
             assert side["tokens_per_second"] > 0 and side["peak_memory_mib"] > 0
         assert math.isclose(row["speed_ratio"], hope["tokens_per_second"] / llama["tokens_per_second"])
+        for kind in ("hope", "llama"):  # the same model with its mixer's core skipped
+            stand_in = row[f"{kind}_stand_in"]
+            assert "error" not in stand_in and stand_in["parameters"] == row[kind]["parameters"]
+            assert math.isclose(row[f"{kind}_mixer_seconds"] + row[f"{kind}_rest_seconds"], row[kind]["step_seconds"])
 
 
 def test_flops_quick(tmp_path):

@@ -590,7 +590,12 @@ class _ScanGraph:
         return [reads, *(torch.zeros_like(t) for t in final)]
 
     def capture(self) -> "_ScanGraph":
-        """Record `forward` and (unless `inference`) `backward` into graphs of one memory pool, after a warm-up."""
+        """Record `forward` and (unless `inference`) `backward` into graphs of one memory pool, after a warm-up, on
+        the inputs' device (a model split over GPUs has layers on devices other than the current one)."""
+        with torch.cuda.device(self.q.device):
+            return self._record()
+
+    def _record(self) -> "_ScanGraph":
         # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
@@ -652,7 +657,11 @@ class _TokenGraph:
         return (out, *state.tensors().values())
 
     def capture(self) -> "_TokenGraph":
-        """Record `run` into the graph after a warm-up on a side stream."""
+        """Record `run` into the graph after a warm-up on a side stream, on the inputs' device (as `_ScanGraph`)."""
+        with torch.cuda.device(self.inputs[0].device):
+            return self._record()
+
+    def _record(self) -> "_TokenGraph":
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -793,7 +793,7 @@ class _ScanGraphs:
             return self._get_without_gradients(shape, layer, lambda: _ScanGraph(layer, q, u, layout, inference=True))
         shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
                  layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
-        key = (shape, tuple((p.data_ptr(), p.requires_grad) for p in params))
+        key = (shape, self._storage(layer, with_grad=True))
         graph = self.graphs.get(key)
         if graph is None:
             if not self.admit(key):
@@ -812,10 +812,17 @@ class _ScanGraphs:
                  torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype) for t in state.tensors().values()))
         return self._get_without_gradients(shape, layer, lambda: _TokenGraph(layer, hidden_states, real, start, state))
 
+    @staticmethod
+    def _storage(layer, with_grad: bool) -> tuple:
+        """Where every parameter of the layer lives (and, for graphs with gradients, which ones require them): a
+        graph reads the storage it was captured with. All of the layer's parameters, not only those a scan reads:
+        the decoding step reads the projections too, and one list lets graphs of every kind be compared."""
+        return tuple((p.data_ptr(), p.requires_grad and with_grad) for p in layer.parameters())
+
     def _get_without_gradients(self, shape, layer, make):
         """The graph of `shape` (its kind first: "inference" or "token"), made by `make` and captured when the
         shape comes the second time; None before that and beyond `MAX_SHAPES` of its kind."""
-        key = (shape, tuple((p.data_ptr(), False) for p in layer.fast_init.parameters()))
+        key = (shape, self._storage(layer, with_grad=False))
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen:

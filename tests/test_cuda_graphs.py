@@ -215,6 +215,11 @@ def test_decoding_graphs_come_on_the_second_token_without_gradients(monkeypatch)
         assert get() is None  # the first token of a shape: eager
         graph = get()
         assert graph is not None and get() is graph
+        # the step reads the projections too: new storage for one of them is a new graph (the old one is dropped)
+        layer.o_proj.weight.data = layer.o_proj.weight.data.clone()
+        assert get() is None
+        moved = get()
+        assert moved is not None and moved is not graph and list(layer._scan_graphs.graphs.values()) == [moved]
         graphed.config.memory_cuda_graphs = False
         assert get() is None
     assert [k[0][0] for k in layer._scan_graphs.graphs] == ["token"]

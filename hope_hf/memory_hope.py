@@ -545,6 +545,19 @@ class _RecomputedSegment(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA graphs
+def _warm_up(step):
+    """Run `step` twice on a side stream before a capture (cuBLAS handles, the allocator), as the CUDA graph docs
+    prescribe."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
 class _ScanGraph:
     """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as CUDA graphs for one input shape
     (`capture`): for training its forward and its backward, for a pass without gradients (`inference`: evaluation)
@@ -596,19 +609,13 @@ class _ScanGraph:
             return self._record()
 
     def _record(self) -> "_ScanGraph":
-        # warm up on a side stream (cuBLAS handles, allocator), as the CUDA graph docs prescribe
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.set_grad_enabled(not self.inference):
-            for _ in range(2):
+        def step():  # nothing of the warm-up may outlive it: its gradient accumulators belong to the side stream
+            with torch.set_grad_enabled(not self.inference):
                 outputs = self.forward()
                 if not self.inference:
                     self.backward(outputs, self.zero_grad_outputs(outputs))
-                # nothing of the warm-up may outlive it: its gradient accumulators belong to this side stream
-                del outputs
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+
+        _warm_up(step)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may use CUDA meanwhile
@@ -662,14 +669,7 @@ class _TokenGraph:
             return self._record()
 
     def _record(self) -> "_TokenGraph":
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up, as for `_ScanGraph`
-                self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        _warm_up(self.run)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = self.run()
@@ -791,7 +791,7 @@ class _ScanGraphs:
             shape = ("inference", tuple(q.shape), tuple(u.shape), q.dtype, q.device,
                      torch.is_inference_mode_enabled())
             return self._get_without_gradients(shape, layer, lambda: _ScanGraph(layer, q, u, layout, inference=True))
-        shape = (tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
+        shape = ("training", tuple(q.shape), tuple(u.shape), q.dtype, q.device, layer.config.recompute_memory_states,
                  layer.config.compile_chunk_step, q.requires_grad, u.requires_grad)
         key = (shape, self._storage(layer, with_grad=True))
         graph = self.graphs.get(key)
@@ -830,21 +830,21 @@ class _ScanGraphs:
                     del self.seen[next(iter(self.seen))]
                 self.seen[key] = None
                 return None
-            if not self.admit(key, shape[0]):
+            if not self.admit(key):
                 return None
             graph = self.graphs[key] = make().capture()
         return graph
 
-    def admit(self, key, kind: str = "training") -> bool:
-        """May a graph be captured for `key` = (shape, ((parameter address, requires_grad), ...))? Graphs that read
-        other storage than the parameters' present one are dropped first (they can no longer be replayed); then a
-        new shape is admitted while fewer than `MAX_SHAPES` of its kind ("training", "inference": a scan without
-        gradients, "token": a decoding step) are held."""
+    def admit(self, key) -> bool:
+        """May a graph be captured for `key` = ((kind, shape...), ((parameter address, requires_grad), ...))? Graphs
+        that read other storage than the parameters' present one are dropped first (they can no longer be replayed);
+        then a new shape is admitted while fewer than `MAX_SHAPES` of its kind ("training", "inference": a scan
+        without gradients, "token": a decoding step) are held."""
         storage = [ptr for ptr, _ in key[1]]
         for old in [k for k in self.graphs if [ptr for ptr, _ in k[1]] != storage]:
             del self.graphs[old]
-        kind_of = lambda k: k[0][0] if isinstance(k[0][0], str) else "training"  # noqa: E731
-        if sum(kind_of(k) == kind for k in self.graphs) < self.MAX_SHAPES:
+        kind = key[0][0]
+        if sum(k[0][0] == kind for k in self.graphs) < self.MAX_SHAPES:
             return True
         if kind == "training":  # shapes without gradients beyond these run eagerly without a word (prompt lengths)
             logger.warning_once(

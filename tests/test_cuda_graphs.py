@@ -6,6 +6,7 @@ CUDA machine). On a CPU the option must change nothing, and what the graphs hold
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from types import SimpleNamespace
@@ -106,13 +107,14 @@ def test_graphs_are_kept_for_a_few_shapes_and_dropped_when_the_parameters_move(c
     graphs = memory_hope._ScanGraphs()
     storage = ((1, True), (2, True))
     for length in range(graphs.MAX_SHAPES):
-        key = (((2, 4, 16 * (length + 1), 8),), storage)
+        key = (("training", (2, 4, 16 * (length + 1), 8)), storage)
         assert graphs.admit(key)
         graphs.graphs[key] = object()  # stands for a captured graph
-    assert not graphs.admit((((2, 4, 999, 8),), storage))  # one shape too many: eager, with a warning
+    assert not graphs.admit((("training", (2, 4, 999, 8)), storage))  # one shape too many: eager, with a warning
     assert "new shapes run eagerly" in caplog.text
     assert len(graphs.graphs) == graphs.MAX_SHAPES
-    assert graphs.admit((((2, 4, 16, 8),), ((3, True), (4, True))))  # parameters moved: the old graphs are useless
+    # parameters moved: the old graphs are useless
+    assert graphs.admit((("training", (2, 4, 16, 8)), ((3, True), (4, True))))
     assert graphs.graphs == {}
 
 
@@ -271,6 +273,57 @@ def test_the_captured_decoding_step_gives_the_eager_steps():
     for got, want in held:
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert len(set(eager.chunk_pos.tolist())) == 2 and held[3][1][0].abs().max() == 0  # the pad token read nothing
+
+
+@pytest.fixture
+def cuda_capture_on_the_cpu(monkeypatch):
+    """The torch.cuda calls of a capture as no-ops on the CPU; returns the grad mode of every recorded pass."""
+    recorded = []
+
+    @contextlib.contextmanager
+    def graph(*args, **kwargs):
+        recorded.append(torch.is_grad_enabled())
+        yield
+
+    for name, value in dict(synchronize=lambda *a: None, current_stream=lambda *a: SimpleNamespace(
+            wait_stream=lambda s: None), Stream=lambda *a: SimpleNamespace(wait_stream=lambda s: None),
+            stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext(), graph=graph,
+            CUDAGraph=lambda: SimpleNamespace(), graph_pool_handle=lambda: None).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    return recorded
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_capture_warms_up_twice_then_records(cuda_capture_on_the_cpu, monkeypatch, inference):
+    """The capture procedure, with the CUDA calls as no-ops: two warm-up passes, then the recorded passes (forward
+    and backward in training, the forward alone without gradients, under the grad mode each needs)."""
+    layer = HopeSelfModifyingTitans(small_config("linear"), 0)
+    layer.init_memory_weights()
+    q, u = (torch.randn(2, 4, 8, 8, requires_grad=True) for _ in range(2))
+    real = torch.ones(2, 8, dtype=torch.bool)
+    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    passes = []
+    scan = memory_hope._ScanGraph.forward
+    monkeypatch.setattr(memory_hope._ScanGraph, "forward", lambda self: passes.append(1) or scan(self))
+    graph = memory_hope._ScanGraph(layer, q, u, layout, inference=inference).capture()
+    assert len(passes) == 3  # two warm-ups, one recorded
+    assert cuda_capture_on_the_cpu == ([False] if inference else [True, True])
+    assert graph.outputs[0].shape == (2, 4, 8, 8) and not any(t.requires_grad for t in graph.outputs)
+    assert inference or all(g is not None for g in graph.grads[:2])
+
+
+def test_a_decoding_capture_warms_up_twice_then_records(cuda_capture_on_the_cpu, monkeypatch):
+    layer = HopeSelfModifyingTitans(small_config("linear"), 0)
+    layer.init_memory_weights()
+    steps = []
+    token_step = layer._token_step
+    monkeypatch.setattr(layer, "_token_step", lambda *a: steps.append(1) or token_step(*a))
+    with torch.no_grad():
+        graph = memory_hope._TokenGraph(layer, torch.randn(2, 1, 32), torch.ones(2, dtype=torch.bool), None,
+                                        layer.initial_state(2)).capture()
+    assert len(steps) == 3 and cuda_capture_on_the_cpu == [False]
+    expected = token_step(*(t for t in graph.inputs[:2]), None, layer.initial_state(2))
+    torch.testing.assert_close(graph.outputs[0], expected[0])
 
 
 class StandInGraph:

@@ -878,11 +878,28 @@ def _per_head(x, w):
 
 
 def _plus_product(base, a, b, sign=1.0):
-    """base + sign * (a @ b) for batched a (..., X, L), b (..., L, Y), base (..., X, Y): the product
-    accumulates into base inside one GEMM (`torch.baddbmm`), not as a weight-sized result added afterwards."""
+    """base += sign * (a @ b) in place, for batched a (..., X, L), b (..., L, Y) and a new contiguous base
+    (..., X, Y) that nothing else reads: the product accumulates into base inside one GEMM (`baddbmm_`), with no
+    weight-sized result or copy of base made."""
     x, y = base.shape[-2:]
-    return torch.baddbmm(base.reshape(-1, x, y), a.reshape(-1, x, a.shape[-1]), b.reshape(-1, b.shape[-2], y),
-                         alpha=sign).view(base.shape)
+    base.view(-1, x, y).baddbmm_(a.reshape(-1, x, a.shape[-1]), b.reshape(-1, b.shape[-2], y), alpha=sign)
+    return base
+
+
+def _decayed_start(cur, anchor, decay):
+    """The start that a chunk's update accumulates into: decay * (cur - anchor) + anchor with retention toward the
+    anchor, decay * cur without it (decay (R, H, 1)). One weight-sized pass, a new tensor."""
+    decay = decay.view(decay.shape[:2] + (1,) * (cur.dim() - 2))
+    return decay * cur if anchor is None else torch.lerp(anchor, cur, decay)
+
+
+def _start_gradient(d_end, cur, anchor, decay):
+    """For the gradient d_end of a chunk's end weights: the gradient of its start, decay * d_end, and the dot
+    product <d_end, cur - anchor> per row and head (the decay's gradient, up to a factor), in one new tensor."""
+    out = cur * d_end if anchor is None else (cur - anchor).mul_(d_end)
+    dot = out.flatten(2).sum(-1)
+    torch.mul(d_end, decay.view(decay.shape[:2] + (1,) * (cur.dim() - 2)), out=out)
+    return out, dot
 
 
 def _tokens_last(x):
@@ -948,7 +965,6 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         e_prev, e_end = torch.exp(g_prev), torch.exp(g_end)
 
     # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
-    x0 = cur_a - anchor_a if spec.retain_toward_init else cur_a
     force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,L,n*m)
     eta_p = k_anchor = k_x0 = kk = lower = None
     if spec.dgd:
@@ -956,7 +972,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         if spec.retain_toward_init:
             k_anchor = _per_head(k, anchor_a)
             force = force - eta_p.unsqueeze(-1) * k_anchor
-        k_x0 = k @ x0
+        k_x0 = k @ cur_a if k_anchor is None else k @ cur_a - k_anchor  # k @ x0
         if single:
             r = force - eta_p.unsqueeze(-1) * k_x0
         else:
@@ -967,19 +983,21 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     else:
         r = force
     # a_end = e_end x0 + k^T (to_end r) (+ anchor_a): the product accumulates into the decayed start
-    base = torch.addcmul(anchor_a, e_end.unsqueeze(-1), x0) if spec.retain_toward_init else e_end.unsqueeze(-1) * x0
-    a_end = _plus_product(base, k.transpose(-1, -2), r if single else to_end.unsqueeze(-1) * r)
+    a_end = _plus_product(_decayed_start(cur_a, anchor_a, e_end), k.transpose(-1, -2),
+                          r if single else to_end.unsqueeze(-1) * r)
 
     # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
-    y0 = cur_b - anchor_b if spec.retain_toward_init else cur_b
     weighted_h = h * (eta1 if single else eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
-    e_end_b = e_end.unsqueeze(-1).unsqueeze(-1)
-    base = torch.addcmul(anchor_b, e_end_b, y0) if spec.retain_toward_init else e_end_b * y0
-    b_end = _plus_product(base, _tokens_last(weighted_h), e.transpose(2, 3), sign=-1.0)  # - sum_c weighted_h^T e
+    b_end = _plus_product(_decayed_start(cur_b, anchor_b, e_end), _tokens_last(weighted_h), e.transpose(2, 3),
+                          sign=-1.0)  # - sum_c weighted_h^T e
 
-    # ---- read the output memory at the per-token state (Eq. 86, read before write)
+    # ---- read the output memory at the per-token state (Eq. 86, read before write); x0 and y0 (the weights less
+    # the anchors) are never formed: their products are those of the weights less those of the anchors
     sl_o = slice((n - 1) * m, n * m)
-    q_x0 = q @ x0[..., sl_o]
+    q_x0 = q @ cur_a[..., sl_o]
+    if spec.retain_toward_init:
+        q_anchor = _per_head(q, anchor_a[..., sl_o])
+        q_x0 = q_x0 - q_anchor
     if single:
         pre_q = q_x0
     else:
@@ -987,9 +1005,12 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         qk = qk_raw * decay
         pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
     if spec.retain_toward_init:
-        pre_q = pre_q + _per_head(q, anchor_a[..., sl_o])
+        pre_q = pre_q + q_anchor
     s = F.silu(pre_q)  # (R,H,L,m)
-    s_y0 = s @ y0[:, :, -1]
+    s_y0 = s @ cur_b[:, :, -1]
+    if spec.retain_toward_init:
+        s_anchor = _per_head(s, anchor_b[:, -1])
+        s_y0 = s_y0 - s_anchor
     if single:
         o = q + s_y0
     else:
@@ -997,10 +1018,10 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
         o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
     if spec.retain_toward_init:
-        o = o + _per_head(s, anchor_b[:, -1])
+        o = o + s_anchor
     if not keep:
         return o, a_end, b_end
-    # everything chunk_backward reads, except x0 and y0 (weight-sized, and one subtraction away from the inputs)
+    # everything chunk_backward reads (the weights it needs are among the inputs)
     saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, h_e=h_e, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
                  b_e=b_e, delta=delta, h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2,
                  decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0,
@@ -1023,21 +1044,22 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     sl_o = slice((n - 1) * m, n * m)
     eta, h, e, decay, eta1, s, r = t["eta"], t["h"], t["e"], t["decay"], t["eta1"], t["s"], t["r"]
     e_prev, e_end, to_end = t["e_prev"], t["e_end"], t["to_end"]
-    x0 = cur_a - anchor_a if retain else cur_a
-    y0 = cur_b - anchor_b if retain else cur_b
     tr = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Every use of a (t, i) matrix below is multiplied by `decay`, zero for i >= t: no causal mask is needed.
     # d_log_decay: the gradient of the exponent of decay, i.e. of decay times decay.
+
+    # As in the forward, x0 = cur_a - anchor_a and y0 = cur_b - anchor_b are never formed: a product with one is
+    # the product with the weights less the product with the anchors, which joins the anchors' own term.
 
     # ---- the output read: o = q + e_prev * (s @ y0_o) - sh @ e_o (+ s @ anchor_b_o); "_o": the output memory's
     # slices, added into the full gradients further down
     d_q = d_o.clone()
     d_o_prev = e_prev.unsqueeze(-1) * d_o
-    d_s = d_o_prev @ tr(y0[:, :, -1])
+    d_s = d_o_prev @ tr(cur_b[:, :, -1])
     d_y0_o = tr(s) @ d_o_prev
     d_g_prev = (d_o * t["s_y0"]).sum(-1) * e_prev
     if retain:
-        d_s = d_s + _per_head(d_o, tr(anchor_b[:, -1]))
+        d_s = d_s + _per_head(d_o - d_o_prev, tr(anchor_b[:, -1]))
         d_anchor_b_o = (tr(s) @ d_o).sum(0)
     d_sh = -(d_o @ tr(e[..., -1, :]))
     d_e_o = -(tr(t["sh"]) @ d_o)
@@ -1051,13 +1073,13 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_pre_q = d_s * torch.addcmul(sig_q, s, 1 - sig_q)  # silu'
     # pre_q = e_prev * (q @ x0_o) + qk @ r_o (+ q @ anchor_a_o)
     d_pre_q_prev = e_prev.unsqueeze(-1) * d_pre_q
-    d_q = d_q + d_pre_q_prev @ tr(x0[..., sl_o])
+    d_q = d_q + d_pre_q_prev @ tr(cur_a[..., sl_o])
     d_x0_o = tr(q) @ d_pre_q_prev
     d_g_prev = d_g_prev + (d_pre_q * t["q_x0"]).sum(-1) * e_prev
     d_r_o = tr(t["qk"]) @ d_pre_q
     d_qk = d_pre_q @ tr(r[..., sl_o])
     if retain:
-        d_q = d_q + _per_head(d_pre_q, tr(anchor_a[..., sl_o]))
+        d_q = d_q + _per_head(d_pre_q - d_pre_q_prev, tr(anchor_a[..., sl_o]))
         d_anchor_a_o = (tr(q) @ d_pre_q).sum(0)
     d_qk_raw = d_qk * decay
     d_log_decay = d_log_decay + d_qk_raw * t["qk_raw"]
@@ -1065,9 +1087,9 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_k = tr(d_qk_raw) @ q
 
     # ---- W1: b_end = e_end * y0 - sum_c weighted_h^T e (+ anchor_b)
-    d_y0 = e_end.unsqueeze(-1).unsqueeze(-1) * d_b_end
+    d_y0, dot_b = _start_gradient(d_b_end, cur_b, anchor_b, e_end)
     d_y0[:, :, -1].add_(d_y0_o)
-    d_g_end = (d_b_end * y0).sum((-3, -2, -1)).unsqueeze(-1) * e_end
+    d_g_end = dot_b.unsqueeze(-1) * e_end
     d_weighted_h = torch.einsum("rhnmd,rhcnd->rhcnm", d_b_end, e)  # (minus) the gradient of weighted_h
     d_e = torch.einsum("rhcnm,rhnmd->rhcnd", t["weighted_h"], d_b_end).neg_()
     d_e[..., -1, :].add_(d_e_o)
@@ -1081,13 +1103,13 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_cur_b = d_y0
     d_anchor_a = d_anchor_b = None
     if retain:
-        d_anchor_b = (d_b_end - d_y0).sum(0)
+        d_anchor_b = d_b_end.sum(0) - d_y0.sum(0)
         d_anchor_b[:, -1].add_(d_anchor_b_o)
 
     # ---- W2: a_end = e_end * x0 + k^T (to_end * r) (+ anchor_a), r from the UT transform
-    d_x0 = e_end.unsqueeze(-1) * d_a_end
+    d_x0, dot_a = _start_gradient(d_a_end, cur_a, anchor_a, e_end)
     d_x0[..., sl_o].add_(d_x0_o)
-    d_g_end = d_g_end + (d_a_end * x0).sum((-2, -1)).unsqueeze(-1) * e_end
+    d_g_end = d_g_end + dot_a.unsqueeze(-1) * e_end
     weighted_r = to_end.unsqueeze(-1) * r
     d_k = d_k + weighted_r @ tr(d_a_end)
     d_weighted_r = k @ d_a_end
@@ -1112,11 +1134,11 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_eta_p = d_eta_p + d_coef * e_prev
         d_g_prev = d_g_prev + d_coef * coef
         d_k_x0 = -coef.unsqueeze(-1) * d_rhs
-        d_k = d_k + d_k_x0 @ tr(x0)
+        d_k = d_k + d_k_x0 @ tr(cur_a)
         d_x0 = _plus_product(d_x0, tr(k), d_k_x0)
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
-            d_k = d_k + _per_head(d_k_anchor, tr(anchor_a))
+            d_k = d_k + _per_head(d_k_anchor - d_k_x0, tr(anchor_a))
             d_anchor_a = d_anchor_a + (tr(k) @ d_k_anchor).sum(0)
             d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
         # eta_p = eta / (1 + eta |k|^2)
@@ -1154,7 +1176,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     dpre = t["dpre"]
     d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
     d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
-    d_snap_b_col = (2 * d_col).unsqueeze(-1) * snap_b
+    d_snap_b = (2 * d_col).unsqueeze(-1) * snap_b
 
     # ---- gradients at the snapshot: delta = (e B^T) * silu'(pre), e = M(k) - vhat
     d_b_e = d_delta * dpre
@@ -1168,7 +1190,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     # self-modification, and gradient-free with detached targets)
     z, sig_all, h_all = t["z"], t["sig_all"], t["h_all"]
     # d_snap_b: the column norms' term + d_b_e^T e + h_e^T d_e, the two products as one over 2L tokens
-    d_snap_b = _plus_product(d_snap_b_col, _tokens_last(torch.cat([d_b_e, t["h_e"]], dim=2)),
+    d_snap_b = _plus_product(d_snap_b, _tokens_last(torch.cat([d_b_e, t["h_e"]], dim=2)),
                              torch.cat([e, d_e], dim=2).transpose(2, 3))
     d_h_e = torch.einsum("rhcnd,rhnmd->rhcnm", d_e, snap_b)
     d_e_sum = d_e.sum(-2)

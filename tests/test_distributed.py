@@ -80,7 +80,8 @@ def test_two_process_ddp_with_accelerate_launch_matches_one_process(tmp_path):
 
 def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):
     """torchrun, 2 ranks, `fully_shard` per decoder layer, activation checkpointing, ContinuumOptimizer on DTensors:
-    the gathered, saved model loads with `from_pretrained` and equals a single-process run (atol 1e-5)."""
+    the gathered, saved model loads with `from_pretrained` and equals a single-process run (losses within
+    1e-5 relative, weights within rounding amplified by Adam)."""
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
           str(SCRIPTS / "fsdp2_train.py"), str(tmp_path)])
     result = json.loads((tmp_path / "result.json").read_text())
@@ -102,8 +103,11 @@ def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):
             losses.append(loss.item())
     assert result["level_steps"] == {str(k): v for k, v in opt.level_steps.items()} == {"0": 4, "1": 2, "2": 0}
     assert result["losses"] == pytest.approx(losses, rel=1e-5)
+    # Adam's normalised updates amplify float32 rounding where a gradient is near zero: two summation orders of the
+    # same single-process run (before and after a change of the chunk step's product order) end 2.4e-4 apart in one
+    # element after these 4 steps, most elements within 1e-5. A sharding error moves weights by ~lr = 1e-2 per step.
     for (n, p), q in zip(model.named_parameters(), loaded.parameters()):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-3, msg=lambda m: f"{n}: {m}")
         if ".cms.levels.2." not in n and ".cms.norms.2." not in n:
             assert not torch.equal(p, initial[n]), f"{n} did not train"
         else:

@@ -312,7 +312,7 @@ class HopeSelfModifyingTitans(nn.Module):
             gen = self._generate(u, snap_a, snap_b) if self.config.self_modifying else self._generate(u, None, None)
             inputs = (q, *gen, write, snap_a, snap_b, state.current_in, state.current_out, *anchors)
             if torch.is_grad_enabled():
-                o, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, *inputs)
+                o, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, None, *inputs)
             else:  # decoding: nothing to keep for a backward
                 o, cur_a, cur_b = chunk_forward(self.chunk_spec, *inputs)
         pos = state.chunk_pos + real.long()
@@ -418,10 +418,12 @@ class HopeSelfModifyingTitans(nn.Module):
         last_index = len(layout.chunk_bounds) - 1
         outs = []
         for c, (q_c, src, write_c) in enumerate(chunks, start=first):
-            gen = self._generate(src, snap_a, snap_b) if self.config.self_modifying else src
-            o_c, cur_a, cur_b = ChunkStep.apply(
-                self.chunk_spec, q_c, *gen, write_c, snap_a, snap_b, cur_a, cur_b, *anchors
-            )
+            weights = (write_c, snap_a, snap_b, cur_a, cur_b, *anchors)
+            if self.config.self_modifying:  # keys, values and gates generated inside the step
+                o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, self._generate_spec, q_c, src, *weights,
+                                                    *self._generate_parameters())
+            else:
+                o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, None, q_c, *src, *weights)
             outs.append(o_c)
             # remember the snapshot that a row's last (possibly partial) chunk used
             if layout.trivial:  # every row ends in the last slice
@@ -435,15 +437,15 @@ class HopeSelfModifyingTitans(nn.Module):
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return o, (snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b)
 
+    def _generate_parameters(self):
+        """`generate`'s parameters in its order, float32 (None where the config has none)."""
+        return [None if p is None else fp32(p) for p in (getattr(self.fast_init, n, None) for n in GENERATE_PARAMETERS)]
+
     def _generate(self, u, snap_a, snap_b):
-        """Keys, values, learning rates and retention gates of a chunk, from the snapshot memories (Eq. 87, 90):
-        `generate` with this layer's settings and parameters, compiled with the chunk step (`compile_chunk_step`)."""
-        params = [getattr(self.fast_init, name, None) for name in GENERATE_PARAMETERS]
-        if self.chunk_spec.compiled and snap_a is not None:
-            # plain tensors, as the CUDA graphs' parameter aliases are: Dynamo would recompile for the other type
-            params = [None if p is None else p.view_as(p) for p in params]
-            return generate_function(self._generate_spec)(u, snap_a, snap_b, *params)
-        return generate(self._generate_spec, u, snap_a, snap_b, *params)
+        """Keys, values, learning rates and retention gates (Eq. 87, 90) of one token (decoding), or of all chunks at
+        once without self-modification (no snapshot): `generate` with this layer's settings and parameters. A scan's
+        self-modifying chunks generate inside `ChunkStep` instead."""
+        return generate(self._generate_spec, u, snap_a, snap_b, *self._generate_parameters())
 
 
 @dataclass(frozen=True)
@@ -460,37 +462,84 @@ GENERATE_PARAMETERS = ("static_k", "static_v", "eta_readout", "eta_bias", "alpha
 
 
 def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_readout, eta_bias, alpha_readout,
-             alpha_bias):
+             alpha_bias, keep: bool = False):
     """Keys, values, learning rates and retention gates (Eq. 87, 90): read from the snapshot memories of k, v, eta,
     alpha where they are adaptive (`snap_a`, `snap_b` None: none is), else from the static projections and
-    readouts. u: (R, H, L, d). Parameters a config does not have are None."""
+    readouts. u: (R, H, L, d). Parameters a config does not have are None. With `keep`, also the intermediates
+    that `generate_backward` reads."""
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
-    aux = {}
+    aux, pre, sig, hid = {}, None, None, None
     if n_aux:
-        hid = F.silu(u @ snap_a[..., : n_aux * m]).unflatten(-1, (n_aux, m))  # (R,H,C,n_aux,m)
-        mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid, snap_b[:, :, :n_aux])
+        pre = u @ snap_a[..., : n_aux * m]  # (R,H,C,n_aux*m)
+        sig = torch.sigmoid(pre)
+        hid = pre * sig  # silu
+        mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid.unflatten(-1, (n_aux, m)), snap_b[:, :, :n_aux])
         aux = dict(zip(spec.boxes[:-1], mem.unbind(-2)))  # one stack in backward, not a zero-filled copy each
-    k = l2norm(aux["k"] if "k" in aux else u @ fp32(static_k))
-    v = l2norm(aux["v"] if "v" in aux else u @ fp32(static_v))
+    k_raw = aux["k"] if "k" in aux else u @ fp32(static_k)
+    v_raw = aux["v"] if "v" in aux else u @ fp32(static_v)
+    k, v = l2norm(k_raw), l2norm(v_raw)
     eta_src = aux.get("eta", u)
-    eta = spec.eta_max * torch.sigmoid((eta_src * fp32(eta_readout)[:, None]).sum(-1) + fp32(eta_bias)[:, None])
+    eta_gate = torch.sigmoid((eta_src * fp32(eta_readout)[:, None]).sum(-1) + fp32(eta_bias)[:, None])
+    eta = spec.eta_max * eta_gate
+    alpha_src = alpha_pre = None
     if spec.retention:
         alpha_src = aux.get("alpha", u)
-        log_alpha = F.logsigmoid((alpha_src * fp32(alpha_readout)[:, None]).sum(-1) + fp32(alpha_bias)[:, None])
+        alpha_pre = (alpha_src * fp32(alpha_readout)[:, None]).sum(-1) + fp32(alpha_bias)[:, None]
+        log_alpha = F.logsigmoid(alpha_pre)
     else:
         log_alpha = torch.zeros_like(eta)
-    return k, v, eta, log_alpha
+    if not keep:
+        return k, v, eta, log_alpha
+    saved = dict(pre=pre, sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_src=eta_src, eta_gate=eta_gate,
+                 alpha_src=alpha_src, alpha_pre=alpha_pre)
+    return k, v, eta, log_alpha, saved
 
 
-@functools.cache
-def generate_function(spec: GenerateSpec):
-    """`generate` compiled by `torch.compile` for `compile_chunk_step` (differentiable: AOTAutograd compiles its
-    backward too). One per spec, shared by equal layers."""
+def _l2norm_backward(y, x, d_y):
+    """The gradient of x for y = l2norm(x): (d_y - y <y, d_y>) / sqrt(|x|^2 + eps)."""
+    return torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + NORM_EPS) * (d_y - y * (y * d_y).sum(-1, keepdim=True))
 
-    def generate_for_spec(*args):
-        return generate(spec, *args)
 
-    return torch.compile(generate_for_spec, fullgraph=True)
+def generate_backward(spec: GenerateSpec, u, snap_a, snap_b, params, t, d_k, d_v, d_eta, d_log_alpha, d_snap_a,
+                      d_snap_b):
+    """The vector-Jacobian product of `generate` with snapshot memories, written out (tested against autograd).
+
+    `params` are its parameters (None where the config has none), `t` its intermediates (`keep=True`), `d_*` the
+    gradients of its outputs. Returns the gradients of u and of the parameters (summed over the rows); the
+    snapshot's are added into `d_snap_a` and `d_snap_b` in place (weight-sized, so no new ones are made).
+    """
+    static_k, static_v, eta_readout, eta_bias, alpha_readout, alpha_bias = params
+    n_aux, m = len(spec.boxes) - 1, spec.memory_dim
+    d_params = [None] * len(params)
+    gate = t["eta_gate"]
+    d_eta_pre = d_eta * spec.eta_max * gate * (1 - gate)  # (R,H,C)
+    d_src = {"k": _l2norm_backward(t["k"], t["k_raw"], d_k), "v": _l2norm_backward(t["v"], t["v_raw"], d_v),
+             "eta": d_eta_pre.unsqueeze(-1) * fp32(eta_readout)[:, None]}
+    d_params[2], d_params[3] = (d_eta_pre.unsqueeze(-1) * t["eta_src"]).sum((0, 2)), d_eta_pre.sum((0, 2))
+    if spec.retention:
+        d_alpha_pre = d_log_alpha * torch.sigmoid(-t["alpha_pre"])  # logsigmoid' = 1 - sigmoid
+        d_src["alpha"] = d_alpha_pre.unsqueeze(-1) * fp32(alpha_readout)[:, None]
+        d_params[4], d_params[5] = (d_alpha_pre.unsqueeze(-1) * t["alpha_src"]).sum((0, 2)), d_alpha_pre.sum((0, 2))
+    # what u reads directly: the static projections, and the readouts of eta and alpha where they are not memories
+    d_u = torch.zeros_like(u)
+    for name, index in (("k", 0), ("v", 1)):
+        if name not in spec.boxes:
+            d_u = d_u + _per_head(d_src[name], fp32(params[index]).transpose(-1, -2))
+            d_params[index] = (u.transpose(-1, -2) @ d_src[name]).sum(0)
+    for name in ("eta", "alpha"):
+        if name in d_src and name not in spec.boxes:
+            d_u = d_u + d_src[name]
+    if n_aux:  # mem = u + silu(u A_aux) B_aux, per memory
+        d_mem = torch.stack([d_src[name] for name in spec.boxes[:-1]], dim=-2)  # (R,H,C,n_aux,d)
+        hid = t["hid"].unflatten(-1, (n_aux, m))
+        d_hid = torch.einsum("rhcnd,rhnmd->rhcnm", d_mem, snap_b[:, :, :n_aux]).flatten(-2)
+        for j in range(n_aux):
+            _plus_product(d_snap_b[:, :, j], hid[..., j, :].transpose(-1, -2), d_mem[..., j, :])
+        sig = t["sig"]
+        d_pre = d_hid * torch.addcmul(sig, t["hid"], 1 - sig)  # silu'
+        d_u = d_u + d_mem.sum(-2) + d_pre @ snap_a[..., : n_aux * m].transpose(-1, -2)
+        _plus_product(d_snap_a[..., : n_aux * m], u.transpose(-1, -2), d_pre)
+    return d_u, d_params
 
 
 class _RecomputedSegment(torch.autograd.Function):
@@ -878,9 +927,9 @@ def _per_head(x, w):
 
 
 def _plus_product(base, a, b, sign=1.0):
-    """base += sign * (a @ b) in place, for batched a (..., X, L), b (..., L, Y) and a new contiguous base
-    (..., X, Y) that nothing else reads: the product accumulates into base inside one GEMM (`baddbmm_`), with no
-    weight-sized result or copy of base made."""
+    """base += sign * (a @ b) in place, for batched a (..., X, L), b (..., L, Y) and a base (..., X, Y) that
+    nothing else reads (a new tensor, or a block of one whose batch dimensions merge into one): the product
+    accumulates into base inside one GEMM (`baddbmm_`), with no weight-sized result or copy of base made."""
     x, y = base.shape[-2:]
     base.view(-1, x, y).baddbmm_(a.reshape(-1, x, a.shape[-1]), b.reshape(-1, b.shape[-2], y), alpha=sign)
     return base
@@ -1216,17 +1265,47 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
             d_anchor_a, d_anchor_b)
 
 
+def generated_chunk_forward(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, snap_a, snap_b, cur_a, cur_b,
+                            anchor_a, anchor_b, *params):
+    """A self-modifying chunk: `generate` from the snapshot, then `chunk_forward`, keeping both's intermediates."""
+    k, v, eta, log_alpha, gen_saved = generate(gen_spec, u, snap_a, snap_b, *params, keep=True)
+    o, a_end, b_end, saved = chunk_forward(spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b,
+                                           anchor_a, anchor_b, keep=True)
+    saved.update({"gen_" + name: t for name, t in gen_saved.items()}, gen_eta=eta, gen_log_alpha=log_alpha)
+    return o, a_end, b_end, saved
+
+
+def generated_chunk_backward(spec: ChunkSpec, gen_spec: GenerateSpec, inputs, t, d_o, d_a_end, d_b_end):
+    """The backward of `generated_chunk_forward`: `chunk_backward`, then `generate_backward`, whose snapshot
+    gradients accumulate into the chunk's. Returns the gradients of its inputs after the specs (None for write)."""
+    q, u, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b, *params = inputs
+    chunk_inputs = (q, t["gen_k"], t["gen_v"], t["gen_eta"], t["gen_log_alpha"], write, snap_a, snap_b, cur_a, cur_b,
+                    anchor_a, anchor_b)
+    d_q, d_k, d_v, d_eta, d_log_alpha, d_snap_a, d_snap_b, *rest = chunk_backward(spec, chunk_inputs, t, d_o,
+                                                                                   d_a_end, d_b_end)
+    gen_saved = {name[4:]: value for name, value in t.items() if name.startswith("gen_")}
+    d_u, d_params = generate_backward(gen_spec, u, snap_a, snap_b, params, gen_saved, d_k, d_v, d_eta, d_log_alpha,
+                                      d_snap_a, d_snap_b)
+    return (d_q, d_u, None, d_snap_a, d_snap_b, *rest, *d_params)
+
+
 @functools.cache
-def chunk_functions(spec: ChunkSpec):
+def chunk_functions(spec: ChunkSpec, gen_spec: GenerateSpec | None = None):
     """The forward (keeping its intermediates) and backward of `ChunkStep` for `spec`: `chunk_forward` and
-    `chunk_backward`, compiled by `torch.compile` (Inductor, whole graphs) if `spec.compiled`. One pair per spec,
-    shared by every layer with that spec, so that equal layers share the compiled code instead of recompiling it."""
+    `chunk_backward`, or with `gen_spec` their self-modifying versions (the generation included), compiled by
+    `torch.compile` (Inductor, whole graphs) if `spec.compiled`. One pair per spec, shared by every layer with that
+    spec, so that equal layers share the compiled code instead of recompiling it."""
 
     def forward(*inputs):
+        if gen_spec is not None:
+            return generated_chunk_forward(spec, gen_spec, *inputs)
         return chunk_forward(spec, *inputs, keep=True)
 
     def backward(inputs, saved, d_o, d_a_end, d_b_end):
-        return chunk_backward(spec, inputs, saved, d_o, d_a_end, d_b_end)
+        if gen_spec is not None:
+            return generated_chunk_backward(spec, gen_spec, inputs, saved, d_o, d_a_end, d_b_end)
+        grads = chunk_backward(spec, inputs, saved, d_o, d_a_end, d_b_end)
+        return grads[:5] + (None,) + grads[5:]  # none for the write mask
 
     if not spec.compiled:
         return forward, backward
@@ -1239,17 +1318,19 @@ def chunk_functions(spec: ChunkSpec):
 
 
 class ChunkStep(torch.autograd.Function):
-    """`chunk_forward` with `chunk_backward` as its backward. It keeps the chunk's inputs and the intermediates that
-    the forward computes anyway (no weight-sized copies), without autograd's graph of ~100 nodes per chunk; under
-    `recompute_memory_states` the first pass runs without gradients (nothing kept) and the pass that backward repeats
-    keeps them for one segment at a time."""
+    """`chunk_forward` with `chunk_backward` as its backward; with a `GenerateSpec`, a self-modifying chunk: the
+    keys, values and gates generated from the snapshot inside the step (`generated_chunk_forward`, inputs
+    `q, u, write, ...` and the generation's parameters instead of `q, k, v, eta, log_alpha, write, ...`), so that
+    the generation's snapshot gradients accumulate into the chunk's. It keeps the chunk's inputs and the
+    intermediates that the forward computes anyway (no weight-sized copies), without autograd's graph of ~130 nodes
+    per chunk; under `recompute_memory_states` the first pass runs without gradients (nothing kept) and the pass that
+    backward repeats keeps them for one segment at a time."""
 
     @staticmethod
-    def forward(ctx, spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b):
-        inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b)
-        forward, ctx.chunk_backward = chunk_functions(spec)
+    def forward(ctx, spec, gen_spec, *inputs):
+        forward, ctx.chunk_backward = chunk_functions(spec, gen_spec)
         o, a_end, b_end, saved = forward(*inputs)
-        ctx.names = list(saved)
+        ctx.names, ctx.num_inputs = list(saved), len(inputs)
         ctx.save_for_backward(*inputs, *saved.values())
         return o, a_end, b_end
 
@@ -1257,9 +1338,8 @@ class ChunkStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_o, d_a_end, d_b_end):
         tensors = ctx.saved_tensors
-        inputs, saved = tensors[:12], dict(zip(ctx.names, tensors[12:]))
-        grads = ctx.chunk_backward(inputs, saved, d_o, d_a_end, d_b_end)
-        return (None,) + grads[:5] + (None,) + grads[5:]  # no gradient for the spec and the write mask
+        inputs, saved = tensors[: ctx.num_inputs], dict(zip(ctx.names, tensors[ctx.num_inputs :]))
+        return (None, None, *ctx.chunk_backward(inputs, saved, d_o, d_a_end, d_b_end))  # none for the specs
 
 
 # ---------------------------------------------------------------------------------------------------- layout

@@ -421,7 +421,7 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length):
     anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
     inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, *anchors)
     outputs_ref = chunk_forward(spec, *inputs)
-    outputs = ChunkStep.apply(spec, *inputs)
+    outputs = ChunkStep.apply(spec, None, *inputs)
     for got, want in zip(outputs, outputs_ref):
         torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
@@ -440,3 +440,47 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length):
     ref_o = torch.autograd.grad((weights[0] * outputs_ref[0]).sum(), wrt, allow_unused=True)
     for g, r in zip(got_o, ref_o):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-11, rtol=1e-10)
+
+
+SELF_MODIFYING = [s for s in SINGLE_SWITCH_OFF + COMBOS if s.get("self_modifying", True)]
+
+
+@pytest.mark.parametrize("switches", SELF_MODIFYING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("length", [5, 2])
+def test_hand_written_generation_backward_equals_autograd(switches, length):
+    """`ChunkStep` with the generation inside (a self-modifying chunk: keys, values, gates from the snapshot, and
+    its written-out backward `generate_backward`) against autograd through `generate` and `chunk_forward`, for u,
+    the reads, the snapshot and current weights, the anchors and every parameter of the generation (static
+    projections, readouts, biases), with a pad position and distinct snapshot and current weights."""
+    from hope_hf.memory_hope import ChunkStep, chunk_forward, generate
+
+    layer = make_layer(chunk_size=5, **switches)
+    spec, gen_spec = layer.chunk_spec, layer._generate_spec
+    H, d, n, m = 2, 4, layer.num_memories, layer.memory_dim
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
+
+    q, u = rand(3, H, length, d), rand(3, H, length, d)
+    write = torch.ones(3, 1, length, dtype=torch.float64)
+    write[2, 0, -1] = 0
+    snap_a, cur_a = rand(3, H, d, n * m, scale=0.5), rand(3, H, d, n * m, scale=0.5)
+    snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
+    anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
+    params = [None if p is None else p.detach().clone().requires_grad_() for p in layer._generate_parameters()]
+    weights_in = (write, snap_a, snap_b, cur_a, cur_b, *anchors)
+
+    k, v, eta, log_alpha = generate(gen_spec, u, snap_a, snap_b, *params)
+    outputs_ref = chunk_forward(spec, q, k, v, eta, log_alpha, *weights_in)
+    outputs = ChunkStep.apply(spec, gen_spec, q, u, *weights_in, *params)
+    for got, want in zip(outputs, outputs_ref):
+        torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
+    wrt = [t for t in (q, u, *weights_in, *params) if t is not None and t.requires_grad]
+    ref = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs_ref)), wrt, allow_unused=True)
+    got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs)), wrt, allow_unused=True)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g is not None and r is not None, i
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-10, msg=lambda msg: f"input {i}: {msg}")
+    assert all(float(r.abs().max()) > 1e-3 for r in ref), [float(r.abs().max()) for r in ref]

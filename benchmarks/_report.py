@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the machine header and the JSON file every benchmark writes."""
+"""Shared by the benchmark scripts: the machine header and the JSON file every benchmark writes, and the FLOP
+counter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import os
 import platform
 
 import torch
+
+
+def _baddbmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    batch, m, k = a_shape
+    return 2 * batch * m * k * b_shape[-1]  # the product; the accumulation is not counted, as for baddbmm
+
+
+def flop_counter():
+    """`torch.utils.flop_counter.FlopCounterMode` that also counts the in-place `baddbmm_` (the chunk step
+    accumulates its weight updates with it; torch's table has only the out-of-place op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flops})
 
 
 def save_report(args, **results) -> dict:

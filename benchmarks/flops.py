@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from _report import save_report
+from _report import flop_counter, save_report
 
 
 def timed(fn, repeats: int) -> float:
@@ -46,9 +46,7 @@ def build_layer(hidden, heads, chunk_size, recompute, compiled=False):
 
 
 def count_flops(layer, x) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         layer(x).sum().backward()
     layer.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -49,7 +49,7 @@ import time
 import traceback
 
 import torch
-from _report import save_report
+from _report import flop_counter, save_report
 
 
 class Clock:
@@ -197,13 +197,11 @@ def build(kind, preset, overrides, device):
 def count_flops_per_token(kind, preset, overrides, length, device) -> float:
     """Matmul FLOPs (forward + backward) per token of one training step, without recomputation. HOPE's cost is
     linear in length: counted at min(length, 512); Llama's attention is not: counted at `length`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     count_len = min(length, 512) if kind == "hope" else length
     model, config = build(kind, preset, {**overrides, "recompute_memory_states": False} if kind == "hope"
                           else overrides, device)
     ids = torch.randint(0, config.vocab_size, (1, count_len), device=device)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

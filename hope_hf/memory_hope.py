@@ -468,7 +468,7 @@ def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_read
     readouts. u: (R, H, L, d). Parameters a config does not have are None. With `keep`, also the intermediates
     that `generate_backward` reads."""
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
-    aux, pre, sig, hid = {}, None, None, None
+    aux, sig, hid = {}, None, None
     if n_aux:
         pre = u @ snap_a[..., : n_aux * m]  # (R,H,C,n_aux*m)
         sig = torch.sigmoid(pre)
@@ -490,7 +490,7 @@ def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_read
         log_alpha = torch.zeros_like(eta)
     if not keep:
         return k, v, eta, log_alpha
-    saved = dict(pre=pre, sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_src=eta_src, eta_gate=eta_gate,
+    saved = dict(sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_src=eta_src, eta_gate=eta_gate,
                  alpha_src=alpha_src, alpha_pre=alpha_pre)
     return k, v, eta, log_alpha, saved
 

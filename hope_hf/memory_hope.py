@@ -1015,7 +1015,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
 
     # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
     force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,L,n*m)
-    eta_p = k_anchor = k_x0 = kk = lower = None
+    eta_p = k_anchor = k_x0 = kk = ut = None
     if spec.dgd:
         eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
         if spec.retain_toward_init:
@@ -1028,7 +1028,11 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
             rhs = force - (eta_p * e_prev).unsqueeze(-1) * k_x0
             kk = k @ k.transpose(-1, -2)
             lower = eta_p.unsqueeze(-1) * decay * kk
-            r = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)  # UT transform
+            # UT transform: r = (I + lower)^-1 rhs, through the (L, L) inverse (one solve against the identity and a
+            # product: a solve against the n*m-wide rhs runs at a few GFLOP/s); backward reuses it transposed
+            eye = torch.eye(length, dtype=lower.dtype, device=lower.device).expand_as(lower)
+            ut = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+            r = ut @ rhs
     else:
         r = force
     # a_end = e_end x0 + k^T (to_end r) (+ anchor_a): the product accumulates into the decayed start
@@ -1074,7 +1078,7 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, h_e=h_e, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
                  b_e=b_e, delta=delta, h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2,
                  decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0,
-                 kk=kk, lower=lower, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
+                 kk=kk, ut=ut, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
                  sh_raw=sh_raw, sh=sh, s_y0=s_y0)
     return o, a_end, b_end, saved
 
@@ -1170,7 +1174,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_anchor_a[..., sl_o].add_(d_anchor_a_o)
     if spec.dgd:
         eta_p, k_x0, kk = t["eta_p"], t["k_x0"], t["kk"]
-        d_rhs = torch.linalg.solve_triangular(tr(t["lower"]), d_r, upper=True, unitriangular=True)
+        d_rhs = tr(t["ut"]) @ d_r  # (I + lower)^-T d_r
         # lower = eta_p * decay * kk; its gradient is -(d_rhs r^T), strictly lower (the factor decay sees to it)
         neg_d_lower = (d_rhs @ tr(r)) * decay
         d_eta_p = -(neg_d_lower * kk).sum(-1)

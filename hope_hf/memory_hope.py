@@ -466,33 +466,66 @@ def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_read
     """Keys, values, learning rates and retention gates (Eq. 87, 90): read from the snapshot memories of k, v, eta,
     alpha where they are adaptive (`snap_a`, `snap_b` None: none is), else from the static projections and
     readouts. u: (R, H, L, d). Parameters a config does not have are None. With `keep`, also the intermediates
-    that `generate_backward` reads."""
+    that `generate_backward` reads. A gate sees its memory only through its readout w, so the memory's output is
+    never formed: <u + silu(u A) B, w> = <u, w> + silu(u A) (B w)."""
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
-    aux, sig, hid = {}, None, None
+    outputs, sig, hid = {}, None, None
     if n_aux:
         pre = u @ snap_a[..., : n_aux * m]  # (R,H,C,n_aux*m)
         sig = torch.sigmoid(pre)
         hid = pre * sig  # silu
-        mem = u.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", hid.unflatten(-1, (n_aux, m)), snap_b[:, :, :n_aux])
-        aux = dict(zip(spec.boxes[:-1], mem.unbind(-2)))  # one stack in backward, not a zero-filled copy each
-    k_raw = aux["k"] if "k" in aux else u @ fp32(static_k)
-    v_raw = aux["v"] if "v" in aux else u @ fp32(static_v)
+        # the k and v memories (stored first), one product each: a product over a slice of the memories would
+        # copy their weights (their batch dimensions do not merge)
+        for j in range(_vector_memories(spec)):
+            outputs[spec.boxes[j]] = u + hid[..., j * m : (j + 1) * m] @ snap_b[:, :, j]
+    k_raw = outputs["k"] if "k" in outputs else u @ fp32(static_k)
+    v_raw = outputs["v"] if "v" in outputs else u @ fp32(static_v)
     k, v = l2norm(k_raw), l2norm(v_raw)
-    eta_src = aux.get("eta", u)
-    eta_gate = torch.sigmoid((eta_src * fp32(eta_readout)[:, None]).sum(-1) + fp32(eta_bias)[:, None])
+    eta_gate = torch.sigmoid(_gate_readout(spec, "eta", u, hid, snap_b, eta_readout, eta_bias))
     eta = spec.eta_max * eta_gate
-    alpha_src = alpha_pre = None
+    alpha_pre = None
     if spec.retention:
-        alpha_src = aux.get("alpha", u)
-        alpha_pre = (alpha_src * fp32(alpha_readout)[:, None]).sum(-1) + fp32(alpha_bias)[:, None]
+        alpha_pre = _gate_readout(spec, "alpha", u, hid, snap_b, alpha_readout, alpha_bias)
         log_alpha = F.logsigmoid(alpha_pre)
     else:
         log_alpha = torch.zeros_like(eta)
     if not keep:
         return k, v, eta, log_alpha
-    saved = dict(sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_src=eta_src, eta_gate=eta_gate,
-                 alpha_src=alpha_src, alpha_pre=alpha_pre)
+    saved = dict(sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_gate=eta_gate, alpha_pre=alpha_pre)
     return k, v, eta, log_alpha, saved
+
+
+def _vector_memories(spec: GenerateSpec) -> int:
+    """How many of the adaptive memories are read as vectors (k, v: stored first); the others are gates."""
+    return sum(name in ("k", "v") for name in spec.boxes)
+
+
+def _gate_readout(spec: GenerateSpec, name, u, hid, snap_b, readout, bias):
+    """A gate's pre-activation <src, w> + bias (R, H, L), src = u or, where the gate is adaptive, its memory's
+    output u + silu(u A) B, taken as <u, w> + silu(u A) (B w) (hid: the memories' silu(u A))."""
+    w = fp32(readout)
+    value = (u * w[:, None]).sum(-1) + fp32(bias)[:, None]
+    if name in spec.boxes:
+        j, m = spec.boxes.index(name), spec.memory_dim
+        value = value + (hid[..., j * m : (j + 1) * m] * (snap_b[:, :, j] * w[:, None]).sum(-1, True).mT).sum(-1)
+    return value
+
+
+def _gate_readout_backward(spec: GenerateSpec, name, u, hid, snap_b, readout, d_value, d_hid, d_snap_b):
+    """The backward of `_gate_readout` for d_value (R, H, L): returns the gradients of u (its direct part) and of
+    the readout and bias; the memory's hidden gradient goes into `d_hid` (a dict by memory index), its B's into
+    `d_snap_b`."""
+    w = fp32(readout)
+    d_u = d_value.unsqueeze(-1) * w[:, None]
+    d_w = (d_value.unsqueeze(-1) * u).sum((0, 2))
+    if name in spec.boxes:
+        j, m = spec.boxes.index(name), spec.memory_dim
+        b = snap_b[:, :, j]  # (R,H,m,d)
+        d_hid[j] = d_value.unsqueeze(-1) * (b * w[:, None]).sum(-1).unsqueeze(-2)
+        weighted = (hid[..., j * m : (j + 1) * m] * d_value.unsqueeze(-1)).sum(2).unsqueeze(-1)  # sum_t d_t h_t
+        d_w = d_w + (weighted * b).sum((0, 2))
+        d_snap_b[:, :, j].addcmul_(weighted, w.unsqueeze(-2))  # += sum_t h_t^T (d_t w): rank one
+    return d_u, d_w, d_value.sum((0, 2))
 
 
 def _l2norm_backward(y, x, d_y):
@@ -510,35 +543,34 @@ def generate_backward(spec: GenerateSpec, u, snap_a, snap_b, params, t, d_k, d_v
     """
     static_k, static_v, eta_readout, eta_bias, alpha_readout, alpha_bias = params
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
+    hid = t["hid"]
+    d_hid = {}  # by memory index: the gradients of each memory's block of hid
     d_params = [None] * len(params)
     gate = t["eta_gate"]
     d_eta_pre = d_eta * spec.eta_max * gate * (1 - gate)  # (R,H,C)
-    d_src = {"k": _l2norm_backward(t["k"], t["k_raw"], d_k), "v": _l2norm_backward(t["v"], t["v_raw"], d_v),
-             "eta": d_eta_pre.unsqueeze(-1) * fp32(eta_readout)[:, None]}
-    d_params[2], d_params[3] = (d_eta_pre.unsqueeze(-1) * t["eta_src"]).sum((0, 2)), d_eta_pre.sum((0, 2))
+    d_u, d_params[2], d_params[3] = _gate_readout_backward(spec, "eta", u, hid, snap_b, eta_readout, d_eta_pre,
+                                                            d_hid, d_snap_b)
     if spec.retention:
         d_alpha_pre = d_log_alpha * torch.sigmoid(-t["alpha_pre"])  # logsigmoid' = 1 - sigmoid
-        d_src["alpha"] = d_alpha_pre.unsqueeze(-1) * fp32(alpha_readout)[:, None]
-        d_params[4], d_params[5] = (d_alpha_pre.unsqueeze(-1) * t["alpha_src"]).sum((0, 2)), d_alpha_pre.sum((0, 2))
-    # what u reads directly: the static projections, and the readouts of eta and alpha where they are not memories
-    d_u = torch.zeros_like(u)
-    for name, index in (("k", 0), ("v", 1)):
+        d_u_alpha, d_params[4], d_params[5] = _gate_readout_backward(spec, "alpha", u, hid, snap_b, alpha_readout,
+                                                                     d_alpha_pre, d_hid, d_snap_b)
+        d_u = d_u + d_u_alpha
+    d_src = {"k": _l2norm_backward(t["k"], t["k_raw"], d_k), "v": _l2norm_backward(t["v"], t["v_raw"], d_v)}
+    for name, index in (("k", 0), ("v", 1)):  # static projections
         if name not in spec.boxes:
             d_u = d_u + _per_head(d_src[name], fp32(params[index]).transpose(-1, -2))
             d_params[index] = (u.transpose(-1, -2) @ d_src[name]).sum(0)
-    for name in ("eta", "alpha"):
-        if name in d_src and name not in spec.boxes:
-            d_u = d_u + d_src[name]
-    if n_aux:  # mem = u + silu(u A_aux) B_aux, per memory
-        d_mem = torch.stack([d_src[name] for name in spec.boxes[:-1]], dim=-2)  # (R,H,C,n_aux,d)
-        hid = t["hid"].unflatten(-1, (n_aux, m))
-        d_hid = torch.einsum("rhcnd,rhnmd->rhcnm", d_mem, snap_b[:, :, :n_aux]).flatten(-2)
-        for j in range(n_aux):
-            _plus_product(d_snap_b[:, :, j], hid[..., j, :].transpose(-1, -2), d_mem[..., j, :])
-        sig = t["sig"]
-        d_pre = d_hid * torch.addcmul(sig, t["hid"], 1 - sig)  # silu'
-        d_u = d_u + d_mem.sum(-2) + d_pre @ snap_a[..., : n_aux * m].transpose(-1, -2)
-        _plus_product(d_snap_a[..., : n_aux * m], u.transpose(-1, -2), d_pre)
+    if not n_aux:
+        return d_u, d_params
+    for j in range(_vector_memories(spec)):  # mem = u + silu(u A) B for k and v, one memory at a time
+        d_mem = d_src[spec.boxes[j]]
+        d_hid[j] = d_mem @ snap_b[:, :, j].transpose(-1, -2)
+        _plus_product(d_snap_b[:, :, j], hid[..., j * m : (j + 1) * m].transpose(-1, -2), d_mem)
+        d_u = d_u + d_mem
+    sig = t["sig"]
+    d_pre = torch.cat([d_hid[j] for j in range(n_aux)], dim=-1) * torch.addcmul(sig, hid, 1 - sig)  # silu'
+    d_u = d_u + d_pre @ snap_a[..., : n_aux * m].transpose(-1, -2)
+    _plus_product(d_snap_a[..., : n_aux * m], u.transpose(-1, -2), d_pre)
     return d_u, d_params
 
 

@@ -418,7 +418,8 @@ class HopeSelfModifyingTitans(nn.Module):
         last_index = len(layout.chunk_bounds) - 1
         outs = []
         for c, (q_c, src, write_c) in enumerate(chunks, start=first):
-            weights = (write_c, snap_a, snap_b, cur_a, cur_b, *anchors)
+            same = snap_a is cur_a and snap_b is cur_b  # (a scan's chunks but one that starts inside a chunk)
+            weights = (write_c, None if same else snap_a, None if same else snap_b, cur_a, cur_b, *anchors)
             if self.config.self_modifying:  # keys, values and gates generated inside the step
                 o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, self._generate_spec, q_c, src, *weights,
                                                     *self._generate_parameters())
@@ -598,6 +599,10 @@ class _RecomputedSegment(torch.autograd.Function):
     def forward(ctx, layer, first, layout, tree, num_flat, *tensors):
         flat = tensors[:num_flat]
         ctx.layer, ctx.first, ctx.layout, ctx.tree, ctx.num_flat = layer, first, layout, tree, num_flat
+        # which input each one repeats (snapshot and current weights are one tensor after a complete chunk), so that
+        # the recomputation sees the same aliasing as this pass
+        first_of = {}
+        ctx.alias = [i if t is None else first_of.setdefault(id(t), i) for i, t in enumerate(flat)]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
             outputs = _RecomputedSegment._scan(layer, first, layout, tree, flat)
@@ -608,11 +613,18 @@ class _RecomputedSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         tensors = ctx.saved_tensors
-        flat = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors[: ctx.num_flat]]
+        flat = []
+        for i, t in enumerate(tensors[: ctx.num_flat]):
+            if ctx.alias[i] != i:
+                flat.append(flat[ctx.alias[i]])
+            else:
+                flat.append(None if t is None else t.detach().requires_grad_(t.requires_grad))
         params = list(tensors[ctx.num_flat :])
         with torch.enable_grad():
             outputs = _RecomputedSegment._scan(ctx.layer, ctx.first, ctx.layout, ctx.tree, flat)
-        wanted = [i for i, t in enumerate(flat + params) if t is not None and t.requires_grad]
+        # a repeated input gets its gradient once (autograd sums over the places it was passed)
+        wanted = [i for i, t in enumerate(flat + params)
+                  if t is not None and t.requires_grad and (i >= ctx.num_flat or ctx.alias[i] == i)]
         pairs = [(out, g) for out, g in zip(outputs, grad_outputs) if g is not None and out.requires_grad]
         grads = [None] * len(tensors)
         if wanted and pairs:
@@ -993,12 +1005,16 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once (Eq. 84-91).
 
     q, k, v: (R, H, L, d); eta, log_alpha: (R, H, L); write: (R, 1, L) (1 = real token); snapshot and current
-    weights A (R, H, d, n*m) and B (R, H, n, m, d); anchors (the initial states, H-shaped) or None. Returns the reads
+    weights A (R, H, d, n*m) and B (R, H, n, m, d), the snapshot None where it is the current weights (every chunk
+    of a scan but one that starts inside a chunk); anchors (the initial states, H-shaped) or None. Returns the reads
     o (R, H, L, d) and the weights after the chunk; with `keep`, also every intermediate (`chunk_backward` uses them).
     Differentiable with autograd (the reference for `chunk_backward`); the model calls it through `ChunkStep`.
     """
     C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
     length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
+    same = snap_a is None  # the snapshot is the current weights: the keys' product with them is the targets'
+    if same:
+        snap_a, snap_b = cur_a, cur_b
     eta = eta * write  # pad tokens: no write ...
     log_alpha = log_alpha * write  # ... and no decay
 
@@ -1053,7 +1069,8 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         if spec.retain_toward_init:
             k_anchor = _per_head(k, anchor_a)
             force = force - eta_p.unsqueeze(-1) * k_anchor
-        k_x0 = k @ cur_a if k_anchor is None else k @ cur_a - k_anchor  # k @ x0
+        k_cur = pre_all[:, :, first_k:].flatten(-2) if same else k @ cur_a
+        k_x0 = k_cur if k_anchor is None else k_cur - k_anchor  # k @ x0
         if single:
             r = force - eta_p.unsqueeze(-1) * k_x0
         else:
@@ -1120,9 +1137,13 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
 
     `inputs` are the forward's tensors, `t` its intermediates (`keep=True`), `d_*` the gradients of its outputs.
     Returns the gradients of (q, k, v, eta, log_alpha, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b); the
-    anchors' (H-shaped, shared by the batch rows) are summed over the rows.
+    anchors' (H-shaped, shared by the batch rows) are summed over the rows. A snapshot given as None (the current
+    weights) gets None: its gradient is in the current weights'.
     """
     q, k, v, eta_in, log_alpha_in, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b = inputs
+    same = snap_a is None
+    if same:
+        snap_a, snap_b = cur_a, cur_b
     C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
     length = q.shape[2]
     retain = spec.retain_toward_init
@@ -1219,12 +1240,14 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_eta_p = d_eta_p + d_coef * e_prev
         d_g_prev = d_g_prev + d_coef * coef
         d_k_x0 = -coef.unsqueeze(-1) * d_rhs
-        d_k = d_k + d_k_x0 @ tr(cur_a)
-        d_x0 = _plus_product(d_x0, tr(k), d_k_x0)
+        if not same:  # (else k @ cur_a is in the snapshot's product, whose gradients come below)
+            d_k = d_k + d_k_x0 @ tr(cur_a)
+            d_x0 = _plus_product(d_x0, tr(k), d_k_x0)
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
             d_k = d_k + _per_head(d_k_anchor - d_k_x0, tr(anchor_a))
-            d_anchor_a = d_anchor_a + (tr(k) @ d_k_anchor).sum(0)
+            # the anchor's share of k @ x0: through d_x0 below, or here where d_x0 has not got it
+            d_anchor_a = d_anchor_a + (tr(k) @ (d_k_anchor - d_k_x0 if same else d_k_anchor)).sum(0)
             d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
         # eta_p = eta / (1 + eta |k|^2)
         den = (1 + eta * k.pow(2).sum(-1)).pow(2)
@@ -1261,7 +1284,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     dpre = t["dpre"]
     d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
     d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
-    d_snap_b = (2 * d_col).unsqueeze(-1) * snap_b
+    # the snapshot's gradients accumulate into the current weights' where it is them (after the anchors took theirs)
+    d_snap_b = d_cur_b.addcmul_(snap_b, (2 * d_col).unsqueeze(-1)) if same else (2 * d_col).unsqueeze(-1) * snap_b
 
     # ---- gradients at the snapshot: delta = (e B^T) * silu'(pre), e = M(k) - vhat
     d_b_e = d_delta * dpre
@@ -1287,9 +1311,11 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_h_all = torch.cat([-d_h_e, d_h_e], dim=2)
     d_pre_all = d_h_all * torch.addcmul(sig_all, h_all, 1 - sig_all)  # silu'
     d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_pre)
+    if same and spec.dgd:  # k_x0 = (the keys' rows of pre_all) - k_anchor
+        d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_k_x0.unflatten(-1, (n, m)))
     d_pre_all = d_pre_all.flatten(-2)
     d_z = d_pre_all @ tr(snap_a)
-    d_snap_a = tr(z) @ d_pre_all
+    d_snap_a = _plus_product(d_cur_a, tr(z), d_pre_all) if same else tr(z) @ d_pre_all
     d_k = d_k + d_e_sum + d_z[:, :, d_z.shape[2] - length :]
     if not spec.self_modifying:
         d_v = -d_e_sum
@@ -1297,6 +1323,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_v = torch.zeros_like(v)  # the targets M(v) are constants, and v reaches e through them alone
     else:
         d_v = d_z[:, :, :length] - d_e_sum
+    if same:
+        d_snap_a = d_snap_b = None
     return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
             d_anchor_a, d_anchor_b)
 
@@ -1304,7 +1332,8 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
 def generated_chunk_forward(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, snap_a, snap_b, cur_a, cur_b,
                             anchor_a, anchor_b, *params):
     """A self-modifying chunk: `generate` from the snapshot, then `chunk_forward`, keeping both's intermediates."""
-    k, v, eta, log_alpha, gen_saved = generate(gen_spec, u, snap_a, snap_b, *params, keep=True)
+    gen_a, gen_b = (cur_a, cur_b) if snap_a is None else (snap_a, snap_b)
+    k, v, eta, log_alpha, gen_saved = generate(gen_spec, u, gen_a, gen_b, *params, keep=True)
     o, a_end, b_end, saved = chunk_forward(spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b,
                                            anchor_a, anchor_b, keep=True)
     saved.update({"gen_" + name: t for name, t in gen_saved.items()}, gen_eta=eta, gen_log_alpha=log_alpha)
@@ -1317,12 +1346,14 @@ def generated_chunk_backward(spec: ChunkSpec, gen_spec: GenerateSpec, inputs, t,
     q, u, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b, *params = inputs
     chunk_inputs = (q, t["gen_k"], t["gen_v"], t["gen_eta"], t["gen_log_alpha"], write, snap_a, snap_b, cur_a, cur_b,
                     anchor_a, anchor_b)
-    d_q, d_k, d_v, d_eta, d_log_alpha, d_snap_a, d_snap_b, *rest = chunk_backward(spec, chunk_inputs, t, d_o,
-                                                                                   d_a_end, d_b_end)
+    d_q, d_k, d_v, d_eta, d_log_alpha, d_snap_a, d_snap_b, d_cur_a, d_cur_b, *rest = chunk_backward(
+        spec, chunk_inputs, t, d_o, d_a_end, d_b_end)
     gen_saved = {name[4:]: value for name, value in t.items() if name.startswith("gen_")}
-    d_u, d_params = generate_backward(gen_spec, u, snap_a, snap_b, params, gen_saved, d_k, d_v, d_eta, d_log_alpha,
-                                      d_snap_a, d_snap_b)
-    return (d_q, d_u, None, d_snap_a, d_snap_b, *rest, *d_params)
+    same = snap_a is None  # the snapshot is the current weights: their gradients take the generation's
+    d_u, d_params = generate_backward(gen_spec, u, cur_a if same else snap_a, cur_b if same else snap_b, params,
+                                      gen_saved, d_k, d_v, d_eta, d_log_alpha, d_cur_a if same else d_snap_a,
+                                      d_cur_b if same else d_snap_b)
+    return (d_q, d_u, None, d_snap_a, d_snap_b, d_cur_a, d_cur_b, *rest, *d_params)
 
 
 @functools.cache
@@ -1524,11 +1555,21 @@ class _Layout:
             shape = (-1,) + (1,) * (given.dim() - 1)
             return torch.where(cont.view(shape), given, fresh)
 
+        def pick_pair(given_snapshot, given_current, fresh_snapshot, fresh_current):
+            """(snapshot, current); one tensor where both states hold one (a fresh state, a complete chunk)."""
+            snapshot = pick(given_snapshot, fresh_snapshot)
+            if given_current is given_snapshot and fresh_current is fresh_snapshot:
+                return snapshot, snapshot
+            return snapshot, pick(given_current, fresh_current)
+
+        snapshot_in, current_in = pick_pair(state.snapshot_in, state.current_in, init.snapshot_in, init.current_in)
+        snapshot_out, current_out = pick_pair(state.snapshot_out, state.current_out, init.snapshot_out,
+                                              init.current_out)
         return TitansState(
-            snapshot_in=pick(state.snapshot_in, init.snapshot_in),
-            snapshot_out=pick(state.snapshot_out, init.snapshot_out),
-            current_in=pick(state.current_in, init.current_in),
-            current_out=pick(state.current_out, init.current_out),
+            snapshot_in=snapshot_in,
+            snapshot_out=snapshot_out,
+            current_in=current_in,
+            current_out=current_out,
             chunk_pos=self.offset,
             conv_q=init.conv_q,
             conv_u=init.conv_u,

@@ -397,10 +397,12 @@ def test_recomputed_states_store_far_less_for_backward():
 
 @pytest.mark.parametrize("switches", SINGLE_SWITCH_OFF + COMBOS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 @pytest.mark.parametrize("length", [5, 2])  # a full chunk and a piece of one
-def test_hand_written_chunk_backward_equals_autograd(switches, length):
+@pytest.mark.parametrize("snapshot", ["distinct", "current"])
+def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot):
     """`ChunkStep` (the chunk math with its written-out backward) against autograd through the same forward, for
     every input the scan passes: reads, keys, values, gates, snapshot and current weights, anchors; pad positions
-    in the write mask; distinct snapshot and current weights (a chunk that a previous call began)."""
+    in the write mask; distinct snapshot and current weights (a chunk that a previous call began), or the snapshot
+    passed as None because it is the current weights (autograd's reference gets them twice)."""
     from hope_hf.memory_hope import ChunkStep, chunk_forward
 
     layer = make_layer(chunk_size=5, **switches)
@@ -419,13 +421,16 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length):
     snap_a, cur_a = rand(3, H, d, n * m, scale=0.5), rand(3, H, d, n * m, scale=0.5)
     snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
     anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
+    if snapshot == "current":
+        snap_a, snap_b = cur_a, cur_b
     inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, *anchors)
     outputs_ref = chunk_forward(spec, *inputs)
-    outputs = ChunkStep.apply(spec, None, *inputs)
+    given = (None, None) if snapshot == "current" else (snap_a, snap_b)
+    outputs = ChunkStep.apply(spec, None, q, k, v, eta, log_alpha, write, *given, cur_a, cur_b, *anchors)
     for got, want in zip(outputs, outputs_ref):
         torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
-    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    wrt = list({id(t): t for t in inputs if t is not None and t.requires_grad}.values())
     ref = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs_ref)), wrt, allow_unused=True,
                               retain_graph=True)
     got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs)), wrt, allow_unused=True,
@@ -447,11 +452,13 @@ SELF_MODIFYING = [s for s in SINGLE_SWITCH_OFF + COMBOS if s.get("self_modifying
 
 @pytest.mark.parametrize("switches", SELF_MODIFYING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 @pytest.mark.parametrize("length", [5, 2])
-def test_hand_written_generation_backward_equals_autograd(switches, length):
+@pytest.mark.parametrize("snapshot", ["distinct", "current"])
+def test_hand_written_generation_backward_equals_autograd(switches, length, snapshot):
     """`ChunkStep` with the generation inside (a self-modifying chunk: keys, values, gates from the snapshot, and
     its written-out backward `generate_backward`) against autograd through `generate` and `chunk_forward`, for u,
     the reads, the snapshot and current weights, the anchors and every parameter of the generation (static
-    projections, readouts, biases), with a pad position and distinct snapshot and current weights."""
+    projections, readouts, biases), with a pad position, and distinct snapshot and current weights or the snapshot
+    passed as None (it is the current weights)."""
     from hope_hf.memory_hope import ChunkStep, chunk_forward, generate
 
     layer = make_layer(chunk_size=5, **switches)
@@ -469,15 +476,18 @@ def test_hand_written_generation_backward_equals_autograd(switches, length):
     snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
     anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
     params = [None if p is None else p.detach().clone().requires_grad_() for p in layer._generate_parameters()]
+    if snapshot == "current":
+        snap_a, snap_b = cur_a, cur_b
     weights_in = (write, snap_a, snap_b, cur_a, cur_b, *anchors)
 
     k, v, eta, log_alpha = generate(gen_spec, u, snap_a, snap_b, *params)
     outputs_ref = chunk_forward(spec, q, k, v, eta, log_alpha, *weights_in)
-    outputs = ChunkStep.apply(spec, gen_spec, q, u, *weights_in, *params)
+    given = (None, None) if snapshot == "current" else (snap_a, snap_b)
+    outputs = ChunkStep.apply(spec, gen_spec, q, u, write, *given, cur_a, cur_b, *anchors, *params)
     for got, want in zip(outputs, outputs_ref):
         torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
-    wrt = [t for t in (q, u, *weights_in, *params) if t is not None and t.requires_grad]
+    wrt = list({id(t): t for t in (q, u, *weights_in, *params) if t is not None and t.requires_grad}.values())
     ref = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs_ref)), wrt, allow_unused=True)
     got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs)), wrt, allow_unused=True)
     for i, (g, r) in enumerate(zip(got, ref)):

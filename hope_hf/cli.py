@@ -83,7 +83,7 @@ class ModelArguments:
                           "`compile_chunk_step`: fewer, fused kernels; 1.7x faster steps with --cuda_graphs on an "
                           "H100, after about a minute of compiling in the first step). --no_compile_chunk_step "
                           "runs it eagerly. Recorded in the saved config. On a CPU `train` leaves it as the config "
-                          "has it (--config_overrides compile_chunk_step=true: 1.15-1.4x faster memory layers there)."},
+                          "has it (--config_overrides compile_chunk_step=true: 1.15-1.5x faster memory layers there)."},
     )
     continuum: bool = field(
         default=True,

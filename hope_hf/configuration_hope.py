@@ -114,7 +114,7 @@ class HopeConfig(PreTrainedConfig):
             memory's chunk step (its forward and written-out backward, and the generation of keys, values and
             gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step
             (about a minute); the same math, numbers equal up to float32 rounding. Measured: 1.7x faster graphed
-            steps on an H100 (with `memory_cuda_graphs`), 1.15-1.4x faster layer steps on a CPU at head sizes 32 and
+            steps on an H100 (with `memory_cuda_graphs`), 1.15-1.5x faster layer steps on a CPU at head sizes 32 and
             64. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode (evaluation,
             `generate`) stays eager: prompts of new lengths would compile again.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,

@@ -995,6 +995,12 @@ def _start_gradient(d_end, cur, anchor, decay):
     return out, dot
 
 
+def _snapshot_weights(snap_a, snap_b, cur_a, cur_b):
+    """(same, A, B) of a chunk's snapshot: a snapshot given as None is the current weights (same = True)."""
+    same = snap_a is None
+    return (True, cur_a, cur_b) if same else (False, snap_a, snap_b)
+
+
 def _tokens_last(x):
     """(R, H, C, n, X) -> (R, H, n, X, C): per memory, the token axis as a product's inner dimension."""
     return x.permute(0, 1, 3, 4, 2)
@@ -1012,9 +1018,8 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     """
     C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
     length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
-    same = snap_a is None  # the snapshot is the current weights: the keys' product with them is the targets'
-    if same:
-        snap_a, snap_b = cur_a, cur_b
+    # a snapshot that is the current weights: the keys' product with them is among the targets'
+    same, snap_a, snap_b = _snapshot_weights(snap_a, snap_b, cur_a, cur_b)
     eta = eta * write  # pad tokens: no write ...
     log_alpha = log_alpha * write  # ... and no decay
 
@@ -1141,9 +1146,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     weights) gets None: its gradient is in the current weights'.
     """
     q, k, v, eta_in, log_alpha_in, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b = inputs
-    same = snap_a is None
-    if same:
-        snap_a, snap_b = cur_a, cur_b
+    same, snap_a, snap_b = _snapshot_weights(snap_a, snap_b, cur_a, cur_b)
     C, n, m = spec.chunk_size, spec.num_memories, spec.memory_dim
     length = q.shape[2]
     retain = spec.retain_toward_init
@@ -1332,7 +1335,7 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
 def generated_chunk_forward(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, snap_a, snap_b, cur_a, cur_b,
                             anchor_a, anchor_b, *params):
     """A self-modifying chunk: `generate` from the snapshot, then `chunk_forward`, keeping both's intermediates."""
-    gen_a, gen_b = (cur_a, cur_b) if snap_a is None else (snap_a, snap_b)
+    _, gen_a, gen_b = _snapshot_weights(snap_a, snap_b, cur_a, cur_b)
     k, v, eta, log_alpha, gen_saved = generate(gen_spec, u, gen_a, gen_b, *params, keep=True)
     o, a_end, b_end, saved = chunk_forward(spec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b,
                                            anchor_a, anchor_b, keep=True)
@@ -1349,10 +1352,10 @@ def generated_chunk_backward(spec: ChunkSpec, gen_spec: GenerateSpec, inputs, t,
     d_q, d_k, d_v, d_eta, d_log_alpha, d_snap_a, d_snap_b, d_cur_a, d_cur_b, *rest = chunk_backward(
         spec, chunk_inputs, t, d_o, d_a_end, d_b_end)
     gen_saved = {name[4:]: value for name, value in t.items() if name.startswith("gen_")}
-    same = snap_a is None  # the snapshot is the current weights: their gradients take the generation's
-    d_u, d_params = generate_backward(gen_spec, u, cur_a if same else snap_a, cur_b if same else snap_b, params,
-                                      gen_saved, d_k, d_v, d_eta, d_log_alpha, d_cur_a if same else d_snap_a,
-                                      d_cur_b if same else d_snap_b)
+    # a snapshot that is the current weights: their gradients take the generation's
+    same, gen_a, gen_b = _snapshot_weights(snap_a, snap_b, cur_a, cur_b)
+    d_u, d_params = generate_backward(gen_spec, u, gen_a, gen_b, params, gen_saved, d_k, d_v, d_eta, d_log_alpha,
+                                      d_cur_a if same else d_snap_a, d_cur_b if same else d_snap_b)
     return (d_q, d_u, None, d_snap_a, d_snap_b, d_cur_a, d_cur_b, *rest, *d_params)
 
 

@@ -461,13 +461,14 @@ def section_decode(args, device, clock, contexts, preset):
 
 # ---------------------------------------------------------------------------------------------------- chunk sizes
 def hope_variant_rows(args, device, clock, length, variants, preset="tiny"):
-    """HOPE training steps of `preset` at `length` under each dict of config overrides in `variants`."""
+    """HOPE training steps of `preset` at `length` under each dict of config overrides in `variants` (a "variant"
+    key names the dict in the rows and is not a config field)."""
     rows = []
     for variant in variants:
         if clock.left() < args.reserve_s:
             break
         saved = args.overrides
-        args.overrides = {**saved, **variant}
+        args.overrides = {**saved, **{k: v for k, v in variant.items() if k != "variant"}}
         try:
             row = train_rows(args, device, clock, preset, [length], "hope")[0]
         except torch.OutOfMemoryError as exc:  # keep the other variants' rows

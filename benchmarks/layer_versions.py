@@ -9,6 +9,7 @@ CPU time (one torch thread by default), so other jobs on the machine count less;
     python benchmarks/layer_versions.py --baseline HEAD~1 --hidden 512 --heads 8 --batch 1
     python benchmarks/layer_versions.py --baseline-file hope_hf/memory_hope.py --compile-current   # compiled vs eager
     python benchmarks/layer_versions.py --baseline HEAD --compile-current --compile-baseline       # a change, compiled
+    python benchmarks/layer_versions.py --baseline HEAD --documents 1536,128,128,128,128   # packed rows (position ids)
     python benchmarks/layer_versions.py --quick                      # seconds: what CI runs (the file against itself)
 """
 
@@ -53,10 +54,10 @@ def baseline_source(args) -> tuple[str, str]:
     return handle.name, args.baseline
 
 
-def step_times(layer, x) -> tuple[float, float]:
+def step_times(layer, x, position_ids=None) -> tuple[float, float]:
     x.grad = None
     start = time.process_time()
-    out, _ = layer.forward_with_state(x)
+    out, _ = layer.forward_with_state(x, position_ids=position_ids)
     mid = time.process_time()
     out.sum().backward()
     layer.zero_grad(set_to_none=True)
@@ -70,9 +71,12 @@ def measure(args) -> list[dict]:
     versions = {"baseline": load_module("baseline_memory_hope", path),
                 "current": load_module("current_memory_hope", CURRENT)}
     x = torch.randn(args.batch, args.length, args.hidden, requires_grad=True)
+    position_ids = None
+    if args.documents:  # every row packs the same documents: position ids restart at 0 for each
+        position_ids = torch.cat([torch.arange(n) for n in args.documents]).expand(args.batch, -1)
     rows = []
     print(f"baseline: {label}; width {args.hidden}, {args.heads} heads, {args.batch} x {args.length}, "
-          f"chunk {args.chunk_size}")
+          f"chunk {args.chunk_size}" + (f", documents {args.documents} per row" if args.documents else ""))
     print(f"{'recompute':>9} | {'baseline fwd':>12} {'step':>7} | {'current fwd':>11} {'step':>7} | "
           f"{'step speed-up':>13}")
     for recompute in (False, True):
@@ -88,7 +92,7 @@ def measure(args) -> list[dict]:
         times = {name: [] for name in layers}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for name, layer in layers.items():
-                measured = step_times(layer, x)
+                measured = step_times(layer, x, position_ids)
                 if repeat:
                     times[name].append(measured)
         median = {name: (statistics.median(f for f, _ in t), statistics.median(s for _, s in t))
@@ -119,6 +123,9 @@ def main(argv=None):
     parser.add_argument("--compile-baseline", action="store_true",
                         help="the baseline with compile_chunk_step=True; with --compile-current: is a change faster "
                              "when both versions are compiled?")
+    parser.add_argument("--documents", type=lambda text: [int(n) for n in text.split(",")],
+                        help="comma-separated document lengths that every row packs (summing to --length), e.g. "
+                             "1536,128,128,128,128; default: one document per row")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, the current file against itself")
     parser.add_argument("--json", default="benchmarks/results/layer_versions.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -128,7 +135,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.heads, args.batch, args.length, args.repeats = 32, 2, 1, 64, 1
+        args.documents = [48, 16] if args.documents else None
         args.baseline_file = args.baseline_file or CURRENT
+    if args.documents and (min(args.documents) < 1 or sum(args.documents) != args.length):
+        parser.error(f"--documents must be lengths >= 1 that sum to --length ({args.length}), got {args.documents}")
     return save_report(args, rows=measure(args))
 
 

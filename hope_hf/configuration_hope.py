@@ -7,11 +7,14 @@ the field and the allowed values (see `HopeConfigError`). This file is model cod
 
 # No `from __future__ import annotations` here: `@strict` type-checks fields from their annotations, and string
 # annotations would switch those checks off.
+import dataclasses
 import functools
+import math
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 __all__ = ["HopeConfig", "HopeConfigError", "HOPE_LAYER_TYPES", "CMS_VARIANTS", "default_cms_levels"]
@@ -40,21 +43,26 @@ class HopeConfigError(StrictDataclassError, ValueError):
 
 
 def _value_errors(cls):
-    """Make construction raise `HopeConfigError` (a ValueError) where `@strict` raises its own errors, which are not
-    ValueErrors (`StrictDataclassFieldValidationError` for a wrong type, `StrictDataclassClassValidationError` for a
-    failed `validate_*`)."""
-    inner = cls.__init__
+    """Make construction and `validate()` raise `HopeConfigError` (a ValueError) where `@strict` raises its own
+    errors, which are not ValueErrors (`StrictDataclassFieldValidationError` for a wrong type,
+    `StrictDataclassClassValidationError` for a failed `validate_*`)."""
 
-    @functools.wraps(inner)
-    def __init__(self, *args, **kwargs):
-        try:
-            inner(self, *args, **kwargs)
-        except HopeConfigError:
-            raise
-        except StrictDataclassError as err:
-            raise HopeConfigError(str(err)) from err
+    def converting(inner):
+        @functools.wraps(inner)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return inner(self, *args, **kwargs)
+            except HopeConfigError:
+                raise
+            except StrictDataclassError as err:
+                raise HopeConfigError(str(err)) from err
 
-    cls.__init__ = __init__
+        return wrapper
+
+    cls.__init__ = converting(cls.__init__)
+    validate = converting(cls.validate)
+    validate.__is_defined_by_strict_decorator__ = True  # lets `@strict` subclasses replace it, as it allows
+    cls.validate = validate
     return cls
 
 
@@ -256,6 +264,11 @@ class HopeConfig(PreTrainedConfig):
         for name in ("pad_token_id", "bos_token_id"):
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be an integer or None, got {getattr(self, name)!r}.")
+        pad = self.pad_token_id
+        if pad is not None and not -self.vocab_size <= pad < self.vocab_size:
+            raise ValueError(
+                f"`pad_token_id` must be None or a token id below `vocab_size` ({self.vocab_size}), got {pad!r}."
+            )
         eos = self.eos_token_id
         if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(e) for e in eos)):
             raise ValueError(f"`eos_token_id` must be an integer, a list of integers or None, got {eos!r}.")
@@ -269,12 +282,17 @@ class HopeConfig(PreTrainedConfig):
             raise ValueError(f"`eta_max` must be a number in (0, 1], got {self.eta_max!r}.")
         if not _is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
             raise ValueError(f"`rms_norm_eps` must be a number > 0, got {self.rms_norm_eps!r}.")
-        if not _is_number(self.initializer_range) or self.initializer_range < 0:
-            raise ValueError(f"`initializer_range` must be a number >= 0, got {self.initializer_range!r}.")
+        if not _is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
+            raise ValueError(f"`initializer_range` must be a finite number >= 0, got {self.initializer_range!r}.")
         if not _is_number(self.attention_dropout) or not (0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {self.attention_dropout!r}.")
         if not _is_number(self.rope_theta) or not self.rope_theta > 0:
             raise ValueError(f"`rope_theta` must be a number > 0, got {self.rope_theta!r}.")
+        if self.self_modifying and self.detach_self_targets and not self.adaptive_v:
+            raise ValueError(
+                "`detach_self_targets`=True with `adaptive_v`=False leaves the static value projection without any "
+                "gradient (v only feeds the detached targets); set `adaptive_v`=True or `detach_self_targets`=False."
+            )
 
         layer_types = self.layer_types
         if not isinstance(layer_types, list) or len(layer_types) != self.num_hidden_layers:
@@ -324,6 +342,45 @@ class HopeConfig(PreTrainedConfig):
                 f"`rope_theta` ({self.rope_theta}) differs from `rope_parameters['rope_theta']` "
                 f"({rope['rope_theta']}); set both to the same value."
             )
+        rope_types = ("default", *sorted(ROPE_INIT_FUNCTIONS))
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in rope_types:
+            raise ValueError(
+                f"`rope_parameters['rope_type']` must be one of {rope_types}, got "
+                f"{rope.get('rope_type', rope.get('type'))!r}."
+            )
+
+    def validate_rope(self):
+        """Transformers' RoPE checks (after `validate_architecture`), a missing key reported as the ValueError that
+        every other invalid value raises rather than as a KeyError."""
+        library_check = getattr(super(), "validate_rope", None)
+        if library_check is None:
+            return
+        try:
+            library_check()
+        except KeyError as err:
+            raise ValueError(f"`rope_parameters`: {err.args[0]}") from err
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Like `PreTrainedConfig.from_dict`, but keyword overrides of HOPE's fields (`from_pretrained(path,
+        num_hidden_layers=2)`) go into the config before it is built, so that they are checked like any other value
+        instead of being set unchecked afterwards. A smaller `num_hidden_layers` without `layer_types` keeps the
+        first layers' types, as loading the first layers' weights does."""
+        own = {f.name for f in dataclasses.fields(cls)} & set(HopeConfig.__annotations__)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        config_dict = {**config_dict, **overrides}
+        saved_types = config_dict.get("layer_types")
+        layers = overrides.get("num_hidden_layers")
+        if "layer_types" not in overrides and _is_int(layers) and isinstance(saved_types, list):
+            if 1 <= layers <= len(saved_types):
+                config_dict["layer_types"] = saved_types[:layers]
+            else:
+                raise HopeConfigError(
+                    f"`num_hidden_layers`={layers} was given for a config of {len(saved_types)} layers: pass "
+                    f"`layer_types` too (one entry per layer, each one of {HOPE_LAYER_TYPES}), or at most "
+                    f"{len(saved_types)} layers (the first ones are kept)."
+                )
+        return super().from_dict(config_dict, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property

@@ -96,17 +96,20 @@ class _FastInit(nn.Module):
     def __init__(self, config, num_heads: int, head_dim: int, boxes: list[str]):
         super().__init__()
         d, m, n = head_dim, config.memory_expansion * head_dim, len(boxes)
-        self.init_in = nn.Parameter(torch.empty(num_heads, d, n * m))  # initial A = W2^T of every memory
-        self.init_out = nn.Parameter(torch.empty(num_heads, n, m, d))  # initial B = W1^T of every memory
-        self.eta_readout = nn.Parameter(torch.empty(num_heads, d))
-        self.eta_bias = nn.Parameter(torch.empty(num_heads))
+        # float32 also when the model is built in half precision (`from_config(config, dtype=torch.bfloat16)`), as
+        # `from_pretrained` keeps them; a float64 build stays float64
+        empty = functools.partial(torch.empty, dtype=torch.promote_types(torch.get_default_dtype(), torch.float32))
+        self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # initial A = W2^T of every memory
+        self.init_out = nn.Parameter(empty(num_heads, n, m, d))  # initial B = W1^T of every memory
+        self.eta_readout = nn.Parameter(empty(num_heads, d))
+        self.eta_bias = nn.Parameter(empty(num_heads))
         if config.retention:
-            self.alpha_readout = nn.Parameter(torch.empty(num_heads, d))
-            self.alpha_bias = nn.Parameter(torch.empty(num_heads))
+            self.alpha_readout = nn.Parameter(empty(num_heads, d))
+            self.alpha_bias = nn.Parameter(empty(num_heads))
         if not (config.self_modifying and config.adaptive_k):
-            self.static_k = nn.Parameter(torch.empty(num_heads, d, d))
+            self.static_k = nn.Parameter(empty(num_heads, d, d))
         if not (config.self_modifying and config.adaptive_v):
-            self.static_v = nn.Parameter(torch.empty(num_heads, d, d))
+            self.static_v = nn.Parameter(empty(num_heads, d, d))
 
 
 class HopeSelfModifyingTitans(nn.Module):
@@ -114,11 +117,6 @@ class HopeSelfModifyingTitans(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        if config.self_modifying and config.detach_self_targets and not config.adaptive_v:
-            raise ValueError(
-                "detach_self_targets=True with adaptive_v=False leaves the static value projection without any "
-                "gradient (v only feeds the detached targets); set adaptive_v=True or detach_self_targets=False"
-            )
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -413,30 +411,50 @@ class HopeSelfModifyingTitans(nn.Module):
     def _scan_chunks(self, first: int, chunks, carry, anchors, layout: "_Layout"):
         """Chunks `first, first + 1, ...` (each `(q, u or generated, write)`) from `carry` = (snapshot A, B,
         current A, B, snapshot used by each row's last chunk A, B); returns their reads and the new carry.
-        `anchors`: the initial states that retention pulls toward (None, None without it)."""
-        snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b = carry
-        last_index = len(layout.chunk_bounds) - 1
+        `anchors`: the initial states that retention pulls toward (None, None without it).
+
+        Only the rows that hold tokens in a chunk are computed (the frame's rows are ordered so that they are a
+        prefix, `_Layout.rows_with_tokens`): a finished row's weights are set aside as they are, so that a packed row's
+        short documents or a padded batch's short rows cost their own chunks, not the longest row's. A compiled
+        chunk step computes every row (one shape: no recompilation)."""
+        snap_a, snap_b, cur_a, cur_b, last_a, last_b = carry
+        rows = cur_a.shape[0]
+        ends_at = layout.rows_with_tokens  # rows with tokens in chunk c (those after them end before c)
+        computed = (lambda c: rows) if layout.trivial or self.chunk_spec.compiled else ends_at  # noqa: E731
+        set_aside = []  # the current weights (A, B) of rows that finished, highest rows first
+        records = []  # the snapshot (A, B) that rows used in their last chunk, highest rows first
         outs = []
         for c, (q_c, src, write_c) in enumerate(chunks, start=first):
             same = snap_a is cur_a and snap_b is cur_b  # (a scan's chunks but one that starts inside a chunk)
-            weights = (write_c, None if same else snap_a, None if same else snap_b, cur_a, cur_b, *anchors)
+            n = computed(c)
+            if n < cur_a.shape[0]:
+                set_aside.append((cur_a[n:], cur_b[n:]))
+                cur_a, cur_b = cur_a[:n], cur_b[:n]
+                snap_a, snap_b = (cur_a, cur_b) if same else (snap_a[:n], snap_b[:n])
+            part = (lambda t: t[:n]) if n < rows else (lambda t: t)  # noqa: E731
+            weights = (part(write_c), None if same else snap_a, None if same else snap_b, cur_a, cur_b, *anchors)
             if self.config.self_modifying:  # keys, values and gates generated inside the step
-                o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, self._generate_spec, q_c, src, *weights,
-                                                    *self._generate_parameters())
+                o_c, new_a, new_b = ChunkStep.apply(self.chunk_spec, self._generate_spec, part(q_c), part(src),
+                                                    *weights, *self._generate_parameters())
             else:
-                o_c, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, None, q_c, *src, *weights)
+                o_c, new_a, new_b = ChunkStep.apply(self.chunk_spec, None, part(q_c), *map(part, src), *weights)
+            if n < rows:  # the finished rows hold no token here: they read nothing
+                o_c = torch.cat([o_c, o_c.new_zeros((rows - n, *o_c.shape[1:]))])
             outs.append(o_c)
-            # remember the snapshot that a row's last (possibly partial) chunk used
-            if layout.trivial:  # every row ends in the last slice
-                if c == last_index:
-                    last_snap_a, last_snap_b = snap_a, snap_b
-            else:
-                here = (layout.last_chunk == c).view(-1, 1, 1, 1)
-                last_snap_a = torch.where(here, snap_a, last_snap_a)
-                last_snap_b = torch.where(here.unsqueeze(-1), snap_b, last_snap_b)
+            # the rows whose last (possibly partial) chunk this is: remember the snapshot it used
+            lo, hi = ends_at(c + 1), ends_at(c)
+            if lo < hi:
+                records.append((_rows(snap_a, lo, hi), _rows(snap_b, lo, hi)))
+            cur_a, cur_b = new_a, new_b
             snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
+        cur_a = _join_rows([cur_a, *(a for a, _ in reversed(set_aside))])
+        cur_b = _join_rows([cur_b, *(b for _, b in reversed(set_aside))])
+        # rows that end later keep their entry, those that ended in these chunks get theirs, earlier ones keep theirs
+        lo, hi = ends_at(first + len(chunks)), ends_at(first)
+        last_a = _join_rows([_rows(last_a, 0, lo), *(a for a, _ in reversed(records)), _rows(last_a, hi, rows)])
+        last_b = _join_rows([_rows(last_b, 0, lo), *(b for _, b in reversed(records)), _rows(last_b, hi, rows)])
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return o, (snap_a, snap_b, cur_a, cur_b, last_snap_a, last_snap_b)
+        return o, (cur_a, cur_b, cur_a, cur_b, last_a, last_b)
 
     def _generate_parameters(self):
         """`generate`'s parameters in its order, float32 (None where the config has none)."""
@@ -1001,6 +1019,17 @@ def _snapshot_weights(snap_a, snap_b, cur_a, cur_b):
     return (True, cur_a, cur_b) if same else (False, snap_a, snap_b)
 
 
+def _rows(x, lo, hi):
+    """Rows lo..hi-1 of x: x itself when that is all of them."""
+    return x if lo == 0 and hi == x.shape[0] else x[lo:hi]
+
+
+def _join_rows(parts):
+    """The non-empty parts stacked along the rows; a single part is returned as it is (no copy)."""
+    parts = [p for p in parts if p.shape[0]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _tokens_last(x):
     """(R, H, C, n, X) -> (R, H, n, X, C): per memory, the token axis as a product's inner dimension."""
     return x.permute(0, 1, 3, 4, 2)
@@ -1476,17 +1505,27 @@ class _Layout:
             self.num_rows = max(int(uniq.numel()), 1)
             if uniq.numel() == 0:  # no real token at all: one dummy frame row
                 uniq = torch.zeros(1, dtype=torch.long, device=device)
-            self.src_row = uniq // (seq_len + 1)
-            self.continues = (uniq % (seq_len + 1)) == 0
-            self.offset = torch.where(self.continues, chunk_pos[self.src_row], torch.zeros_like(self.src_row))
             # rank of each real token inside its piece
             counts = torch.zeros(self.num_rows, dtype=torch.long, device=device).index_add_(
                 0, row_of_tok, torch.ones_like(row_of_tok)
             )
             first = torch.cumsum(counts, 0) - counts
             rank = torch.arange(row_of_tok.numel(), device=device) - first[row_of_tok]
-            self.length = counts
-            self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, row_of_tok, rank
+            src_row = uniq // (seq_len + 1)
+            continues = (uniq % (seq_len + 1)) == 0
+            offset = torch.where(continues, chunk_pos[src_row], torch.zeros_like(src_row))
+            # each batch row's last piece: the one with its largest key (pieces are in key order here)
+            rows = torch.arange(self.num_rows, device=device)
+            last_piece = torch.full((bsz,), -1, dtype=torch.long, device=device).scatter_reduce(
+                0, src_row[counts > 0], rows[counts > 0], reduce="amax")
+            # frame rows ordered by their number of chunks, longest first (stable): the rows that still hold tokens
+            # in a chunk are then a prefix of the frame, which the scan computes alone (`rows_with_tokens`)
+            order = torch.sort(-(offset + counts), stable=True).indices
+            position = torch.empty_like(order).scatter_(0, order, rows)  # frame row of each piece
+            self.src_row, self.continues, self.offset, self.length = src_row[order], continues[order], offset[order], \
+                counts[order]
+            self.last_piece = torch.where(last_piece >= 0, position[last_piece.clamp(min=0)], last_piece)
+            self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, position[row_of_tok], rank
             self.pad_front = None
         ends = self.offset + self.length
         self.end_pos = ends % chunk_size
@@ -1499,10 +1538,23 @@ class _Layout:
             ]
             self.last_chunk = torch.full((bsz,), len(self.chunk_bounds) - 1, dtype=torch.long, device=device)
         else:
-            self.frame_len = max(int(math.ceil(int(ends.max()) / chunk_size)) * chunk_size, chunk_size)
-            self.chunk_bounds = [(lo, lo + chunk_size) for lo in range(0, self.frame_len, chunk_size)]
+            # up to the last token (the last chunk may be partial, as in a trivial frame): a short padded batch costs
+            # its tokens, not a whole chunk, whatever the chunk size
+            self.frame_len = max(int(ends.max()), 1)
+            self.chunk_bounds = [(lo, min(lo + chunk_size, self.frame_len))
+                                 for lo in range(0, self.frame_len, chunk_size)]
             has_tokens = self.length > 0
             self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
+            # rows that hold tokens in each chunk: a prefix of the frame (see above), at least one (no empty step)
+            chunks_of_row = (self.last_chunk + 1).tolist()
+            self._active = [max(1, sum(n > c for n in chunks_of_row)) for c in range(len(self.chunk_bounds))]
+
+    def rows_with_tokens(self, c: int) -> int:
+        """How many frame rows hold tokens in chunk c (the first ones; 0 after the frame's last chunk): the rows
+        from `rows_with_tokens(c + 1)` to `rows_with_tokens(c)` have their last chunk at c."""
+        if c >= len(self.chunk_bounds):
+            return 0
+        return self.num_rows if self.trivial else self._active[c]
 
     # -- streams ---------------------------------------------------------------------------------------------
     def causal_conv(self, x, weight, tail):
@@ -1582,10 +1634,7 @@ class _Layout:
         """Frame row holding each batch row's last piece (-1: the row had no real token)."""
         if self.trivial:
             return torch.arange(self.bsz, device=self.offset.device)
-        last = torch.full((self.bsz,), -1, dtype=torch.long, device=self.offset.device)
-        rows = torch.arange(self.num_rows, device=self.offset.device)
-        valid = self.length > 0
-        return last.scatter_reduce(0, self.src_row[valid], rows[valid], reduce="amax")
+        return self.last_piece
 
     def row_state(self, state: TitansState, final, conv_q, conv_u) -> TitansState:
         """The state of each batch row after its last token (rows without real tokens keep theirs)."""

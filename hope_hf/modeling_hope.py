@@ -335,6 +335,12 @@ class HopePreTrainedModel(PreTrainedModel):
     # the meta-learned initial states and gate readouts of the memories stay float32 under bf16/fp16 loading
     _keep_in_fp32_modules_strict = ["fast_init"]
 
+    def __init__(self, config: HopeConfig, *inputs, **kwargs):
+        # a config changed by assignment after it was built (`config.num_hidden_layers = 1`) is checked here, with
+        # the same messages as at construction, rather than failing deep inside the model or at save time
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -400,8 +406,13 @@ class HopeModel(HopePreTrainedModel):
                 self.config, inputs_embeds, attention_mask, past_key_values, position_ids
             )
         if "linear_attention" in types:
-            padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-            masks["linear_attention"] = padding
+            if attention_mask is not None and attention_mask.ndim != 2:
+                raise ValueError(
+                    "`attention_mask` must be the 2-D padding mask (batch, length), 1 = real token, 0 = padding, in a "
+                    f"model with Titans layers (their memories must skip the padding); got a {attention_mask.ndim}-D "
+                    "mask. Pass the 2-D mask: attention layers build their causal masks from it."
+                )
+            masks["linear_attention"] = attention_mask
         return masks
 
     @can_return_tuple
@@ -420,6 +431,18 @@ class HopeModel(HopePreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         past_key_values = _pick_cache(past_key_values, cache)
+        if not (past_key_values is None or isinstance(past_key_values, HopeCache) or self.config.is_attention_only):
+            raise ValueError(
+                f"The cache of a model with Titans layers must be a `HopeCache` (the memories' fast weights live "
+                f"there), got {type(past_key_values).__name__}. Leave it out (one is built) or pass "
+                "`HopeCache(model.config)`."
+            )
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False):
+            raise ValueError(
+                "`output_attentions=True` is not supported by HOPE models: Titans layers have no attention weights, "
+                "and attention layers do not return theirs. Leave it False."
+            )
         if use_cache is None:
             # in training a cache is only built when asked for: nobody decodes from it, and it would keep the final
             # fast-weight states (and their autograd graph) alive after the step

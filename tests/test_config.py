@@ -171,6 +171,13 @@ BAD_CONFIGS = [
     (dict(rope_parameters=5), "rope_parameters"),
     (dict(pad_token_id="a"), "pad_token_id"),
     (dict(eos_token_id=[2, "x"]), "eos_token_id"),
+    (dict(vocab_size=256, pad_token_id=256), "pad_token_id"),
+    (dict(vocab_size=256, pad_token_id=-257), "pad_token_id"),
+    (dict(initializer_range=float("inf")), "initializer_range"),
+    (dict(initializer_range=float("nan")), "initializer_range"),
+    (dict(adaptive_v=False, detach_self_targets=True), "detach_self_targets"),
+    (dict(rope_parameters={"rope_type": "bogus"}), "rope_type"),
+    (dict(rope_parameters={"rope_type": "linear"}), "rope_parameters.*factor"),
 ]
 
 
@@ -217,3 +224,36 @@ def test_field_types_are_checked_on_assignment_too():
     c = small_config()
     with pytest.raises(StrictDataclassError, match="chunk_size"):
         c.chunk_size = "16"
+
+
+def test_overrides_at_load_are_checked_and_fewer_layers_keep_the_first_types(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(small_config("hybrid"))  # linear, full
+    model.save_pretrained(tmp_path / "saved")
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", num_hidden_layers=1)
+    assert one.config.layer_types == model.config.layer_types[:1]
+    torch.testing.assert_close(one.model.layers[0].titans.q_proj.weight, model.model.layers[0].titans.q_proj.weight)
+    one.save_pretrained(tmp_path / "one")  # the truncated model saves (its config is valid)
+    assert AutoConfig.from_pretrained(tmp_path / "one").num_hidden_layers == 1
+    with pytest.raises(ValueError, match="num_hidden_layers.*layer_types"):
+        AutoConfig.from_pretrained(tmp_path / "saved", num_hidden_layers=3)
+    more = AutoConfig.from_pretrained(tmp_path / "saved", num_hidden_layers=3, layer_types=["full_attention"] * 3)
+    assert more.layer_types == ["full_attention"] * 3
+    for kwargs, field in [(dict(chunk_size=0), "chunk_size"), (dict(eta_max=5.0), "eta_max"),
+                          (dict(memory_expansion=0), "memory_expansion")]:
+        with pytest.raises(ValueError, match=field):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "saved", **kwargs)
+    config, unused = AutoConfig.from_pretrained(tmp_path / "saved", chunk_size=8, not_a_field=1,
+                                                return_unused_kwargs=True)
+    assert config.chunk_size == 8 and unused == {"not_a_field": 1}
+
+
+def test_a_config_changed_by_assignment_is_checked_when_a_model_is_built():
+    from transformers import AutoModelForCausalLM
+
+    config = small_config()
+    config.num_hidden_layers = 1  # layer_types still has two entries
+    with pytest.raises(HopeConfigError, match="layer_types"):
+        AutoModelForCausalLM.from_config(config)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hope_hf.configuration_hope import HopeConfig
-from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, memory_boxes
+from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, _document_starts, _Layout, memory_boxes
 from reference_memory import reference_titans
 
 
@@ -90,9 +90,10 @@ def test_switches_equal_reference_with_gradients(switches):
 
 
 def test_static_values_with_detached_targets_is_rejected():
-    # v would feed only detached targets: its projection could never learn (and DDP would see an unused parameter)
+    # v would feed only detached targets: its projection could never learn (and DDP would see an unused parameter);
+    # the config refuses it, so that a saved config never fails only when its model is built
     with pytest.raises(ValueError, match="detach_self_targets"):
-        HopeSelfModifyingTitans(small_config(adaptive_v=False, detach_self_targets=True), 0)
+        small_config(adaptive_v=False, detach_self_targets=True)
 
 
 def test_switches_change_what_they_name():
@@ -205,6 +206,59 @@ def test_packed_documents_reset_memories():
         torch.testing.assert_close(out[b, lo:hi], alone[0], atol=1e-12, rtol=0)
     cont, _ = layer.forward_with_state(x[1:2, :6], state=prior.map(lambda t: t[1:2]))
     torch.testing.assert_close(out[1, :6], cont[0], atol=1e-12, rtol=0)  # the first piece continues the state
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_pieces_of_unequal_length_cost_their_own_chunks_and_equal_pieces_alone(recompute):
+    """Frame rows whose pieces end early are not computed further (`_Layout.rows_with_tokens`): a packed row of a
+    long and several short documents, and a left-padded row that continues a state, give the outputs, final states
+    and gradients of every piece fed alone, with recomputed segments that some pieces end inside."""
+    layer = make_layer(recompute_memory_states=recompute)
+    x = torch.randn(2, 25, 8, dtype=torch.float64, requires_grad=True)
+    pos = torch.cat([torch.arange(n) for n in (2, 4, 19)]).unsqueeze(0)
+    pos = torch.cat([pos, torch.arange(25).unsqueeze(0) + 7])
+    mask = torch.ones(2, 25, dtype=torch.long)
+    mask[1, :8] = 0  # 17 tokens from chunk position 1: one chunk fewer than the long document
+    _, prior = layer.forward_with_state(torch.randn(2, 7, 8, dtype=torch.float64))  # rows start mid-chunk
+    prior = prior.map(lambda t: t.detach())
+    layout = _Layout(mask.bool(), _document_starts(pos, mask.bool()), prior.chunk_pos, 3, 4)
+    counts = [layout.rows_with_tokens(c) for c in range(len(layout.chunk_bounds))]
+    assert counts[0] == 4 and counts[-1] == 1 and counts == sorted(counts, reverse=True)
+    out, state = layer.forward_with_state(x, attention_mask=mask, position_ids=pos, state=prior)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])
+
+    pieces = [(0, 0, 2, False), (0, 2, 6, False), (0, 6, 25, False), (1, 8, 25, True)]
+    loss, final = 0, {}
+    for b, lo, hi, continues in pieces:
+        start = prior.map(lambda t: t[b : b + 1]) if continues else None
+        alone, alone_state = layer.forward_with_state(x[b : b + 1, lo:hi], state=start)
+        torch.testing.assert_close(out[b, lo:hi], alone[0], atol=1e-12, rtol=0)
+        loss = loss + (alone[0] * weights[b, lo:hi]).sum()
+        final[b] = alone_state
+    for b in range(2):  # each row's state is its last piece's
+        for name, t in state.tensors().items():
+            torch.testing.assert_close(t[b], final[b].tensors()[name][0], atol=1e-12, rtol=0, msg=name)
+    for g, g_alone in zip(grads, torch.autograd.grad(loss, [x, *layer.parameters()])):
+        torch.testing.assert_close(g, g_alone, atol=1e-10, rtol=1e-10)
+
+
+def test_a_short_padded_batch_costs_its_tokens_not_a_whole_chunk():
+    """The frame of a padded batch ends at its last token (a partial last chunk), so a chunk size larger than the
+    input does not make a padded batch cost a whole chunk; each row still equals itself fed alone."""
+    layer = make_layer(chunk_size=64)
+    x = torch.randn(2, 20, 8, dtype=torch.float64)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :3] = 0
+    real = mask.bool()
+    layout = _Layout(real, _document_starts(None, real), torch.zeros(2, dtype=torch.long), 64, 4)
+    assert layout.frame_len == 20 and layout.chunk_bounds == [(0, 20)]
+    out, state = layer.forward_with_state(x, attention_mask=mask)
+    for b in range(2):
+        alone, alone_state = layer.forward_with_state(x[b : b + 1, real[b]])
+        torch.testing.assert_close(out[b, real[b]], alone[0], atol=1e-12, rtol=0)
+        for name, t in state.tensors().items():
+            torch.testing.assert_close(t[b], alone_state.tensors()[name][0], atol=1e-12, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("switches", [{}, dict(self_modifying=False), dict(dgd=False, retain_toward_init=False),
@@ -341,6 +395,14 @@ def test_bf16_loading_keeps_memory_initial_states_in_float32(tmp_path):
     assert fast and all(dtypes[name] == torch.float32 for name in fast)
     out = loaded(torch.randint(0, 64, (1, 40)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    # a model built in bf16 keeps them in float32 the same way; one built in float64 keeps float64
+    from transformers import AutoModelForCausalLM
+
+    for dtype, fast_dtype in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        built = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+        dtypes = {name: p.dtype for name, p in built.named_parameters()}
+        assert dtypes["model.layers.0.titans.q_proj.weight"] == dtype
+        assert all(dtypes[name] == fast_dtype for name in fast)
 
 
 def saved_bytes(fn):

@@ -536,3 +536,24 @@ def test_generate_without_cache_for_every_layout(layout):
         for _ in range(4):
             manual = torch.cat([manual, model(manual).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, manual)
+
+
+def test_inputs_a_hope_model_cannot_honour_are_refused_by_name(layout):
+    """A 4-D mask (Titans layers need the 2-D padding mask), attention weights and a library cache (no fast weights)
+    raise errors that name the argument, instead of being ignored or failing deep inside."""
+    from transformers import DynamicCache
+
+    model = HopeForCausalLM(small_config(layout)).eval()
+    ids = ids_batch(batch=1, length=5)
+    with torch.no_grad():
+        if not model.config.is_attention_only:
+            with pytest.raises(ValueError, match="attention_mask.*2-D"):
+                model(ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
+            with pytest.raises(ValueError, match="HopeCache"):
+                model(ids, past_key_values=DynamicCache(), use_cache=True)
+        with pytest.raises(ValueError, match="output_attentions"):
+            model(ids, output_attentions=True)
+        with pytest.raises(ValueError, match="output_attentions"):
+            model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True,
+                           pad_token_id=0)
+        assert model(ids, output_attentions=False).logits.shape == (1, 5, VOCAB)

@@ -88,7 +88,7 @@ class ModelArguments:
     continuum: bool = field(
         default=True,
         metadata={"help": "Step each CMS level only every `period` tokens on its summed gradients "
-                          "(ContinuumOptimizer, DESIGN §2.3). --no_continuum steps every parameter every step."},
+                          "(ContinuumOptimizer, docs/training.md). --no_continuum steps every parameter every step."},
     )
 
 
@@ -216,13 +216,28 @@ def build_parser(command: str):
     from transformers import HfArgumentParser
 
     description = COMMANDS[command] + "."
-    if command == "eval":
-        description += (" With --task, runs the long-context suite instead (its options: "
-                        "`hope-hf eval --task all --help`).")
     if command == "train":
         description += (" Every `TrainingArguments` option is accepted as well; defaults are sized for the tiny "
                         "preset on CPU. Runs unchanged under `accelerate launch` / `torchrun`.")
     return HfArgumentParser(ARGUMENT_CLASSES[command], prog=f"hope-hf {command}", description=description)
+
+
+def _parse(command: str, argv: list[str]) -> tuple:
+    """The argument dataclasses of ``command``; an unknown option is a usage error naming it (and its closest
+    valid spelling), not a traceback."""
+    import difflib
+
+    parser = build_parser(command)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        options = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+        unknown = [r for r in remaining if r.startswith("-")] or remaining
+        hints = []
+        for item in unknown:
+            close = difflib.get_close_matches(item.split("=", 1)[0], options, n=1)
+            hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
+        raise CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf {command} --help` lists every option")
+    return tuple(parsed)
 
 
 # ============================================================================================ helpers
@@ -262,26 +277,59 @@ def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise CliError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name!r}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise CliError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
+
+
+def _same_or_nested(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` are the same folder or one lies inside the other."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def _check_output_dir_is_a_folder(path: str, option: str = "--output_dir") -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{option} {path!r} is an existing file, not a folder; choose a folder")
+
+
+def _check_model_folder(path: str, option: str = "--model_name_or_path") -> None:
+    """A saved HOPE model folder (checked from its config, without loading the weights)."""
+    from transformers import AutoConfig
+
+    from hope_hf import HopeConfig  # importing hope_hf registers the HOPE auto classes
+
+    if not os.path.isdir(path):
+        raise CliError(f"{option} {path!r} is not a folder (a model saved with save_pretrained)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CliError(f"{option} {path!r} has no config.json: not a saved model folder")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != HopeConfig.model_type:
+        raise CliError(
+            f"{option} {path!r} holds a {config.model_type!r} model, not a HOPE model "
+            f"({HopeConfig.model_type!r}); convert Llama models with `hope-hf convert`"
+        )
+
+
+def _check_tokenizer_folder(path: str, option: str) -> None:
+    if not os.path.isdir(path) or not any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
 def _load_model(path: str, device=None):
-    from transformers import AutoConfig
-
     from hope_hf import HopeForCausalLM  # importing hope_hf registers the HOPE auto classes
 
-    if not os.path.isdir(path):
-        raise CliError(f"--model_name_or_path {path!r} is not a folder (a model saved with save_pretrained)")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CliError(f"--model_name_or_path {path!r} has no config.json: not a saved model folder")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != HopeForCausalLM.config_class.model_type:
-        raise CliError(
-            f"--model_name_or_path {path!r} holds a {config.model_type!r} model, not a HOPE model "
-            f"({HopeForCausalLM.config_class.model_type!r}); convert Llama models with `hope-hf convert`"
-        )
+    _check_model_folder(path)
     model = HopeForCausalLM.from_pretrained(path)
     if device is not None:
         model.to(device)
@@ -291,10 +339,7 @@ def _load_model(path: str, device=None):
 def _load_tokenizer(path: str, option: str):
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path) or not any(
-        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
+    _check_tokenizer_folder(path, option)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -315,35 +360,89 @@ def unigram_baseline(train_ids, eval_ids, vocab_size: int) -> float:
     return math.exp(nll / n)
 
 
-def _prepare_output_dir(path: str, overwrite: bool, is_main: bool) -> str | None:
-    """Return the checkpoint to resume from (or None); refuse to overwrite anything silently."""
+# What `train` writes into --output_dir before its first checkpoint: the tokenizer it trains, saved at once. A folder
+# holding nothing but these files is therefore a run that stopped before its first checkpoint (an error after the
+# tokenizer was trained, or an interruption): re-running the same command reuses that tokenizer and trains, instead of
+# refusing the folder. Nothing is overwritten: the reused tokenizer is the one saved there. Any other entry (a user's
+# file, a model, a finished run) still blocks the folder unless --overwrite_output_dir.
+_EARLY_RUN_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "chat_template.jinja"})
+
+
+def _prepare_output_dir(path: str, overwrite: bool, resume: str | None = None) -> tuple[str | None, bool]:
+    """(The checkpoint to resume from or None, whether the folder's contents are to be deleted first); refuse to
+    overwrite anything silently. Deletes nothing: the caller clears the folder once every input has been checked."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if not os.path.isdir(path) or not os.listdir(path):
-        return None
+    entries = os.listdir(path) if os.path.isdir(path) else []
+    if not entries:
+        return resume, False
     if overwrite:
-        if is_main:
-            _log(f"--overwrite_output_dir: deleting the contents of {path}")
-            for entry in os.listdir(path):
-                full = os.path.join(path, entry)
-                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
-        return None
-    finished = os.path.exists(os.path.join(path, "all_results.json"))
-    last = get_last_checkpoint(path)
-    if finished:
+        return resume, True
+    if set(entries) <= _EARLY_RUN_FILES:
+        return resume, False
+    if os.path.exists(os.path.join(path, "all_results.json")):
         raise CliError(
             f"--output_dir {path!r} already holds a finished run (all_results.json); choose another --output_dir "
             "or pass --overwrite_output_dir to replace it"
         )
+    last = get_last_checkpoint(path)
     if last is None:
         raise CliError(
             f"--output_dir {path!r} exists, is not empty and holds no checkpoint to resume; choose another "
             "--output_dir or pass --overwrite_output_dir to replace its contents"
         )
-    return last
+    return resume or last, False
 
 
-def _write_model_card(output_dir: str, *, preset: str, data: str, metrics: dict, config, num_params: int) -> None:
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "layer_types", "cms_levels", "cms_variant", "memory_expansion", "conv_kernel_size")
+
+
+def _check_checkpoint_matches(checkpoint: str, config) -> None:
+    """Refuse to resume a checkpoint whose model this command would not rebuild (changed size or tokenizer)."""
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.exists(path):
+        return
+    saved = json.loads(Path(path).read_text())
+    differ = [f"{name}: checkpoint {saved[name]!r}, this command {getattr(config, name, None)!r}"
+              for name in _SHAPE_FIELDS if name in saved and saved[name] != getattr(config, name, None)]
+    if differ:
+        raise CliError(f"cannot resume from {checkpoint!r}: its model differs from the one these arguments build "
+                       f"({'; '.join(differ)}); re-run the command that started the run, or pass "
+                       "--overwrite_output_dir to start afresh")
+
+
+def _clear_folder(path: str) -> None:
+    _log(f"--overwrite_output_dir: deleting the contents of {path}")
+    for entry in os.listdir(path):
+        full = os.path.join(path, entry)
+        shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
+def _check_inputs_outside(output_dir: str, model_args, data_args, resume: str | None, overwrite: bool) -> None:
+    """Refuse an --output_dir that is also an input: the run writes (or --overwrite_output_dir deletes) there."""
+    from .data import _expand_local
+
+    folders = [("--model_name_or_path", model_args.model_name_or_path),
+               ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path)]
+    if overwrite:  # without it a checkpoint inside --output_dir is the run being resumed
+        folders.append(("--resume_from_checkpoint", resume))
+    for option, path in folders:
+        if path and _same_or_nested(path, output_dir):
+            raise CliError(f"--output_dir {output_dir!r} and {option} {path!r} are the same folder or one holds the "
+                           "other; the run would overwrite its own input: choose another --output_dir")
+    for option, source in (("--data", data_args.data), ("--eval_data", data_args.eval_data)):
+        files = _expand_local(source) if source not in (None, "stdlib") else None  # DataError when missing
+        out = Path(output_dir).resolve()
+        inside = [f for f in files or [] if out in Path(f).resolve().parents]
+        if inside:
+            raise CliError(f"{option} {source!r} reads files inside --output_dir {output_dir!r} (e.g. {inside[0]!r}), "
+                           "which the run writes; move the data or choose another --output_dir")
+
+
+def _write_model_card(output_dir: str, *, origin: str, data: str, metrics: dict, config, num_params: int,
+                      eval_data: str | None = None, resumed: bool = False) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
     data_name = "python-stdlib-source" if data == "stdlib" else data
@@ -362,7 +461,7 @@ def _write_model_card(output_dir: str, *, preset: str, data: str, metrics: dict,
         f"# {card_data.model_name}",
         "",
         "A HOPE model (Nested Learning, NeurIPS 2025: self-modifying Titans mixer + Continuum Memory System), "
-        f"preset `{preset}`, {num_params:,} parameters, trained with `hope-hf train` on `{data_name}`.",
+        f"{origin}, {num_params:,} parameters, trained with `hope-hf train` on `{data_name}`.",
         "",
         "## Training",
         "",
@@ -371,11 +470,12 @@ def _write_model_card(output_dir: str, *, preset: str, data: str, metrics: dict,
         f"- CMS levels (period in tokens, 0 = frozen): {[lvl['period'] for lvl in getattr(config, 'cms_levels', [])]}",
         f"- steps: {metrics.get('global_step')}, wall time {metrics.get('train_runtime', 0):.0f} s",
         "",
-        "## Evaluation (held-out documents of the same data)",
+        "## Evaluation (" + ("held-out documents of the same data" if eval_data is None else f"`{eval_data}`") + ")",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| train loss (mean over the run) | {metrics.get('train_loss', float('nan')):.4f} |",
+        f"| train loss (mean over the {'resumed part of the ' if resumed else ''}run) | "
+        f"{metrics.get('train_loss', float('nan')):.4f} |",
         f"| eval loss | {metrics.get('eval_loss', float('nan')):.4f} |",
         f"| eval perplexity | {ppl if ppl is None else f'{ppl:.2f}'} |",
         f"| unigram baseline perplexity | {metrics.get('unigram_perplexity', float('nan')):.2f} |",
@@ -422,49 +522,72 @@ def cmd_train(argv: list[str]) -> dict:
     from transformers import set_seed
 
     from .data import build_lm_datasets, check_seq_len, load_documents, split_documents
-    from .tokenizer import check_tokenizer_matches, train_tokenizer
+    from .tokenizer import _MIN_VOCAB, check_tokenizer_matches, train_tokenizer
     from .training import HopeTrainer
 
     # Under a multi-process launcher on a machine without GPU, Trainer must be told to use the CPU (gloo); without
     # it every rank would silently train its own copy.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv = [*argv, "--use_cpu"]
-    parser = build_parser("train")
-    model_args, data_args, run_args, args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, run_args, args = _parse("train", argv)
     if not torch.cuda.is_available() and not any(a.startswith("--dataloader_pin_memory") for a in argv):
         args.dataloader_pin_memory = False  # nothing to pin to without a GPU (silences a warning per dataloader)
+
+    # ---- every argument is checked before anything is written or deleted
     if not args.output_dir:
         raise CliError("--output_dir is required (where checkpoints, the model, tokenizer and model card go)")
+    _check_output_dir_is_a_folder(args.output_dir)
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise CliError(f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {args.max_steps}")
     if data_args.streaming and args.max_steps <= 0:
         raise CliError("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
+        raise CliError("--max_eval_samples must be >= 1 (or left out: every sequence), got "
+                       f"{data_args.max_eval_samples}")
+    if data_args.eval_every < 2:
+        raise CliError(f"--eval_every must be >= 2, got {data_args.eval_every}")
     check_seq_len(data_args.seq_len)
-    if not model_args.model_name_or_path:
-        from .presets import available_presets
+    overrides = _parse_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        if model_args.config_overrides:
+            raise CliError("--config_overrides applies to a fresh --preset, not to --model_name_or_path")
+        _check_model_folder(model_args.model_name_or_path)
+    else:
+        from .presets import available_presets, get_preset
 
         if model_args.preset.strip().lower() not in available_presets():
             raise CliError(f"--preset: unknown preset {model_args.preset!r}; allowed presets: "
                            f"{', '.join(available_presets())}")
-    is_main = args.process_index == 0
-    with args.main_process_first(desc="output dir"):
-        resume = args.resume_from_checkpoint
-        if resume is None:
-            resume = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, is_main)
-        elif not os.path.isdir(resume):
-            raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
-    _barrier(args)  # every rank has looked at --output_dir before anything is written there
+        if not model_args.tokenizer_name_or_path and model_args.vocab_size < _MIN_VOCAB:
+            raise CliError(f"--vocab_size must be >= {_MIN_VOCAB} (256 bytes + 2 special tokens), "
+                           f"got {model_args.vocab_size}")
+        try:  # the config is built (and checked) before a tokenizer is trained or anything is written
+            get_preset(model_args.preset, **{"vocab_size": max(model_args.vocab_size, _MIN_VOCAB), **overrides})
+        except (KeyError, TypeError, ValueError) as err:
+            raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from err
+    if model_args.tokenizer_name_or_path:
+        _check_tokenizer_folder(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
+    resume = args.resume_from_checkpoint
+    if resume is not None and not os.path.isdir(resume):
+        raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    _check_inputs_outside(args.output_dir, model_args, data_args, resume, run_args.overwrite_output_dir)
+    resume, clear_output_dir = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, resume)
     if resume:
         _log(f"Resuming the interrupted run from {resume}")
+    is_main = args.process_index == 0
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
-    # ---- tokenizer: given, saved by the run being resumed, or trained on the training data (main process first)
+    # ---- tokenizer: given, the model's, saved by the run being resumed, or trained on the training data
     with args.main_process_first(desc="tokenizer"):
+        saved = [d for d in (resume, None if clear_output_dir else args.output_dir)
+                 if d and os.path.exists(os.path.join(d, "tokenizer.json"))]
+        tokenizer_trained = False
         if model_args.tokenizer_name_or_path:
             tokenizer = _load_tokenizer(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
         elif model_args.model_name_or_path:
             tokenizer = _load_tokenizer(model_args.model_name_or_path, "--model_name_or_path")
-        elif os.path.exists(os.path.join(args.output_dir, "tokenizer.json")):
-            tokenizer = _load_tokenizer(args.output_dir, "--output_dir")
+        elif saved:
+            tokenizer = _load_tokenizer(saved[0], "--resume_from_checkpoint" if saved[0] == resume else "--output_dir")
         else:
             t0 = time.time()
             docs = load_documents(
@@ -476,34 +599,27 @@ def cmd_train(argv: list[str]) -> dict:
             if data_args.streaming:
                 docs = docs.take(20_000)
             tokenizer = train_tokenizer(docs, model_args.vocab_size)
-            if is_main:
-                tokenizer.save_pretrained(args.output_dir)
+            tokenizer_trained = True
             _log(f"Trained a byte-level BPE tokenizer of {len(tokenizer)} tokens in {time.time() - t0:.1f} s")
 
     # ---- model
     if model_args.model_name_or_path:
         model = _load_model(model_args.model_name_or_path)
-        if model_args.config_overrides:
-            raise CliError("--config_overrides applies to a fresh --preset, not to --model_name_or_path")
     else:
-        from .presets import get_preset
+        from hope_hf import HopeForCausalLM
 
-        overrides = {
+        config = get_preset(model_args.preset, **{
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            **_parse_overrides(model_args.config_overrides),
-        }
-        try:
-            config = get_preset(model_args.preset, **overrides)
-        except (KeyError, ValueError) as err:
-            raise CliError(f"--preset {model_args.preset!r} / --config_overrides: {err}") from err
-        from hope_hf import HopeForCausalLM
-
+            **overrides,
+        })
         model = HopeForCausalLM(config)
     check_tokenizer_matches(tokenizer, model.config)
     check_seq_len(data_args.seq_len, model.config)
+    if resume:
+        _check_checkpoint_matches(resume, model.config)
     if args.device.type == "cuda":
         # sharded parameters move between the forward and the backward pass: the captured graphs cannot follow
         sharded = bool(args.fsdp) or bool(args.deepspeed) or any(
@@ -533,6 +649,16 @@ def cmd_train(argv: list[str]) -> dict:
     if not data_args.streaming:
         _log(f"Data: {len(train_ds)} training and {len(eval_ds)} evaluation sequences of {data_args.seq_len} tokens")
 
+    # ---- only now, with every input loaded and checked, is --output_dir cleared (--overwrite_output_dir) and written
+    with args.main_process_first(desc="output dir"):
+        if is_main:
+            if clear_output_dir:
+                _clear_folder(args.output_dir)
+            os.makedirs(args.output_dir, exist_ok=True)
+            if tokenizer_trained:  # saved at once: an interrupted run finds it when the same command runs again
+                tokenizer.save_pretrained(args.output_dir)
+    _barrier(args)
+
     # ---- train
     trainer_cls = HopeTrainer if model_args.continuum else __import__("transformers").Trainer
     trainer = trainer_cls(
@@ -542,7 +668,8 @@ def cmd_train(argv: list[str]) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.time() - t0
     last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if last_eval and last_eval[-1].get("step") == trainer.state.global_step:
+    # with --load_best_model_at_end the saved weights are the best checkpoint's, not the last step's: evaluate them
+    if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not args.load_best_model_at_end:
         eval_metrics = last_eval[-1]  # the run ended with an evaluation of the final weights
     else:
         eval_metrics = trainer.evaluate()
@@ -567,8 +694,10 @@ def cmd_train(argv: list[str]) -> dict:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
         _write_model_card(
-            args.output_dir, preset=model_args.model_name_or_path or model_args.preset, data=data_args.data,
-            metrics=metrics, config=model.config, num_params=n_params,
+            args.output_dir, data=data_args.data, metrics=metrics, config=model.config, num_params=n_params,
+            origin=(f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+                    else f"preset `{model_args.preset}`"),
+            eval_data=data_args.eval_data, resumed=bool(resume),
         )
         sample = None
         if run_args.sample_max_new_tokens > 0:
@@ -582,7 +711,8 @@ def cmd_train(argv: list[str]) -> dict:
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         _log("")
-        _log(f"train loss  {metrics['train_loss']:.4f} (mean over the run)"
+        _log(f"train loss  {metrics['train_loss']:.4f} "
+             + ("(mean over the steps since the resumed checkpoint)" if resume else "(mean over the run)")
              + (f"; first logged {logged[0]:.4f}, last logged {logged[-1]:.4f}" if logged else ""))
         _log(f"train perplexity of the last logged loss  {math.exp(logged[-1]) if logged else float('nan'):.2f}")
         _log(f"eval loss   {metrics['eval_loss']:.4f}   eval perplexity {metrics['eval_perplexity']:.2f}")
@@ -629,14 +759,17 @@ def cmd_eval(argv: list[str]) -> dict:
     from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len
     from .tokenizer import check_tokenizer_matches
 
-    parser = build_parser("eval")
-    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    (a,) = _parse("eval", argv)
     if not a.model_name_or_path:
         raise CliError("--model_name_or_path is required")
     if a.split not in ("heldout", "all"):
         raise CliError(f"--split must be 'heldout' or 'all', got {a.split!r}")
     if a.batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {a.batch_size}")
+    if a.max_eval_samples is not None and a.max_eval_samples < 1:
+        raise CliError(f"--max_eval_samples must be >= 1 (or left out: every sequence), got {a.max_eval_samples}")
+    if a.output_file and os.path.isdir(a.output_file):
+        raise CliError(f"--output_file {a.output_file!r} is a folder; name a JSON file")
     model = _load_model(a.model_name_or_path, _device(a.device))
     tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
                                 "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
@@ -666,8 +799,7 @@ def cmd_generate(argv: list[str]) -> str:
 
     from .tokenizer import check_tokenizer_matches
 
-    parser = build_parser("generate")
-    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    (a,) = _parse("generate", argv)
     if not a.model_name_or_path:
         raise CliError("--model_name_or_path is required")
     if a.max_new_tokens < 1:
@@ -676,6 +808,10 @@ def cmd_generate(argv: list[str]) -> str:
         raise CliError(f"--temperature must be > 0 with --do_sample, got {a.temperature}")
     if a.num_beams < 1:
         raise CliError(f"--num_beams must be >= 1, got {a.num_beams}")
+    if a.do_sample and not 0 < a.top_p <= 1:
+        raise CliError(f"--top_p must be in (0, 1] with --do_sample, got {a.top_p}")
+    if a.do_sample and a.top_k < 0:
+        raise CliError(f"--top_k must be >= 0 with --do_sample (0: no top-k), got {a.top_k}")
     model = _load_model(a.model_name_or_path, _device(a.device))
     tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
                                 "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
@@ -697,8 +833,7 @@ def cmd_convert(argv: list[str]) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    parser = build_parser("convert")
-    (a,) = parser.parse_args_into_dataclasses(args=argv)
+    (a,) = _parse("convert", argv)
     if not a.llama_model or not a.output_dir:
         raise CliError("--llama_model and --output_dir are required")
     if not os.path.isdir(a.llama_model):
@@ -706,16 +841,20 @@ def cmd_convert(argv: list[str]) -> str:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if a.dtype not in dtypes:
         raise CliError(f"--dtype must be one of {sorted(dtypes)}, got {a.dtype!r}")
-    if os.path.isdir(a.output_dir) and os.listdir(a.output_dir):
-        if not a.overwrite_output_dir:
-            raise CliError(f"--output_dir {a.output_dir!r} is not empty; choose another or pass --overwrite_output_dir")
-        shutil.rmtree(a.output_dir)
+    _check_output_dir_is_a_folder(a.output_dir)
+    if _same_or_nested(a.output_dir, a.llama_model):
+        raise CliError(f"--output_dir {a.output_dir!r} and --llama_model {a.llama_model!r} are the same folder or one "
+                       "holds the other; the conversion would overwrite its source: choose another --output_dir")
+    replace = os.path.isdir(a.output_dir) and bool(os.listdir(a.output_dir))
+    if replace and not a.overwrite_output_dir:
+        raise CliError(f"--output_dir {a.output_dir!r} is not empty; choose another or pass --overwrite_output_dir")
     extra = []
     if a.extra_levels:
         try:
             extra = json.loads(a.extra_levels)
         except json.JSONDecodeError as err:
-            raise CliError(f"--extra_levels must be a JSON list of periods or {{'period', 'intermediate_size'}} dicts: {err}") from err
+            raise CliError(f"--extra_levels must be a JSON list of periods or {{'period', 'intermediate_size'}} "
+                           f"dicts: {err}") from err
         if not isinstance(extra, list):
             raise CliError(f"--extra_levels must be a JSON list, got {a.extra_levels!r}")
     if a.base_period < 0:
@@ -728,16 +867,24 @@ def cmd_convert(argv: list[str]) -> str:
         raise CliError(f"--llama_model {a.llama_model!r} has no config.json: not a saved model folder")
     model_type = AutoConfig.from_pretrained(a.llama_model).model_type
     if model_type not in SUPPORTED_SOURCE_MODEL_TYPES:
-        raise CliError(f"--llama_model holds a {model_type!r} model; supported: {', '.join(SUPPORTED_SOURCE_MODEL_TYPES)}")
+        raise CliError(f"--llama_model holds a {model_type!r} model; supported: "
+                       f"{', '.join(SUPPORTED_SOURCE_MODEL_TYPES)}")
     llama = AutoModelForCausalLM.from_pretrained(a.llama_model, dtype=dtypes[a.dtype])
     try:
         hope = convert_llama_to_hope(llama, extra_cms_levels=extra, base_period=a.base_period)
     except ValueError as err:
         raise CliError(f"--llama_model / --extra_levels: {err}") from err
-    hope.save_pretrained(a.output_dir)
     try:
-        AutoTokenizer.from_pretrained(a.llama_model).save_pretrained(a.output_dir)
+        tokenizer = AutoTokenizer.from_pretrained(a.llama_model)
     except (OSError, ValueError):
+        tokenizer = None
+    if replace:  # every argument checked and the source converted: only now is the old output deleted
+        _log(f"--overwrite_output_dir: deleting the contents of {a.output_dir}")
+        shutil.rmtree(a.output_dir)
+    hope.save_pretrained(a.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(a.output_dir)
+    else:
         _log("(no tokenizer found next to the Llama checkpoint; saved the model only)")
     _log(f"Converted {a.llama_model} -> {a.output_dir} ({sum(p.numel() for p in hope.parameters()):,} parameters)")
     return a.output_dir
@@ -774,7 +921,18 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, DataError, TokenizerMismatchError) as err:
         print(f"hope-hf {command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under `torchrun` / `accelerate launch`: leave the process group before exiting (a gloo group torn down at
+    interpreter exit can abort a rank after a finished run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

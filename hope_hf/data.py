@@ -5,8 +5,10 @@ Sources (``source`` argument of :func:`load_documents` / :func:`build_lm_dataset
 * ``"stdlib"`` (the default): the embedded corpus, the Python standard library's own ``.py`` source found through
   ``sysconfig`` (tests, ``idlelib``, ``lib2to3``, ``ensurepip`` and ``site-packages`` left out). It needs no download, so
   every example and test runs anywhere.
-* a local file, a directory, or a list of files: ``.txt``/``.text`` (one paragraph per document), ``.json``/``.jsonl``
-  (the ``text_column`` field of each record), any other suffix such as ``.py`` or ``.md`` (one file per document).
+* a local file, a directory, a glob, or a list of files, each read by its suffix: ``.txt``/``.text`` (one paragraph
+  per document), ``.json``/``.jsonl`` (the ``text_column`` field of each record), any other suffix such as ``.py`` or
+  ``.md`` (one file per document). A directory or glob contributes only files with a known text suffix (those, plus
+  ``_DOCUMENT_SUFFIXES``); binaries, other suffixes, hidden files and ``__pycache__`` are skipped.
 * anything else is taken as a dataset name for ``datasets.load_dataset`` (``"name"`` or ``"name:config"``); offline
   that fails with datasets' own error unless the dataset is in the local cache.
 
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, concatenate_datasets, load_dataset
 
 __all__ = [
     "DataError",
@@ -41,6 +43,9 @@ EMBEDDED_CORPUS = "stdlib"
 _EXCLUDED_STDLIB_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
 _TEXT_SUFFIXES = {".txt", ".text"}
 _JSON_SUFFIXES = {".json", ".jsonl"}
+# whole-file documents a directory or glob contributes (besides the text and JSON suffixes above)
+_DOCUMENT_SUFFIXES = {".py", ".pyi", ".md", ".markdown", ".rst", ".tex", ".html", ".htm", ".xml", ".yaml", ".yml",
+                      ".toml", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh"}
 
 
 class DataError(ValueError):
@@ -86,22 +91,32 @@ def _looks_like_a_path(item: str) -> bool:
     return bool(parent) and (os.path.isdir(parent) or item.count("/") > 1)
 
 
+def _usable_in_a_folder(path: str) -> bool:
+    """A file a directory or glob contributes: a known text suffix, not hidden, not under a hidden or cache folder."""
+    parts = Path(path).parts
+    if any(p.startswith(".") and p not in (".", "..") for p in parts) or "__pycache__" in parts:
+        return False
+    return Path(path).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | _DOCUMENT_SUFFIXES
+
+
 def _expand_local(source: str | list[str]) -> list[str] | None:
     """The local files ``source`` names, or None when it names none (then it is a dataset name)."""
     items = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     local = False
+    known = ", ".join(sorted(_TEXT_SUFFIXES | _JSON_SUFFIXES | _DOCUMENT_SUFFIXES))
     for item in items:
         item = os.path.expanduser(str(item))
         if os.path.isdir(item):
             local = True
-            found = sorted(
-                f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                if os.path.isfile(f) and not os.path.basename(f).startswith(".")
-            )
+            found = sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True) if os.path.isfile(f))
             if not found:
                 raise DataError(f"data directory {item!r} contains no files")
-            files.extend(found)
+            usable = [f for f in found if _usable_in_a_folder(os.path.relpath(f, item))]
+            if not usable:
+                raise DataError(f"data directory {item!r} holds no file with a known text suffix ({known}); "
+                                f"{len(found)} other file(s) skipped")
+            files.extend(usable)
         elif os.path.isfile(item):
             local = True
             files.append(item)
@@ -110,7 +125,11 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
             found = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
             if not found:
                 raise DataError(f"data pattern {item!r} matches no files")
-            files.extend(found)
+            usable = [f for f in found if _usable_in_a_folder(f)]
+            if not usable:
+                raise DataError(f"data pattern {item!r} matches no file with a known text suffix ({known}); "
+                                f"{len(found)} other file(s) skipped")
+            files.extend(usable)
         elif isinstance(source, list) or _looks_like_a_path(item):
             raise DataError(f"data file {item!r} does not exist")
     if not local:
@@ -119,6 +138,45 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
         if os.path.getsize(f) == 0:
             raise DataError(f"data file {f!r} is empty")
     return files
+
+
+def _load_local_files(files: list[str], text_column: str, streaming: bool) -> Dataset | IterableDataset:
+    """Documents (one ``text`` column) of local files, each read by its suffix: JSON records through
+    ``text_column``, ``.txt`` by paragraph, any other file whole."""
+    json_files = [f for f in files if Path(f).suffix.lower() in _JSON_SUFFIXES]
+    text_files = [f for f in files if Path(f).suffix.lower() in _TEXT_SUFFIXES]
+    whole_files = [f for f in files if f not in set(json_files) | set(text_files)]
+    parts = []
+    if json_files:
+        ds = load_dataset("json", data_files=json_files, split="train", streaming=streaming)
+        columns = ds.column_names
+        if columns is not None and text_column not in columns:
+            raise DataError(f"text_column {text_column!r} is not a column of {json_files[:3]}; its columns are "
+                            f"{columns}")
+        if columns is not None and len(columns) > 1:
+            ds = ds.select_columns([text_column])
+        if text_column != "text":
+            ds = ds.rename_column(text_column, "text")
+        parts.append(ds)
+    if text_files:
+        parts.append(load_dataset("text", data_files=text_files, split="train", streaming=streaming,
+                                  sample_by="paragraph"))
+    if whole_files:
+        if streaming:
+            parts.append(IterableDataset.from_generator(_read_files, gen_kwargs={"paths": whole_files}))
+        else:
+            ds = Dataset.from_list(list(_read_files(whole_files)))
+            if len(ds) == 0 and not parts:
+                raise DataError(f"the data files {whole_files[:3]}{'...' if len(whole_files) > 3 else ''} "
+                                "contain only whitespace")
+            if len(ds):
+                parts.append(ds)
+    if len(parts) == 1:
+        return parts[0]
+    if not streaming:  # one schema for all (a JSON text column may come out as large_string)
+        string = Features({"text": Value("string")})
+        parts = [p if p.features == string else p.cast(string) for p in parts]
+    return concatenate_datasets(parts)
 
 
 def load_documents(
@@ -144,19 +202,8 @@ def load_documents(
         except Exception as err:  # noqa: BLE001 - re-raised with the name of the argument
             raise DataError(f"could not load dataset {source!r} (split {split!r}) with datasets.load_dataset: {err}") from err
     else:
-        suffixes = {Path(f).suffix.lower() for f in files}
-        if suffixes <= _JSON_SUFFIXES:
-            ds = load_dataset("json", data_files=files, split="train", streaming=streaming)
-        elif suffixes <= _TEXT_SUFFIXES:
-            ds = load_dataset("text", data_files=files, split="train", streaming=streaming, sample_by="paragraph")
-        else:
-            text_column = "text"
-            if streaming:
-                ds = IterableDataset.from_generator(_read_files, gen_kwargs={"paths": files})
-            else:
-                ds = Dataset.from_list(list(_read_files(files)))
-                if len(ds) == 0:
-                    raise DataError(f"the data files {files[:3]}{'...' if len(files) > 3 else ''} contain only whitespace")
+        ds = _load_local_files(files, text_column, streaming)
+        text_column = "text"
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise DataError(f"text_column {text_column!r} is not a column of {source!r}; its columns are {columns}")

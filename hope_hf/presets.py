@@ -11,6 +11,8 @@ Not model code: the modeling files never import this module.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 
 from .configuration_hope import HopeConfig
 
@@ -91,9 +93,33 @@ def get_preset(name: str, **overrides) -> HopeConfig:
     key = str(name).strip().lower()
     if key not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; allowed presets: {', '.join(PRESETS)}.")
+    check_config_fields(overrides)
     kwargs = copy.deepcopy(PRESETS[key])
     kwargs.update(overrides)
     return HopeConfig(**kwargs)
+
+
+def config_field_names() -> set[str]:
+    """Every name a `HopeConfig` accepts: its dataclass fields and the attributes of a default config (the generic
+    `PreTrainedConfig` ones such as `output_attentions` included)."""
+    default = HopeConfig()
+    names = {f.name for f in dataclasses.fields(HopeConfig)} | set(getattr(default, "attribute_map", {}))
+    names |= {n for n in vars(default) if not n.startswith("_")}
+    properties = {n for n in dir(HopeConfig) if not n.startswith("_") and isinstance(getattr(HopeConfig, n), property)}
+    return names | properties
+
+
+def check_config_fields(overrides) -> None:
+    """Raise ValueError naming every override that is not a `HopeConfig` field (with the closest valid name)."""
+    valid = config_field_names()
+    unknown = [name for name in overrides if name not in valid]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(valid), n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"unknown config field(s) {', '.join(hints)}; valid fields are those of HopeConfig")
 
 
 def count_parameters(config: HopeConfig) -> int:

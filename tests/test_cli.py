@@ -151,6 +151,12 @@ def test_train_streams_a_local_jsonl_corpus(tmp_path, capsys):
         (["--config_overrides", "layer_types=[\"full_attention\"],num_hidden_layers=1,max_position_embeddings=16"],
          "seq_len=32 is longer than the model can take"),
         (["--config_overrides", "hidden_size"], "--config_overrides: expected 'key=value'"),
+        (["--config_overrides", "hiden_size=32"], "unknown config field(s) 'hiden_size' (did you mean 'hidden_size'?)"),
+        (["--config_overrides", "hidden_size=33"], "--config_overrides 'hidden_size=33': `hidden_size` (33) must be"),
+        (["--seqlen", "32"], "unrecognized arguments: --seqlen (did you mean --seq_len?)"),
+        (["--vocab_size", "100"], "--vocab_size must be >= 258"),
+        (["--max_steps", "0"], "--max_steps must be >= 1, or -1"),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be >= 1"),
     ],
 )
 def test_bad_input_fails_with_an_error_naming_the_problem(tmp_path, capsys, args, message):
@@ -158,6 +164,88 @@ def test_bad_input_fails_with_an_error_naming_the_problem(tmp_path, capsys, args
     rc = main(["train", "--output_dir", str(out), *TINY, "--max_steps", "2", *args])
     assert rc == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything (a tokenizer, a folder) was written
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    assert _train(target, steps=2) == 2
+    assert "--output_dir" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+def test_eval_and_generate_bad_input_are_cli_errors(run_dir, capsys):
+    cases = [
+        (["eval", "--max_eval_samples", "0"], "--max_eval_samples must be >= 1"),
+        (["eval", "--batchsize", "4"], "unrecognized arguments: --batchsize (did you mean --batch_size?)"),
+        (["generate", "--do_sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", "--device", "cuda"], "--device 'cuda': no CUDA device is available"))
+    for argv, message in cases:
+        assert main([*argv, "--model_name_or_path", str(run_dir)]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_output_dir_checks_every_input_before_deleting(run_dir, tmp_path, capsys):
+    """--overwrite_output_dir deletes only after every input is checked, and never the run's own input."""
+    cont = tmp_path / "cont"
+    shutil.copytree(run_dir, cont, ignore=shutil.ignore_patterns("checkpoint-*"))
+    before = _snapshot(cont)
+    assert main(["train", "--model_name_or_path", str(cont), "--output_dir", str(cont), "--overwrite_output_dir",
+                 "--max_steps", "2"]) == 2
+    assert "--model_name_or_path" in capsys.readouterr().err
+    assert _train(cont, "--overwrite_output_dir", "--data", str(tmp_path / "typo.txt"), steps=2) == 2
+    assert "data file" in capsys.readouterr().err
+    assert _train(cont, "--overwrite_output_dir", "--config_overrides", "hidden_size=33", steps=2) == 2
+    assert _snapshot(cont) == before
+
+
+def test_resume_from_checkpoint_keeps_user_files_and_uses_the_checkpoints_tokenizer(run_dir, tmp_path, capsys):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "README.md").write_text("# my notes")
+    checkpoint = str(run_dir / "checkpoint-20")
+    assert _train(user, "--resume_from_checkpoint", checkpoint, steps=22) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err and (user / "README.md").read_text() == "# my notes"
+    # a --vocab_size other than the run's: the checkpoint's tokenizer (320 tokens) is used, none is trained
+    out = tmp_path / "resumed"
+    assert _train(out, "--resume_from_checkpoint", checkpoint, "--vocab_size", "400", steps=22) == 0
+    assert "Trained a byte-level BPE tokenizer" not in capsys.readouterr().out
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 22
+    assert HopeForCausalLM.from_pretrained(out).config.vocab_size == 320
+
+
+def test_a_run_stopped_before_its_first_checkpoint_runs_again_with_the_same_command(run_dir, tmp_path, capsys):
+    """What `train` leaves when stopped before its first checkpoint (its tokenizer) does not block the re-run."""
+    out = tmp_path / "early"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run_dir / name, out / name)
+    assert _train(out, steps=2) == 0
+    assert (out / "all_results.json").exists()
+    # a user's file next to them still blocks the folder
+    other = tmp_path / "other"
+    shutil.copytree(out, other, ignore=lambda d, names: [n for n in names if not n.startswith("tokenizer")])
+    (other / "mine.txt").write_text("keep me")
+    assert _train(other, steps=2) == 2 and (other / "mine.txt").read_text() == "keep me"
+
+
+def test_load_best_model_at_end_reports_the_eval_of_the_saved_weights(tmp_path, capsys):
+    out = tmp_path / "best"
+    # "best" = the highest eval loss (the first evaluation, before the loss falls): not the last step's
+    assert _train(out, "--eval_steps", "3", "--save_steps", "3", "--load_best_model_at_end",
+                  "--metric_for_best_model", "eval_loss", "--greater_is_better", "true", steps=9) == 0
+    m = json.loads((out / "all_results.json").read_text())
+    state = json.loads((out / "checkpoint-9" / "trainer_state.json").read_text())
+    evals = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    assert state["best_metric"] == max(evals) > evals[-1]
+    assert m["eval_loss"] == pytest.approx(state["best_metric"], rel=1e-5)
+    assert f"{m['eval_loss']:.4f}" in (out / "README.md").read_text()
 
 
 def test_tokenizer_that_does_not_match_the_model_is_refused(run_dir, tmp_path, capsys):
@@ -195,6 +283,21 @@ def test_convert_llama_then_generate(tmp_path, capsys, run_dir):
     assert (tmp_path / "hope" / "tokenizer.json").exists()
     assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope")]) == 2
     assert "is not empty" in capsys.readouterr().err
+    # --overwrite_output_dir: the source is never the target, and nothing is deleted before every check passed
+    source = _snapshot(tmp_path / "llama")
+    for target in (tmp_path / "llama", tmp_path / "llama" / "sub", tmp_path):
+        assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(target),
+                     "--overwrite_output_dir"]) == 2
+        assert "the conversion would overwrite its source" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "llama") == source
+    converted = _snapshot(tmp_path / "hope")
+    assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "hope"),
+                 "--extra_levels", '{"a": 1}', "--overwrite_output_dir"]) == 2
+    assert "--extra_levels must be a JSON list" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "hope") == converted
+    (tmp_path / "file").write_text("keep me")
+    assert main(["convert", "--llama_model", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "file")]) == 2
+    assert "--output_dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep me"
     assert main(["generate", "--model_name_or_path", str(tmp_path / "hope"), "--max_new_tokens", "4"]) == 0
     # a model whose special-token ids differ from the tokenizer's is refused
     llama.config.eos_token_id = 2

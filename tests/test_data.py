@@ -107,6 +107,27 @@ def test_local_text_json_and_directory_sources_streaming_or_not(tokenizer, tmp_p
         assert len(eager["train"]) > len(eager["eval"]) > 0
 
 
+def test_a_folder_is_read_per_file_by_suffix_and_skips_binaries_caches_and_hidden_files(tmp_path):
+    """A dataset folder: its JSON lines go through the text column, its README is one text document; a source
+    folder: compiled caches, binaries, unknown suffixes and hidden files are skipped."""
+    folder = tmp_path / "ds"
+    (folder / "__pycache__").mkdir(parents=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    (folder / "README.md").write_text("# my dataset\n")
+    (folder / "m.py").write_text(DOCS[0])
+    (folder / "__pycache__" / "m.cpython-312.pyc").write_bytes(b"\x00\xff\x13binary")
+    (folder / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (folder / ".hidden.txt").write_text("not data")
+    for streaming in (False, True):
+        docs = [r["text"] for r in load_documents(str(folder), text_column="body", streaming=streaming)]
+        assert sorted(docs) == sorted(DOCS + ["# my dataset\n", DOCS[0]]), streaming
+    assert len(load_documents(str(folder / "*"), text_column="body")) == len(DOCS) + 2  # a glob: the same rule
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.pyc").write_bytes(b"\x00\xff")
+    with pytest.raises(DataError, match="holds no file with a known text suffix"):
+        load_documents(str(tmp_path / "bin"))
+
+
 def test_bad_data_raises_errors_naming_the_problem(tokenizer, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_documents(str(tmp_path / "missing.txt"))

@@ -73,6 +73,14 @@ def test_bad_override_is_a_config_value_error():
         get_preset("tiny", chunk_size=0)
 
 
+def test_unknown_override_field_is_an_error_naming_the_closest_field():
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) 'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        get_preset("tiny", hiden_size=32)
+    # the generic PreTrainedConfig fields are config fields too
+    config = get_preset("tiny", output_hidden_states=True, tie_word_embeddings=True, bos_token_id=3)
+    assert config.output_hidden_states and config.tie_word_embeddings and config.bos_token_id == 3
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

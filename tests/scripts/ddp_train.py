@@ -48,6 +48,9 @@ def main(out_dir: str) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                    os.path.join(out_dir, "weights.pt"))
+    # leave the gloo group before exiting: torn down at interpreter exit it aborted a rank once, after a finished run
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

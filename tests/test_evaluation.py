@@ -217,3 +217,31 @@ def test_cli_eval_task_with_stream_learning(tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     assert cli_main(["eval", "--task", "passkey", "--lengths", "3x", "--model_name_or_path", str(folder),
                      "--output_dir", str(out)]) == 2
+
+
+def test_the_suite_checks_every_task_and_length_first_and_keeps_results(tmp_path, capsys):
+    """A length too short for the second task fails before the first task runs (the model is never called), and an
+    earlier results.json is kept unless --overwrite_output_dir."""
+
+    class NeverCalled(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the model ran before every (task, length) was checked")
+
+        def eval(self):
+            return self
+
+    with pytest.raises(TaskError, match="too short for task 'mqar'"):
+        run_suite(NeverCalled(), TOK, ["passkey", "mqar"], [280], depths=[0.5], progress=False, log=None)
+    model = _model()
+    folder = tmp_path / "model"
+    model.float().save_pretrained(folder)
+    TOK.save_pretrained(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"mine": 1}')
+    args = ["eval", "--task", "passkey", "--lengths", "250", "--depths", "0.5", "--model_name_or_path", str(folder),
+            "--output_dir", str(out), "--piece_size", "125", "--no_plots", "--no_progress", "--device", "cpu"]
+    assert cli_main(args) == 2
+    assert "results.json" in capsys.readouterr().err and json.loads((out / "results.json").read_text()) == {"mine": 1}
+    assert cli_main([*args, "--overwrite_output_dir"]) == 0
+    assert "passkey" in json.loads((out / "results.json").read_text())["tasks"]

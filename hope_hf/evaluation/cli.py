@@ -44,6 +44,8 @@ def build_suite_parser() -> argparse.ArgumentParser:
     p.add_argument("--learn_chunk", type=int, default=256, help="stream learning: most tokens per forward/backward")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     p.add_argument("--no_plots", action="store_true", help="write results.json only")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace the results.json (and plots) of an earlier run in --output_dir")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -65,6 +67,11 @@ def cmd_eval_suite(argv: list[str]) -> dict:
         raise CliError(str(err)) from err
     if a.samples < 1 or a.piece_size < 1 or a.learn_chunk < 1:
         raise CliError("--samples, --piece_size and --learn_chunk must be >= 1")
+    if os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
+        raise CliError(f"--output_dir {a.output_dir!r} is an existing file, not a folder; choose a folder")
+    if os.path.exists(os.path.join(a.output_dir, "results.json")) and not a.overwrite_output_dir:
+        raise CliError(f"--output_dir {a.output_dir!r} already holds a results.json; choose another --output_dir or "
+                       "pass --overwrite_output_dir to replace it")
     model = _load_model(a.model_name_or_path, _device(a.device))
     tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
                                 "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")

@@ -41,6 +41,8 @@ __all__ = [
 _METRICS = Path(__file__).resolve().parent.parent / "metrics"
 
 
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # needle depths of a task when none are given
+
 def exact_match_metric_path() -> str:
     """Path of the shipped ``hope_exact_match`` metric module, for ``evaluate.load(path)``."""
     return str(_METRICS / "hope_exact_match")
@@ -192,7 +194,7 @@ def _score(task: str, records: list[dict]) -> dict[str, float]:
     return {"accuracy": r["exact_match"], "correct": r["correct"], "total": r["total"]}
 
 
-def run_task(model, tokenizer, task: str, lengths: Sequence[int], *, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+def run_task(model, tokenizer, task: str, lengths: Sequence[int], *, depths=DEFAULT_DEPTHS,
              samples: int = 1, seed: int = 0, piece_size: int = 4096, learner_kwargs=None, progress: bool = True,
              task_kwargs: Mapping[str, Any] | None = None, log=print) -> dict[str, Any]:
     """Generate ``task`` at every length and depth, run the model, score. Returns accuracies overall, by length and
@@ -227,6 +229,12 @@ def run_suite(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], *,
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    # one example of every (task, length, depth) is generated before anything runs: a length too short for a task
+    # fails now, not after the other tasks have run for hours
+    for task in tasks:
+        for length in lengths:
+            build_task_dataset(task, tokenizer, length, depths=kwargs.get("depths", DEFAULT_DEPTHS), samples=1,
+                               seed=kwargs.get("seed", 0), **dict(kwargs.get("task_kwargs") or {}))
     model.eval()
     t0 = time.time()
     results = {

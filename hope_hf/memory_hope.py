@@ -1546,8 +1546,9 @@ class _Layout:
             has_tokens = self.length > 0
             self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
             # rows that hold tokens in each chunk: a prefix of the frame (see above), at least one (no empty step)
-            chunks_of_row = (self.last_chunk + 1).tolist()
-            self._active = [max(1, sum(n > c for n in chunks_of_row)) for c in range(len(self.chunk_bounds))]
+            num_chunks = len(self.chunk_bounds)
+            chunks_of_row = torch.bincount(self.last_chunk + 1, minlength=num_chunks + 1)  # rows by chunk count
+            self._active = (self.num_rows - chunks_of_row.cumsum(0)[:num_chunks]).clamp(min=1).tolist()
 
     def rows_with_tokens(self, c: int) -> int:
         """How many frame rows hold tokens in chunk c (the first ones; 0 after the frame's last chunk): the rows

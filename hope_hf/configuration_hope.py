@@ -351,7 +351,9 @@ class HopeConfig(PreTrainedConfig):
 
     def validate_rope(self):
         """Transformers' RoPE checks (after `validate_architecture`), a missing key reported as the ValueError that
-        every other invalid value raises rather than as a KeyError."""
+        every other invalid value raises rather than as a KeyError. Where no layer is an attention layer nothing
+        uses RoPE, and its rule that `head_dim` be even (which would refuse an odd head size that Titans layers take)
+        does not apply."""
         library_check = getattr(super(), "validate_rope", None)
         if library_check is None:
             return
@@ -359,6 +361,10 @@ class HopeConfig(PreTrainedConfig):
             library_check()
         except KeyError as err:
             raise ValueError(f"`rope_parameters`: {err.args[0]}") from err
+        except ValueError as err:
+            titans_only = isinstance(self.layer_types, list) and set(self.layer_types) == {"linear_attention"}
+            if not (titans_only and "even rotary dimension" in str(err)):
+                raise
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

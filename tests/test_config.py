@@ -257,3 +257,19 @@ def test_a_config_changed_by_assignment_is_checked_when_a_model_is_built():
     config.num_hidden_layers = 1  # layer_types still has two entries
     with pytest.raises(HopeConfigError, match="layer_types"):
         AutoModelForCausalLM.from_config(config)
+
+
+def test_an_odd_head_size_is_refused_only_where_rope_is_used():
+    """RoPE needs an even head size; an all-Titans model uses no RoPE and takes an odd one."""
+    import torch
+
+    from hope_hf import HopeForCausalLM
+
+    config = HopeConfig(hidden_size=36, num_attention_heads=4, num_hidden_layers=2, vocab_size=64, chunk_size=4)
+    assert config.head_dim == 9
+    ids = torch.randint(0, 64, (2, 11))
+    out = HopeForCausalLM(config)(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="head_dim"):
+        HopeConfig(hidden_size=36, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
+                   layer_types=["linear_attention", "full_attention"])

@@ -303,6 +303,11 @@ class HopeConfig(PreTrainedConfig):
         unknown = [t for t in layer_types if t not in HOPE_LAYER_TYPES]
         if unknown:
             raise ValueError(f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}.")
+        if set(layer_types) != {"linear_attention"} and self.head_dim % 2:
+            raise ValueError(
+                f"`head_dim` must be even when `layer_types` has attention layers (RoPE rotates pairs of "
+                f"dimensions), got {self.head_dim}; Titans layers alone take any head size."
+            )
         if "sliding_attention" in layer_types:
             if not _is_int(self.sliding_window) or self.sliding_window < 1:
                 raise ValueError(

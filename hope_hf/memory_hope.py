@@ -419,8 +419,8 @@ class HopeSelfModifyingTitans(nn.Module):
         chunk step computes every row (one shape: no recompilation)."""
         snap_a, snap_b, cur_a, cur_b, last_a, last_b = carry
         rows = cur_a.shape[0]
-        ends_at = layout.rows_with_tokens  # rows with tokens in chunk c (those after them end before c)
-        computed = (lambda c: rows) if layout.trivial or self.chunk_spec.compiled else ends_at  # noqa: E731
+        with_tokens = layout.rows_with_tokens  # rows with tokens in chunk c (those after them ended before c)
+        computed = (lambda c: rows) if layout.trivial or self.chunk_spec.compiled else with_tokens  # noqa: E731
         set_aside = []  # the current weights (A, B) of rows that finished, highest rows first
         records = []  # the snapshot (A, B) that rows used in their last chunk, highest rows first
         outs = []
@@ -442,7 +442,7 @@ class HopeSelfModifyingTitans(nn.Module):
                 o_c = torch.cat([o_c, o_c.new_zeros((rows - n, *o_c.shape[1:]))])
             outs.append(o_c)
             # the rows whose last (possibly partial) chunk this is: remember the snapshot it used
-            lo, hi = ends_at(c + 1), ends_at(c)
+            lo, hi = with_tokens(c + 1), with_tokens(c)
             if lo < hi:
                 records.append((_rows(snap_a, lo, hi), _rows(snap_b, lo, hi)))
             cur_a, cur_b = new_a, new_b
@@ -450,7 +450,7 @@ class HopeSelfModifyingTitans(nn.Module):
         cur_a = _join_rows([cur_a, *(a for a, _ in reversed(set_aside))])
         cur_b = _join_rows([cur_b, *(b for _, b in reversed(set_aside))])
         # rows that end later keep their entry, those that ended in these chunks get theirs, earlier ones keep theirs
-        lo, hi = ends_at(first + len(chunks)), ends_at(first)
+        lo, hi = with_tokens(first + len(chunks)), with_tokens(first)
         last_a = _join_rows([_rows(last_a, 0, lo), *(a for a, _ in reversed(records)), _rows(last_a, hi, rows)])
         last_b = _join_rows([_rows(last_b, 0, lo), *(b for _, b in reversed(records)), _rows(last_b, hi, rows)])
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -1522,8 +1522,8 @@ class _Layout:
             # in a chunk are then a prefix of the frame, which the scan computes alone (`rows_with_tokens`)
             order = torch.sort(-(offset + counts), stable=True).indices
             position = torch.empty_like(order).scatter_(0, order, rows)  # frame row of each piece
-            self.src_row, self.continues, self.offset, self.length = src_row[order], continues[order], offset[order], \
-                counts[order]
+            self.src_row, self.continues = src_row[order], continues[order]
+            self.offset, self.length = offset[order], counts[order]
             self.last_piece = torch.where(last_piece >= 0, position[last_piece.clamp(min=0)], last_piece)
             self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, position[row_of_tok], rank
             self.pad_front = None

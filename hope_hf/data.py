@@ -99,6 +99,16 @@ def _usable_in_a_folder(path: str) -> bool:
     return Path(path).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | _DOCUMENT_SUFFIXES
 
 
+def _glob_root(pattern: str) -> str:
+    """The leading folders of a glob pattern that hold no wildcard (`data/.cache/*/x.txt` -> `data/.cache`)."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.path.join(*fixed) if fixed else os.curdir
+
+
 def _expand_local(source: str | list[str]) -> list[str] | None:
     """The local files ``source`` names, or None when it names none (then it is a dataset name)."""
     items = [source] if isinstance(source, str) else list(source)
@@ -125,7 +135,8 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
             found = sorted(f for f in glob.glob(item, recursive=True) if os.path.isfile(f))
             if not found:
                 raise DataError(f"data pattern {item!r} matches no files")
-            usable = [f for f in found if _usable_in_a_folder(f)]
+            root = _glob_root(item)  # the folders the pattern names outright are the user's choice, hidden or not
+            usable = [f for f in found if _usable_in_a_folder(os.path.relpath(f, root))]
             if not usable:
                 raise DataError(f"data pattern {item!r} matches no file with a known text suffix ({known}); "
                                 f"{len(found)} other file(s) skipped")

@@ -122,6 +122,10 @@ def test_a_folder_is_read_per_file_by_suffix_and_skips_binaries_caches_and_hidde
         docs = [r["text"] for r in load_documents(str(folder), text_column="body", streaming=streaming)]
         assert sorted(docs) == sorted(DOCS + ["# my dataset\n", DOCS[0]]), streaming
     assert len(load_documents(str(folder / "*"), text_column="body")) == len(DOCS) + 2  # a glob: the same rule
+    hidden_home = tmp_path / ".cache" / "corpus"  # a folder the pattern names outright counts, hidden or not
+    hidden_home.mkdir(parents=True)
+    (hidden_home / "a.txt").write_text(DOCS[1])
+    assert [r["text"] for r in load_documents(str(hidden_home / "*.txt"))] == [DOCS[1]]
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "x.pyc").write_bytes(b"\x00\xff")
     with pytest.raises(DataError, match="holds no file with a known text suffix"):

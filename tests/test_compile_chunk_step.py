@@ -21,6 +21,12 @@ from conftest import small_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+# The traced step runs the eager kernels, but AOTAutograd's functional graph replaces in-place updates with new
+# tensors, so a product may see its operands laid out differently; on some CPUs (seen on an AVX-512 machine at the
+# partial chunks of a padded batch) the GEMM then rounds differently in the last bit. Bitwise equality is not
+# promised; a wrong formula would miss these by orders of magnitude.
+TRACED_ATOL, TRACED_RTOL = 1e-6, 1e-5
+
 
 @pytest.fixture
 def compile_backend(monkeypatch):
@@ -85,8 +91,8 @@ def test_traced_chunk_step_equals_eager_without_recompiling(overrides, compile_b
     losses = train_steps([eager, compiled], "cpu", steps=1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     losses = [a + b for a, b in zip(losses, train_steps([eager, compiled], "cpu"))]
-    assert losses[1] == losses[0]
-    assert_same_grads(eager, compiled, atol=0, rtol=0)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert_same_grads(eager, compiled, atol=TRACED_ATOL, rtol=TRACED_RTOL)
     # whole graphs (fullgraph=True would raise on a break), and no recompilation across layers, chunks, steps, the
     # first chunk's aliasing of snapshot and current weights or the chunk inputs' requires_grad: one forward and one
     # backward graph of the chunk step (length 24, chunk size 4: every chunk has the same shape), the generation of
@@ -130,8 +136,8 @@ def test_padding_with_the_compiled_step_and_eval_mode_stays_eager(compile_backen
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[0, :5] = 0  # left padding: partial chunks, more input shapes
     losses = train_steps([eager, compiled], "cpu", steps=1, length=21, attention_mask=mask)
-    assert losses[1] == losses[0]
-    assert_same_grads(eager, compiled, atol=0, rtol=0)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    assert_same_grads(eager, compiled, atol=TRACED_ATOL, rtol=TRACED_RTOL)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 2
     # evaluation and generation (eval mode: prompts of every length) run the eager chunk step

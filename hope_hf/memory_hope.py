@@ -111,6 +111,39 @@ class _FastInit(nn.Module):
         if not (config.self_modifying and config.adaptive_v):
             self.static_v = nn.Parameter(empty(num_heads, d, d))
 
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise these parameters (tensors already loaded from a checkpoint are skipped)."""
+        from transformers import initialization as init
+
+        d, m = self.init_in.shape[1], self.init_out.shape[2]
+        init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
+        init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
+        init.normal_(self.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
+        init.constant_(self.eta_bias, ETA_BIAS_INIT)
+        if hasattr(self, "alpha_readout"):
+            init.normal_(self.alpha_readout, mean=0.0, std=1.0 / math.sqrt(d))
+            init.constant_(self.alpha_bias, ALPHA_BIAS_INIT)
+        for name in ("static_k", "static_v"):
+            if hasattr(self, name):
+                init.normal_(getattr(self, name), mean=0.0, std=1.0 / math.sqrt(d))
+
+
+class CausalConv(nn.Conv1d):
+    """The causal depthwise convolution of the q or u stream (width conv_kernel_size, no bias)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, noise_std: float):
+        """Start as the identity plus small noise, conv(x)_t ~ x_t (skipped if the weight was loaded)."""
+        from transformers import initialization as init
+
+        w = torch.randn_like(self.weight) * noise_std
+        w[..., -1] += 1.0
+        init.copy_(self.weight, w)
+
 
 class HopeSelfModifyingTitans(nn.Module):
     """The self-modifying Titans mixer of one HOPE layer (DESIGN §2.2)."""
@@ -144,8 +177,8 @@ class HopeSelfModifyingTitans(nn.Module):
         self.g_proj = nn.Linear(hidden, inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden, bias=False)
         # causal depthwise convolutions (width conv_kernel_size) on the q and u streams
-        self.q_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
-        self.u_conv = nn.Conv1d(inner, inner, self.kernel_size, groups=inner, bias=False)
+        self.q_conv = CausalConv(inner, self.kernel_size)
+        self.u_conv = CausalConv(inner, self.kernel_size)
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
         self._generate_spec = GenerateSpec(boxes=tuple(self.boxes), memory_dim=self.memory_dim,
@@ -165,27 +198,15 @@ class HopeSelfModifyingTitans(nn.Module):
     # ------------------------------------------------------------------------------------------------ init
     @torch.no_grad()
     def init_memory_weights(self):
-        """Initialise the parameters the generic `_init_weights` does not know (skips loaded tensors)."""
+        """Initialise the parameters the generic `_init_weights` does not know (skips loaded tensors). A model's
+        `_init_weights` reaches the same code module by module, since Transformers skips a module whose own
+        parameters were all loaded."""
         from transformers import initialization as init
 
-        d, m = self.head_dim, self.memory_dim
-        p = self.fast_init
-        init.normal_(p.init_in, mean=0.0, std=1.0 / math.sqrt(d))
-        init.normal_(p.init_out, mean=0.0, std=1.0 / math.sqrt(m))
-        init.normal_(p.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
-        init.constant_(p.eta_bias, ETA_BIAS_INIT)
-        if hasattr(p, "alpha_readout"):
-            init.normal_(p.alpha_readout, mean=0.0, std=1.0 / math.sqrt(d))
-            init.constant_(p.alpha_bias, ALPHA_BIAS_INIT)
-        for name in ("static_k", "static_v"):
-            if hasattr(p, name):
-                init.normal_(getattr(p, name), mean=0.0, std=1.0 / math.sqrt(d))
+        self.fast_init.init_weights()
         init.ones_(self.out_norm_weight)
-        # the convolutions start as the identity plus small noise: conv(x)_t ~ x_t
         for conv in (self.q_conv, self.u_conv):
-            w = torch.randn_like(conv.weight) * self.config.initializer_range
-            w[..., -1] += 1.0
-            init.copy_(conv.weight, w)
+            conv.init_weights(self.config.initializer_range)
 
     # ------------------------------------------------------------------------------------------------ state
     def initial_state(self, batch_size: int, device=None) -> TitansState:

@@ -32,7 +32,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_hope import HopeConfig
 from .cache_hope import HopeCache
-from .memory_hope import HopeSelfModifyingTitans
+from .memory_hope import CausalConv, HopeSelfModifyingTitans, _FastInit
 
 
 logger = logging.get_logger(__name__)
@@ -75,6 +75,32 @@ def _pick_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | N
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("Pass the cache once, as `past_key_values` or as `cache`, not both.")
     return past_key_values if past_key_values is not None else cache
+
+
+def _cache_rows(cache: Cache) -> int | None:
+    """How many sequences a cache holds (None before its first forward)."""
+    for layer in cache.layers:
+        state = getattr(layer, "state", None)  # a Titans layer's TitansState
+        keys = getattr(layer, "keys", None)  # an attention layer's keys
+        if state is not None:
+            return state.batch_size
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            return keys.shape[0]
+    return None
+
+
+def _check_cache_rows(cache: Cache | None, batch_size: int) -> None:
+    """A cache continued with another number of rows: say so, rather than fail inside a layer."""
+    rows = _cache_rows(cache) if cache is not None else None
+    if rows is None or rows == batch_size:
+        return
+    hint = ""
+    if batch_size % rows == 0:
+        hint = (
+            f" `generate` with num_beams or num_return_sequences > 1 repeats every input row but not a cache that "
+            f"you pass: repeat its rows first, `cache.batch_repeat_interleave({batch_size // rows})`."
+        )
+    raise ValueError(f"the cache holds {rows} sequences but the input has {batch_size} rows.{hint}")
 
 
 # ---------------------------------------------------------------------------------------------------- building blocks
@@ -344,8 +370,15 @@ class HopePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
-        if isinstance(module, HopeSelfModifyingTitans):
-            module.init_memory_weights()
+        # each module initialises its own parameters: Transformers skips a module whose own parameters were all
+        # loaded, so a Titans layer with a loaded `out_norm_weight` is not called for a fast_init or conv weight
+        # that a checkpoint lacks (or that `ignore_mismatched_sizes` dropped)
+        if isinstance(module, _FastInit):
+            module.init_weights()
+        elif isinstance(module, CausalConv):
+            module.init_weights(self.config.initializer_range)
+        elif isinstance(module, HopeSelfModifyingTitans):
+            init.ones_(module.out_norm_weight)
         elif isinstance(module, HopeCMS) and hasattr(module, "level_weights"):
             init.ones_(module.level_weights)
 
@@ -396,14 +429,20 @@ class HopeModel(HopePreTrainedModel):
             return attention_mask
         types = set(self.config.layer_types)
         masks = {}
+        # Transformers finds the documents of a packed batch (position ids restarting at 0) only when there is no
+        # mask and no cache. A cache that has seen nothing gives the mask sizes that no cache gives, so leave it
+        # out then: an eval-mode forward (which builds a cache) separates packed documents as training does.
+        mask_cache = past_key_values
+        if attention_mask is None and past_key_values is not None and past_key_values.get_seq_length() == 0:
+            mask_cache = None
         # positional 4th argument: named `past_key_values` up to Transformers 5.2x and `cache` in 5.24
         if "full_attention" in types:
             masks["full_attention"] = create_causal_mask(
-                self.config, inputs_embeds, attention_mask, past_key_values, position_ids
+                self.config, inputs_embeds, attention_mask, mask_cache, position_ids
             )
         if "sliding_attention" in types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(
-                self.config, inputs_embeds, attention_mask, past_key_values, position_ids
+                self.config, inputs_embeds, attention_mask, mask_cache, position_ids
             )
         if "linear_attention" in types:
             if attention_mask is not None and attention_mask.ndim != 2:
@@ -458,6 +497,7 @@ class HopeModel(HopePreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        _check_cache_rows(past_key_values, inputs_embeds.shape[0])
         if inputs_embeds.shape[1] == 0:
             raise ValueError(
                 "no input tokens: when continuing from a cache (e.g. in `generate`), pass ids that include at least "
@@ -512,6 +552,24 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """`GenerationMixin.generate`, after one check of a cache passed in: the prompt (`inputs` / `input_ids`, or
+        `inputs_embeds`) must go beyond what the cache has seen, since `generate` feeds the part it has not. A
+        prompt no longer than the cache's tokens would otherwise be fed again in full."""
+        cache = _pick_cache(kwargs.get("past_key_values"), kwargs.get("cache"))
+        prompt = kwargs.get("inputs_embeds")
+        if prompt is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if cache is not None and isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+            seen = cache.get_seq_length()
+            if 0 < seen and prompt.shape[1] <= seen:
+                raise ValueError(
+                    f"generate: the cache has seen {seen} tokens and the prompt holds {prompt.shape[1]}; pass the "
+                    "whole sequence, with at least one token the cache has not seen (stream all but the prompt's "
+                    "last token into the cache, then generate from the whole prompt)."
+                )
+        return super().generate(inputs, *args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate` builds a `HopeCache` (the library's caches cannot hold fast-weight state)."""

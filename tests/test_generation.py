@@ -153,14 +153,38 @@ def test_user_cache_crop_and_return_dict():
         model.generate(prompt, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
-def test_packed_sequences_reset_memories():
-    model = make_model("linear", torch.float64)
+@pytest.mark.parametrize("layout", ["linear", "hybrid", "attention"])
+def test_generate_from_a_passed_cache_checks_what_it_holds(layout):
+    """A prompt the cache has wholly seen, and beams from a cache of the prompts' rows: clear errors (generate fed
+    the whole prompt again, resp. failed inside a layer); repeated rows then give the beams of the whole prompt."""
+    model = make_model(layout, torch.float32)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 7))
+    seen, _ = stream_prefill(model, [prompt], progress=False)
+    with pytest.raises(ValueError, match="the cache has seen 7 tokens and the prompt holds 7"):
+        model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, **{CACHE_KW: seen})
+    assert seen.get_seq_length() == 7  # nothing was fed
+
+    options = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    cache, _ = stream_prefill(model, [prompt[:, :5]], progress=False)
+    with pytest.raises(ValueError, match=r"holds 2 sequences but the input has 6 rows.*batch_repeat_interleave\(3\)"):
+        model.generate(prompt, **options, **{CACHE_KW: cache})
+    cache, _ = stream_prefill(model, [prompt[:, :5]], progress=False)
+    cache.batch_repeat_interleave(3)
+    got = model.generate(prompt, **options, **{CACHE_KW: cache})
+    assert torch.equal(got, model.generate(prompt, **options))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("use_cache", [None, True, False])
+def test_packed_sequences_reset_memories(layout, use_cache):
+    """In eval mode too, where a forward builds a cache by default (attention layers then saw one sequence)."""
+    model = make_model(layout, torch.float64)
     a = torch.randint(1, model.config.vocab_size, (7,))
     b = torch.randint(1, model.config.vocab_size, (9,))
     packed = torch.cat([a, b])[None]
     pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
     with torch.no_grad():
-        logits = model(packed, position_ids=pos).logits[0]
+        logits = model(packed, position_ids=pos, use_cache=use_cache).logits[0]
         torch.testing.assert_close(logits[:7], model(a[None]).logits[0], atol=1e-10, rtol=0)
         torch.testing.assert_close(logits[7:], model(b[None]).logits[0], atol=1e-10, rtol=0)
 

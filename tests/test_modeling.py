@@ -264,6 +264,52 @@ def test_save_and_load_give_identical_logits(layout, tmp_path):
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
 
+def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
+    """Transformers skips a module whose own parameters were all loaded: a Titans layer's only one is its output
+    norm, so its fast_init and convolutions must be initialised module by module when a checkpoint lacks them
+    (they were left as `torch.empty` memory)."""
+    from safetensors.torch import load_file, save_file
+
+    from hope_hf.memory_hope import ALPHA_BIAS_INIT, ETA_BIAS_INIT
+
+    model = HopeForCausalLM(small_config("linear", retention=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # loaded values differ from any initial value
+    model.save_pretrained(tmp_path)
+    head_dim = model.config.head_dim
+
+    # a checkpoint with no alpha memory, loaded with one: its readout and bias are new, and every memory's
+    # initial state changes shape (re-initialised by ignore_mismatched_sizes)
+    grown = HopeForCausalLM.from_pretrained(tmp_path, retention=True, ignore_mismatched_sizes=True)
+    for layer, saved in zip(grown.model.layers, model.model.layers):
+        fast = layer.titans.fast_init
+        assert torch.equal(fast.alpha_bias, torch.full_like(fast.alpha_bias, ALPHA_BIAS_INIT))
+        assert fast.alpha_readout.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+        assert fast.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+        assert torch.equal(fast.eta_bias, saved.titans.fast_init.eta_bias)  # loaded, not re-initialised
+
+    # keys deleted from the checkpoint
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    dropped = ["model.layers.0.titans.fast_init.init_in", "model.layers.0.titans.fast_init.eta_bias",
+               "model.layers.0.titans.q_conv.weight"]
+    for name in dropped:
+        del state[name]
+    save_file(state, path, metadata={"format": "pt"})
+    reloaded = HopeForCausalLM.from_pretrained(tmp_path)
+    titans = reloaded.model.layers[0].titans
+    assert titans.fast_init.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+    assert torch.equal(titans.fast_init.eta_bias, torch.full_like(titans.fast_init.eta_bias, ETA_BIAS_INIT))
+    assert (titans.q_conv.weight[..., -1] - 1).abs().max() < 0.5  # the identity tap plus noise
+    params = dict(reloaded.named_parameters())
+    for name, value in model.named_parameters():  # everything the checkpoint holds is kept
+        if name not in dropped:
+            assert torch.equal(params[name], value), name
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(ids_batch()).logits).all()
+
+
 def test_init_weights_hooks():
     config = small_config("hybrid", cms_variant="independent", initializer_range=0.02)
     model = HopeForCausalLM(config)

@@ -3,14 +3,15 @@
 Paper arXiv 2512.24695 §7.3 ("ad-hoc level stacking"): every CMS level may start from a pretrained MLP. Here the
 Llama MLP of each layer (with its `post_attention_layernorm`) becomes CMS level 1; extra levels start with a zero
 down-projection, so they add exactly nothing until they are trained, and the converted model computes the same
-logits as the original. Attention layers keep their weights ("full_attention", or "sliding_attention" when the
-source uses a sliding window). DESIGN §2.1, invariant 4.
+logits as the original. Attention layers keep their weights ("full_attention", or "sliding_attention" where a
+Mistral source uses a sliding window), and `generate` keeps the source's generation config. DESIGN §2.1, invariant 4.
 
 Not model code: the modeling files never import this module.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 
@@ -28,6 +29,11 @@ SUPPORTED_SOURCE_MODEL_TYPES = ("llama", "mistral")
 
 
 def _normalise_levels(extra_cms_levels, default_width: int) -> list[dict]:
+    if isinstance(extra_cms_levels, (int, dict, str)):
+        raise ValueError(
+            f"`extra_cms_levels` must be a list of levels (periods or dicts), got {extra_cms_levels!r}; for one "
+            f"level pass [{extra_cms_levels!r}]."
+        )
     levels = []
     for i, level in enumerate(extra_cms_levels or ()):
         if isinstance(level, int) and not isinstance(level, bool):
@@ -43,6 +49,11 @@ def _normalise_levels(extra_cms_levels, default_width: int) -> list[dict]:
 
 
 def _source_layer_types(cfg) -> tuple[list[str], int | None]:
+    """The attention of each source layer, and the window of the sliding ones. A Llama attends fully in every layer
+    whatever its config says: "llamafied" checkpoints carry a `sliding_window` (with `use_sliding_window: false`)
+    that `LlamaForCausalLM` never reads."""
+    if cfg.model_type == "llama":
+        return ["full_attention"] * cfg.num_hidden_layers, None
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is not None:
@@ -149,4 +160,6 @@ def convert_llama_to_hope(
         for layer in hope.model.layers:
             for level in layer.cms.levels[1:]:
                 level.down_proj.weight.zero_()
+    # generate as the source did: its stop tokens (Llama 3 lists several), length and sampling defaults
+    hope.generation_config = copy.deepcopy(source.generation_config)
     return hope.eval()

@@ -115,5 +115,37 @@ def test_unsupported_sources_are_refused():
         convert_llama_to_hope(tiny_llama(hidden_act="gelu"))
     with pytest.raises(ValueError, match="extra_cms_levels"):
         convert_llama_to_hope(tiny_llama(), extra_cms_levels=["fast"])
+    with pytest.raises(ValueError, match=r"list of levels .* pass \[512\]"):
+        convert_llama_to_hope(tiny_llama(), extra_cms_levels=512)
     with pytest.raises(ValueError, match="period"):
         convert_llama_to_hope(tiny_llama(), extra_cms_levels=[-5])
+
+
+def test_a_llama_attends_fully_whatever_its_config_says():
+    """`LlamaForCausalLM` never reads `sliding_window` or `layer_types` ("llamafied" checkpoints carry a window with
+    `use_sliding_window: false`): the conversion must not turn them into sliding layers."""
+    llama = tiny_llama(sliding_window=4, use_sliding_window=False, layer_types=["sliding_attention"] * 2)
+    hope = convert_llama_to_hope(llama)
+    assert hope.config.layer_types == ["full_attention"] * 2
+    ids = tokens(length=15)
+    torch.testing.assert_close(logits(hope, ids), logits(llama, ids), rtol=0, atol=1e-5)
+
+
+def test_generation_config_is_the_sources(tmp_path):
+    """Llama 3 names several stop tokens in its generation config only; they, the length and the sampling
+    defaults carry over, through a saved folder too."""
+    llama = tiny_llama(eos_token_id=96)
+    ids = tokens(batch=1, length=6)
+    stop = llama.generate(ids, max_new_tokens=8, do_sample=False)[0, 6 + 2].item()  # the third new token
+    llama.generation_config.eos_token_id = [96, stop]
+    llama.generation_config.max_new_tokens = 8
+    llama.generation_config.do_sample, llama.generation_config.temperature = True, 0.7
+    llama.save_pretrained(tmp_path / "llama")
+    for source in (llama, tmp_path / "llama"):
+        hope = convert_llama_to_hope(source)
+        assert hope.generation_config.eos_token_id == [96, stop]
+        assert hope.generation_config.max_new_tokens == 8 and hope.generation_config.temperature == 0.7
+        assert hope.generation_config.do_sample
+        want = llama.generate(ids, do_sample=False)
+        assert want.shape[1] <= 6 + 3  # stopped at the generation config's second stop token
+        assert torch.equal(hope.generate(ids, do_sample=False), want)

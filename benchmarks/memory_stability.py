@@ -9,11 +9,13 @@ moving, and the ratio stays well above 0).
 
     python benchmarks/memory_stability.py                    # 1M tokens
     python benchmarks/memory_stability.py --tokens 65536     # what the test suite checks, for one layer
+    python benchmarks/memory_stability.py --tokens 65536 --eta-max 0.1 --overrides '{"dgd": false}'   # an ablation
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -28,8 +30,17 @@ def main(argv=None):
     parser.add_argument("--eta-max", type=float, default=1.0, help="eta_max; every gate is saturated at it")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--json", default="benchmarks/results/memory_stability.json", help="where to write results")
+    parser.add_argument("--overrides", default="{}",
+                        help='JSON of other config fields for the tiny preset, e.g. \'{"dgd": false}\' or '
+                             '\'{"retention": false}\' (the ablations DESIGN §2.2 asks to document)')
     parser.add_argument("--quick", action="store_true", help="4096 tokens: a smoke run")
     args = parser.parse_args(argv)
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as err:
+        parser.error(f"--overrides is not JSON: {err}")
+    if not isinstance(overrides, dict) or "eta_max" in overrides:
+        parser.error("--overrides must be a JSON object of config fields other than eta_max (use --eta-max)")
     if args.quick:
         args.tokens, args.piece = 4096, 1024
     if args.threads:
@@ -39,7 +50,7 @@ def main(argv=None):
     from hope_hf.cache_hope import HopeCache
     from hope_hf.presets import get_preset
 
-    cfg = get_preset("tiny", eta_max=args.eta_max)
+    cfg = get_preset("tiny", eta_max=args.eta_max, **overrides)
     torch.manual_seed(0)
     model = HopeForCausalLM(cfg).eval()
     layers = [layer.titans for layer in model.model.layers if hasattr(layer, "titans")]

@@ -57,7 +57,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "Comma-separated config fields to override on the preset, e.g. "
                           "'num_hidden_layers=2,hidden_size=128,chunk_size=16'. Values are parsed as JSON when "
-                          "possible (numbers, true/false, lists), else kept as strings."},
+                          "possible (numbers, true/false, lists and objects, whose own commas are kept: "
+                          "'cms_levels=[{\"period\":16,\"intermediate_size\":96},{\"period\":2048,"
+                          "\"intermediate_size\":96}]'), else kept as strings."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -254,11 +256,31 @@ def _barrier(args) -> None:
             dist.barrier()
 
 
+def _top_level_items(text: str) -> list[str]:
+    """`text` split at the commas outside brackets, braces and quotes (a JSON list value keeps its commas)."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            if char == quote and text[i - 1] != "\\":
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def _parse_overrides(text: str | None) -> dict:
     if not text:
         return {}
     out = {}
-    for item in text.split(","):
+    for item in _top_level_items(text):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
@@ -532,6 +554,11 @@ def cmd_train(argv: list[str]) -> dict:
     model_args, data_args, run_args, args = _parse("train", argv)
     if not torch.cuda.is_available() and not any(a.startswith("--dataloader_pin_memory") for a in argv):
         args.dataloader_pin_memory = False  # nothing to pin to without a GPU (silences a warning per dataloader)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "--num_train_epochs" in given and "--max_steps" not in given:
+        args.max_steps = -1  # epochs asked for: the default step count would silently override them
+    if args.include_num_input_tokens_seen in ("no", False):
+        args.include_num_input_tokens_seen = "all"  # the tokens trained on, for the results and the model card
 
     # ---- every argument is checked before anything is written or deleted
     if not args.output_dir:
@@ -678,8 +705,7 @@ def cmd_train(argv: list[str]) -> dict:
         "train_runtime": wall,
         "global_step": trainer.state.global_step,
         "seq_len": data_args.seq_len,
-        "train_tokens": trainer.state.global_step * args.per_device_train_batch_size
-        * args.gradient_accumulation_steps * args.world_size * data_args.seq_len,
+        "train_tokens": int(trainer.state.num_input_tokens_seen),  # every process's, a short last batch as it was
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(eval_metrics["eval_loss"]),
         "num_parameters": n_params,

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,32 @@ def test_train_streams_a_local_jsonl_corpus(tmp_path, capsys):
     assert main(["train", "--output_dir", str(tmp_path / "s2"), *TINY, "--data", str(corpus), "--streaming",
                  "--text_column", "body", "--max_steps", "-1"]) == 2
     assert "--streaming needs --max_steps > 0" in capsys.readouterr().err
+
+
+def test_epochs_without_max_steps_and_the_tokens_reported_with_a_short_last_batch(tmp_path, capsys):
+    """--num_train_epochs alone trains for them (not for the default --max_steps); train_tokens counts the rows
+    trained on, a short last batch of each epoch as short as it was."""
+    out = tmp_path / "epochs"
+    args = [arg for arg in TINY if arg != "150000"]
+    args[args.index("--max_corpus_chars") + 1 : args.index("--max_corpus_chars") + 1] = ["30000"]
+    assert main(["train", "--output_dir", str(out), *args, "--num_train_epochs", "2", "--eval_strategy", "no",
+                 "--save_strategy", "no", "--sample_max_new_tokens", "0"]) == 0
+    rows = int(re.search(r"Data: (\d+) training", capsys.readouterr().out).group(1))
+    assert rows % 8  # the case in question: each epoch ends on a short batch
+    m = json.loads((out / "all_results.json").read_text())
+    assert m["global_step"] == 2 * math.ceil(rows / 8)
+    assert m["train_tokens"] == 2 * rows * 32
+    assert f"{m['train_tokens']:,} training tokens seen" in (out / "README.md").read_text()
+
+
+def test_config_overrides_take_json_lists_and_objects():
+    from hope_hf.cli import _parse_overrides
+
+    levels = '[{"period":4,"intermediate_size":32},{"period":8,"intermediate_size":16}]'
+    assert _parse_overrides(f'hidden_size=32,cms_levels={levels},layer_types=["linear_attention","full_attention"]') == {
+        "hidden_size": 32, "cms_levels": [{"period": 4, "intermediate_size": 32}, {"period": 8, "intermediate_size": 16}],
+        "layer_types": ["linear_attention", "full_attention"]}
+    assert _parse_overrides('name="a,b",chunk_size=8') == {"name": "a,b", "chunk_size": 8}
 
 
 @pytest.mark.parametrize(

@@ -118,6 +118,31 @@ def test_short_periods_step_every_time_and_match_the_plain_optimizer():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
 
 
+def test_a_closures_tokens_belong_to_its_step():
+    """step(closure): the closure's forward is counted before the levels due are chosen, as for a plain step."""
+    a = tiny_model(periods=(20, 36, 0))
+    b = copy.deepcopy(a)
+    opt_a = ContinuumOptimizer.from_model(a, lr=1e-2)
+    opt_b = ContinuumOptimizer.from_model(b, lr=1e-2)
+    for step in range(1, 7):
+        ids, labels = _batch(step)
+        a(input_ids=ids, labels=labels).loss.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+
+        def closure():
+            opt_b.zero_grad()
+            loss = b(input_ids=ids, labels=labels).loss
+            loss.backward()
+            return loss
+
+        opt_b.step(closure)
+        assert opt_b.last_stepped_levels == opt_a.last_stepped_levels, step
+        assert opt_b.total_tokens == opt_a.total_tokens == 12 * step and opt_b.pending_tokens == 0
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
+
+
 def _run(model, opt, sched, steps):
     for step in steps:
         ids, labels = _batch(step)

@@ -161,6 +161,39 @@ def test_stock_trainer_with_the_factory_equals_hope_trainer(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("loss_option", ["label_smoothing_factor", "compute_loss_func"])
+def test_cms_tokens_are_counted_when_trainer_takes_the_labels_out(tmp_path, loss_option):
+    """Label smoothing and a compute_loss_func make Trainer remove `labels` from the forward's inputs, where the
+    optimizer's hook counts the CMS tokens: HopeTrainer counts them itself then (every level stayed frozen)."""
+    data = _padded_dataset(12, seed=2)
+    periods = (16, 100, 0)
+    plain = HopeTrainer(model=tiny_model(periods=periods), args=_args(tmp_path / "a", max_steps=3), train_dataset=data)
+    plain.train()
+    if loss_option == "label_smoothing_factor":
+        options = dict(args=_args(tmp_path / "b", max_steps=3, label_smoothing_factor=0.1))
+    else:
+        def loss_func(outputs, labels, num_items_in_batch=None):
+            logits = outputs.logits[:, :-1].flatten(0, 1)
+            return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+        options = dict(args=_args(tmp_path / "b", max_steps=3), compute_loss_func=loss_func)
+    other = HopeTrainer(model=tiny_model(periods=periods), train_dataset=data, **options)
+    other.train()
+    counted = plain.continuum_optimizer
+    assert other.continuum_optimizer.total_tokens == counted.total_tokens > 0
+    assert other.continuum_optimizer.level_steps == counted.level_steps == {0: 3, 1: 1, 2: 0}
+
+
+def test_a_step_that_counts_no_tokens_warns(tmp_path):
+    """The stock Trainer with label smoothing cannot show the labels to the optimizer's hook: say so."""
+    data = _padded_dataset(8, seed=2)
+    model = tiny_model(periods=(16, 100, 0))
+    args = _args(tmp_path, max_steps=1, label_smoothing_factor=0.1)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(continuum_optimizer(model, args), None))
+    with pytest.warns(UserWarning, match="counted no tokens"):
+        trainer.train()
+
+
 def test_loss_falls_then_evaluate_and_save_roundtrip(tmp_path):
     """A learnable stream (each row counts up modulo the vocabulary from a random start): the loss must fall by far
     more than noise in 30 steps; eval_loss equals the token-mean loss computed by hand; the saved model reloads with

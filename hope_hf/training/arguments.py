@@ -15,7 +15,11 @@ class HopeTrainingArguments(TrainingArguments):
     output_dir: str | None = field(
         default=None, metadata={"help": "Where checkpoints, the final model, tokenizer and model card go (required)."}
     )
-    max_steps: int = field(default=160, metadata={"help": "Total optimizer steps (-1: use num_train_epochs)."})
+    max_steps: int = field(
+        default=160,
+        metadata={"help": "Total optimizer steps (-1: use num_train_epochs; giving --num_train_epochs without "
+                          "--max_steps does that too)."},
+    )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device for evaluation."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW."})

@@ -208,6 +208,11 @@ class ContinuumOptimizer(torch.optim.Optimizer):
             self._hook.remove()
             self._hook = None
 
+    @property
+    def tracks_tokens(self) -> bool:
+        """Whether a forward hook counts the tokens (see :meth:`track`)."""
+        return self._hook is not None
+
     def add_tokens(self, num_tokens: int) -> None:
         """Add this process's tokens to the step being accumulated."""
         self.pending_tokens += int(num_tokens)
@@ -250,17 +255,26 @@ class ContinuumOptimizer(torch.optim.Optimizer):
                 param.grad = None
 
     def step(self, closure=None, num_tokens: int | None = None):
-        """One optimizer step. ``num_tokens``: this process's tokens of the step, added to those counted so far."""
+        """One optimizer step. ``num_tokens``: this process's tokens of the step, added to those counted so far
+        (a closure's forward included: it runs first)."""
+        loss = None
+        if closure is not None:
+            # A closure re-computes the gradients (and its forward's tokens belong to this step); take them before
+            # the CMS rule hides anything.
+            with torch.enable_grad():
+                loss = closure()
         if num_tokens is not None:
             self.add_tokens(num_tokens)
         tokens = self._global_tokens(self.pending_tokens)
         self.pending_tokens = 0
         self.total_tokens += tokens
-        loss = None
-        if closure is not None:
-            # A closure re-computes the gradients; take them before the CMS rule hides anything.
-            with torch.enable_grad():
-                loss = closure()
+        if tokens == 0 and self.tracks_tokens and self.periods:
+            warnings.warn(
+                "ContinuumOptimizer counted no tokens for this step, so no CMS level with a period steps: the model's "
+                "training forward received no `labels` (Trainer removes them for label smoothing or a "
+                "compute_loss_func; HopeTrainer counts them then). Pass `num_tokens=` to step() or call add_tokens().",
+                stacklevel=2,
+            )
         due = set(self.levels_due(tokens))
         self._prepare_grads(due)
         self.optimizer.step()

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from transformers import Trainer, TrainingArguments
 
-from .continuum import ContinuumOptimizer
+from .continuum import ContinuumOptimizer, count_label_tokens
 
 __all__ = ["HopeTrainer", "checkpointing_args", "continuum_optimizer", "decay_parameter_names"]
 
@@ -67,6 +67,22 @@ class HopeTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # For label smoothing or a compute_loss_func, Trainer takes the labels out of the forward's inputs, where the
+        # optimizer's hook counts the CMS tokens: count them here then (the same tokens, labels[..., 1:] != -100).
+        optimizer = self.continuum_optimizer
+        labels = inputs.get("labels")
+        if (
+            labels is not None
+            and (self.label_smoother is not None or self.compute_loss_func is not None)
+            and optimizer is not None
+            and optimizer.tracks_tokens
+            and model.training
+            and torch.is_grad_enabled()
+        ):
+            optimizer.add_tokens(count_label_tokens(labels))
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     @property
     def continuum_optimizer(self) -> ContinuumOptimizer | None:

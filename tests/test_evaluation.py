@@ -61,11 +61,13 @@ def test_parse_lengths_and_depths():
     assert parse_lengths("1k,4k,16k,64k,256k,1m") == [1024, 4096, 16384, 65536, 262144, 1048576]
     assert parse_lengths("300, 2K") == [300, 2048] and parse_lengths([512, "1m"]) == [512, 1 << 20]
     assert parse_depths("0,0.25,1") == [0.0, 0.25, 1.0]
-    for bad in ("4x", "0.5k1", "", "-3"):
+    for bad in ("4x", "0.5k1", "", "-3", "inf", "nan", "1e400"):
         with pytest.raises(TaskError):
             parse_lengths(bad)
     with pytest.raises(TaskError, match="outside"):
         parse_depths("0,1.5")
+    # a length or depth given twice runs once (its examples were counted twice under one key)
+    assert parse_lengths("256,0.25k,1k") == [256, 1024] and parse_depths("0.5,0.5,1") == [0.5, 1.0]
 
 
 # --------------------------------------------------------------------------------------------- generators
@@ -243,5 +245,21 @@ def test_the_suite_checks_every_task_and_length_first_and_keeps_results(tmp_path
             "--output_dir", str(out), "--piece_size", "125", "--no_plots", "--no_progress", "--device", "cpu"]
     assert cli_main(args) == 2
     assert "results.json" in capsys.readouterr().err and json.loads((out / "results.json").read_text()) == {"mine": 1}
+    for stale in ("accuracy_by_length.png", "depth_word.png"):  # an earlier run's plots
+        (out / stale).write_bytes(b"\x89PNG")
+    (out / "notes.txt").write_text("mine")
     assert cli_main([*args, "--overwrite_output_dir"]) == 0
     assert "passkey" in json.loads((out / "results.json").read_text())["tasks"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]  # no plot of another run is left
+
+
+def test_missing_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    args = ["eval", "--task", "passkey", "--lengths", "250", "--model_name_or_path", str(tmp_path / "not-loaded"),
+            "--output_dir", str(tmp_path / "out")]
+    assert cli_main(args) == 2
+    assert "the plots need matplotlib" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -24,7 +25,8 @@ def build_suite_parser() -> argparse.ArgumentParser:
                     "cache, scored by exact match. Writes results.json and plots to --output_dir.",
     )
     p.add_argument("--task", required=True, help=f"comma-separated tasks, or 'all': {','.join(TASKS)}")
-    p.add_argument("--lengths", default="1k,4k", help="comma-separated context lengths in tokens, e.g. 1k,4k,16k,64k,256k,1m")
+    p.add_argument("--lengths", default="1k,4k",
+                   help="comma-separated context lengths in tokens (k = 1024, m = 1024^2), e.g. 1k,4k,16k,64k,256k,1m")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="examples per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
@@ -67,6 +69,9 @@ def cmd_eval_suite(argv: list[str]) -> dict:
         raise CliError(str(err)) from err
     if a.samples < 1 or a.piece_size < 1 or a.learn_chunk < 1:
         raise CliError("--samples, --piece_size and --learn_chunk must be >= 1")
+    if not a.no_plots and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("the plots need matplotlib, which is not installed: pip install 'hope-hf[eval]' (from a "
+                       "checkout: pip install -e '.[eval]'), or pass --no_plots")
     if os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
         raise CliError(f"--output_dir {a.output_dir!r} is an existing file, not a folder; choose a folder")
     if os.path.exists(os.path.join(a.output_dir, "results.json")) and not a.overwrite_output_dir:

@@ -13,10 +13,10 @@ a haystack of filler text and the needles hidden in it) followed by one or more 
   the same person before it as a distractor.
 
 Token ids are built piece by piece: every filler sentence, needle, prefix and query is tokenized on its own (with a
-leading space) and the id lists are concatenated. So lengths are exact (``len(context_ids) + len(query_ids[0]) ==
-length``), a needle's tokens sit exactly at ``needle_starts[i]:needle_ends[i]``, and a 1M-token example costs a
-list repeat, not a 1M-token tokenizer call. Needles are inserted between filler sentences, at the boundary nearest
-to the requested depth (depth 0: right after the prefix; depth 1: right before the queries).
+leading space) and the id lists are concatenated. So lengths are exact (``len(context_ids)`` plus the longest
+query's length ``== length``), a needle's tokens sit exactly at ``needle_starts[i]:needle_ends[i]``, and a
+1M-token example costs a list repeat, not a 1M-token tokenizer call. Needles are inserted between filler sentences,
+at the boundary nearest to the requested depth (depth 0: right after the prefix; depth 1: right before the queries).
 
 Generation is deterministic for a seed (``random.Random(f"{seed}|{task}|{length}|{depth}|{sample}")``).
 """
@@ -24,6 +24,7 @@ Generation is deterministic for a seed (``random.Random(f"{seed}|{task}|{length}
 from __future__ import annotations
 
 import bisect
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -73,7 +74,8 @@ class TaskError(ValueError):
 
 # --------------------------------------------------------------------------------------------- parsing
 def parse_lengths(text: str | Sequence[int | str]) -> list[int]:
-    """``"1k,4k,1m"`` -> ``[1024, 4096, 1048576]`` (k = 1024, m = 1024^2; plain integers are tokens)."""
+    """``"1k,4k,1m"`` -> ``[1024, 4096, 1048576]`` (k = 1024, m = 1024^2; plain integers are tokens; a length given
+    twice is kept once)."""
     items = text.split(",") if isinstance(text, str) else list(text)
     out = []
     for item in items:
@@ -88,9 +90,10 @@ def parse_lengths(text: str | Sequence[int | str]) -> list[int]:
             value = float(s) * mult
         except ValueError:
             raise TaskError(f"bad length {item!r}: use token counts like 512, 4k, 64k, 1m") from None
-        if value != int(value) or value < 1:
+        if not math.isfinite(value) or value != int(value) or value < 1:
             raise TaskError(f"bad length {item!r}: must be a whole number of tokens >= 1")
-        out.append(int(value))
+        if int(value) not in out:  # "256,0.25k" is one length, run once
+            out.append(int(value))
     if not out:
         raise TaskError("no lengths given")
     return out
@@ -118,7 +121,8 @@ def parse_depths(text: str | Sequence[float]) -> list[float]:
             raise TaskError(f"bad depth {item!r}: use fractions in [0, 1] like 0,0.25,0.5") from None
         if not 0.0 <= d <= 1.0:
             raise TaskError(f"depth {d} is outside [0, 1] (0 = start of the haystack, 1 = its end)")
-        out.append(d)
+        if d not in out:  # a depth given twice is run once
+            out.append(d)
     if not out:
         raise TaskError("no depths given")
     return out
@@ -277,7 +281,7 @@ def build_task_dataset(
     corpus: str | list[str] = "stdlib",
     max_corpus_chars: int | None = 2_000_000,
 ) -> datasets.Dataset:
-    """Examples of ``task`` at ``length`` tokens (context + first query), ``samples`` per depth.
+    """Examples of ``task`` at ``length`` tokens (context + its longest query), ``samples`` per depth.
 
     ``haystack``: ``"noise"`` (repeated short sentences, RULER's default) or ``"corpus"`` (sentences of ``corpus``);
     defaults to noise for the needle tasks and corpus for ``babilong``.

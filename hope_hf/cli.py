@@ -276,6 +276,16 @@ def _top_level_items(text: str) -> list[str]:
     return items
 
 
+def _for_option(option: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its `DataError` a CLI error that names ``option``."""
+    from .data import DataError
+
+    try:
+        return fn(*args, **kwargs)
+    except DataError as err:
+        raise CliError(f"{option}: {err}") from err
+
+
 def _parse_overrides(text: str | None) -> dict:
     if not text:
         return {}
@@ -455,7 +465,7 @@ def _check_inputs_outside(output_dir: str, model_args, data_args, resume: str | 
             raise CliError(f"--output_dir {output_dir!r} and {option} {path!r} are the same folder or one holds the "
                            "other; the run would overwrite its own input: choose another --output_dir")
     for option, source in (("--data", data_args.data), ("--eval_data", data_args.eval_data)):
-        files = _expand_local(source) if source not in (None, "stdlib") else None  # DataError when missing
+        files = _for_option(option, _expand_local, source) if source not in (None, "stdlib") else None
         out = Path(output_dir).resolve()
         inside = [f for f in files or [] if out in Path(f).resolve().parents]
         if inside:
@@ -573,7 +583,7 @@ def cmd_train(argv: list[str]) -> dict:
                        f"{data_args.max_eval_samples}")
     if data_args.eval_every < 2:
         raise CliError(f"--eval_every must be >= 2, got {data_args.eval_every}")
-    check_seq_len(data_args.seq_len)
+    _for_option("--seq_len", check_seq_len, data_args.seq_len)
     overrides = _parse_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         if model_args.config_overrides:
@@ -644,7 +654,7 @@ def cmd_train(argv: list[str]) -> dict:
         })
         model = HopeForCausalLM(config)
     check_tokenizer_matches(tokenizer, model.config)
-    check_seq_len(data_args.seq_len, model.config)
+    _for_option("--seq_len", check_seq_len, data_args.seq_len, model.config)
     if resume:
         _check_checkpoint_matches(resume, model.config)
     if args.device.type == "cuda":
@@ -800,7 +810,7 @@ def cmd_eval(argv: list[str]) -> dict:
     tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
                                 "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
     check_tokenizer_matches(tokenizer, model.config)
-    check_seq_len(a.seq_len, model.config)
+    _for_option("--seq_len", check_seq_len, a.seq_len, model.config)
     if a.split == "heldout":
         ds = build_lm_datasets(tokenizer, a.seq_len, a.data, text_column=a.text_column, max_chars=a.max_corpus_chars,
                                eval_every=a.eval_every, config=model.config)["eval"]

@@ -173,8 +173,8 @@ def test_config_overrides_take_json_lists_and_objects():
     "args, message",
     [
         (["--preset", "huge"], "unknown preset 'huge'; allowed presets: tiny"),
-        (["--data", "/nonexistent/corpus.txt"], "data file '/nonexistent/corpus.txt' does not exist"),
-        (["--seq_len", "1"], "seq_len must be an int >= 2"),
+        (["--data", "/nonexistent/corpus.txt"], "--data: data file '/nonexistent/corpus.txt' does not exist"),
+        (["--seq_len", "1"], "--seq_len: seq_len must be an int >= 2"),
         (["--config_overrides", "layer_types=[\"full_attention\"],num_hidden_layers=1,max_position_embeddings=16"],
          "seq_len=32 is longer than the model can take"),
         (["--config_overrides", "hidden_size"], "--config_overrides: expected 'key=value'"),

@@ -111,8 +111,8 @@ class DataArguments:
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed training sequence (>= 2)."})
     max_corpus_chars: int | None = field(
         default=1_500_000,
-        metadata={"help": "Only for --data stdlib: read standard-library files (sorted by path) up to about this "
-                          "many characters."},
+        metadata={"help": "Only for --data stdlib: read whole standard-library files (sorted by path) until their "
+                          "sizes in bytes reach this many; the last file read may overshoot it by its own size."},
     )
     streaming: bool = field(
         default=False,

@@ -8,7 +8,10 @@ Sources (``source`` argument of :func:`load_documents` / :func:`build_lm_dataset
 * a local file, a directory, a glob, or a list of files, each read by its suffix: ``.txt``/``.text`` (one paragraph
   per document), ``.json``/``.jsonl`` (the ``text_column`` field of each record), any other suffix such as ``.py`` or
   ``.md`` (one file per document). A directory or glob contributes only files with a known text suffix (those, plus
-  ``_DOCUMENT_SUFFIXES``); binaries, other suffixes, hidden files and ``__pycache__`` are skipped.
+  ``_DOCUMENT_SUFFIXES``); binaries, other suffixes, empty and hidden files and ``__pycache__`` are skipped. Files
+  are read as UTF-8 (undecodable bytes become U+FFFD); a JSON file is JSON Lines or one JSON array of records, whose
+  other fields may differ between files; a record whose field is missing or null is skipped (logged), any other
+  non-string value is an error naming the record. An existing path is read as named (``data[1]`` is not a glob).
 * anything else is taken as a dataset name for ``datasets.load_dataset`` (``"name"`` or ``"name:config"``); offline
   that fails with datasets' own error unless the dataset is in the local cache.
 
@@ -20,6 +23,9 @@ each map batch is dropped). Each example has ``input_ids`` and ``labels`` (equal
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 __all__ = [
     "DataError",
@@ -48,13 +55,17 @@ _DOCUMENT_SUFFIXES = {".py", ".pyi", ".md", ".markdown", ".rst", ".tex", ".html"
                       ".toml", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".sh"}
 
 
+logger = logging.getLogger(__name__)
+
+
 class DataError(ValueError):
     """The data given for training or evaluation cannot be used (missing, empty, too short, ...)."""
 
 
 # --------------------------------------------------------------------------------------------- embedded corpus
 def stdlib_source_files(max_chars: int | None = None) -> list[Path]:
-    """The embedded corpus: the standard library's ``.py`` files, sorted by path, up to ``max_chars`` characters."""
+    """The embedded corpus: the standard library's ``.py`` files, sorted by path; with ``max_chars``, whole files
+    until their sizes in bytes reach it (the last one kept whole: the total may overshoot by up to one file)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -80,6 +91,66 @@ def _read_files(paths: list[str]) -> Iterator[dict[str, str]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         if text.strip():
             yield {"text": text}
+
+
+def _read_paragraphs(paths: list[str]) -> Iterator[dict[str, str]]:
+    """``.txt`` files: one document per paragraph (text between blank lines); undecodable bytes become U+FFFD."""
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
+        for paragraph in text.split("\n\n"):
+            if paragraph.strip():
+                yield {"text": paragraph}
+
+
+def _json_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a JSON Lines file, or of a JSON file holding an array of records or one record."""
+    text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        first = json.loads(lines[0][1]) if lines else None
+    except json.JSONDecodeError:
+        first = None
+    if lines and (len(lines) == 1 or first is not None) and not isinstance(first, list):
+        for n, line in lines:  # JSON Lines
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"data file {path!r}, line {n}: not valid JSON ({err.msg})") from None
+        return
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"data file {path!r} is neither JSON Lines nor one JSON value ({err.msg} at line "
+                        f"{err.lineno})") from None
+    records = whole if isinstance(whole, list) else [whole]
+    for i, record in enumerate(records):
+        yield f"record {i}", record
+
+
+def _read_json(paths: list[str], text_column: str) -> Iterator[dict[str, str]]:
+    """The ``text_column`` string of every record; records without one (missing or null) are skipped, any other
+    value is an error naming the record (only that field is read, so other fields may differ between files)."""
+    for path in paths:
+        seen = skipped = 0
+        first_fields = None
+        for where, record in _json_records(path):
+            if not isinstance(record, dict):
+                raise DataError(f"data file {path!r}, {where}: a record must be a JSON object with a "
+                                f"{text_column!r} field, got {type(record).__name__}")
+            seen += 1
+            first_fields = first_fields or sorted(record)
+            value = record.get(text_column)
+            if value is None:
+                skipped += 1
+            elif not isinstance(value, str):
+                raise DataError(f"text_column {text_column!r} of data file {path!r}, {where}, holds a "
+                                f"{type(value).__name__}, not text")
+            elif value.strip():
+                yield {"text": value}
+        if seen and skipped == seen:
+            raise DataError(f"text_column {text_column!r} is not a column of {path!r}; its columns are {first_fields}")
+        if skipped:
+            logger.warning("%s: %d of %d records have no %r text and are skipped", path, skipped, seen, text_column)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -119,16 +190,22 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
         item = os.path.expanduser(str(item))
         if os.path.isdir(item):
             local = True
-            found = sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True) if os.path.isfile(f))
+            found = sorted(f for f in glob.glob(os.path.join(glob.escape(item), "**", "*"), recursive=True)
+                           if os.path.isfile(f))
             if not found:
                 raise DataError(f"data directory {item!r} contains no files")
             usable = [f for f in found if _usable_in_a_folder(os.path.relpath(f, item))]
             if not usable:
                 raise DataError(f"data directory {item!r} holds no file with a known text suffix ({known}); "
                                 f"{len(found)} other file(s) skipped")
-            files.extend(usable)
+            files.extend(f for f in usable if os.path.getsize(f))  # an empty __init__.py adds nothing
         elif os.path.isfile(item):
             local = True
+            if os.path.getsize(item) == 0:
+                raise DataError(f"data file {item!r} is empty")
+            with open(item, "rb") as handle:
+                if b"\0" in handle.read(8192):
+                    raise DataError(f"data file {item!r} is binary (compressed?), not text: decompress or convert it")
             files.append(item)
         elif glob.has_magic(item):
             local = True
@@ -140,54 +217,54 @@ def _expand_local(source: str | list[str]) -> list[str] | None:
             if not usable:
                 raise DataError(f"data pattern {item!r} matches no file with a known text suffix ({known}); "
                                 f"{len(found)} other file(s) skipped")
-            files.extend(usable)
+            files.extend(f for f in usable if os.path.getsize(f))
         elif isinstance(source, list) or _looks_like_a_path(item):
             raise DataError(f"data file {item!r} does not exist")
     if not local:
         return None
-    for f in files:
-        if os.path.getsize(f) == 0:
-            raise DataError(f"data file {f!r} is empty")
+    if not files:
+        raise DataError(f"the data {source!r} holds only empty files")
     return files
 
 
 def _load_local_files(files: list[str], text_column: str, streaming: bool) -> Dataset | IterableDataset:
     """Documents (one ``text`` column) of local files, each read by its suffix: JSON records through
-    ``text_column``, ``.txt`` by paragraph, any other file whole."""
+    ``text_column``, ``.txt`` by paragraph, any other file whole (always as UTF-8, undecodable bytes replaced)."""
     json_files = [f for f in files if Path(f).suffix.lower() in _JSON_SUFFIXES]
     text_files = [f for f in files if Path(f).suffix.lower() in _TEXT_SUFFIXES]
     whole_files = [f for f in files if f not in set(json_files) | set(text_files)]
-    parts = []
-    if json_files:
-        ds = load_dataset("json", data_files=json_files, split="train", streaming=streaming)
-        columns = ds.column_names
-        if columns is not None and text_column not in columns:
-            raise DataError(f"text_column {text_column!r} is not a column of {json_files[:3]}; its columns are "
-                            f"{columns}")
-        if columns is not None and len(columns) > 1:
-            ds = ds.select_columns([text_column])
-        if text_column != "text":
-            ds = ds.rename_column(text_column, "text")
-        parts.append(ds)
-    if text_files:
-        parts.append(load_dataset("text", data_files=text_files, split="train", streaming=streaming,
-                                  sample_by="paragraph"))
-    if whole_files:
-        if streaming:
-            parts.append(IterableDataset.from_generator(_read_files, gen_kwargs={"paths": whole_files}))
-        else:
-            ds = Dataset.from_list(list(_read_files(whole_files)))
-            if len(ds) == 0 and not parts:
-                raise DataError(f"the data files {whole_files[:3]}{'...' if len(whole_files) > 3 else ''} "
-                                "contain only whitespace")
-            if len(ds):
-                parts.append(ds)
-    if len(parts) == 1:
-        return parts[0]
-    if not streaming:  # one schema for all (a JSON text column may come out as large_string)
-        string = Features({"text": Value("string")})
-        parts = [p if p.features == string else p.cast(string) for p in parts]
-    return concatenate_datasets(parts)
+    readers = [(_read_json, json_files, {"text_column": text_column}), (_read_paragraphs, text_files, {}),
+               (_read_files, whole_files, {})]
+    readers = [(fn, paths, kwargs) for fn, paths, kwargs in readers if paths]
+
+    def documents(parts):
+        for fn, paths, kwargs in parts:
+            yield from fn(paths, **kwargs)
+
+    features = Features({"text": Value("string")})
+    if streaming:
+        return IterableDataset.from_generator(documents, features=features, gen_kwargs={"parts": readers})
+    # cached by the files' names, sizes and modification times: an edited file is read again
+    stamp = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    fingerprint = hashlib.sha256(repr((stamp, text_column)).encode()).hexdigest()[:32]
+    empty = DataError(f"the data files {files[:3]}{'...' if len(files) > 3 else ''} contain only whitespace")
+    try:
+        ds = Dataset.from_generator(documents, features=features, gen_kwargs={"parts": readers},
+                                    fingerprint=fingerprint)
+    except DatasetGenerationError as err:  # datasets wraps what the readers raise
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+    except ValueError as err:  # datasets makes no split of zero documents
+        if any(True for _ in documents(readers)):
+            raise
+        raise empty from err
+    if len(ds) == 0:
+        raise empty
+    return ds
 
 
 def load_documents(
@@ -326,6 +403,10 @@ def build_lm_datasets(
         train_docs = docs
         eval_docs = load_documents(eval_source, text_column=text_column, streaming=streaming)
     out = {"train": pack_dataset(train_docs, tokenizer, seq_len), "eval": pack_dataset(eval_docs, tokenizer, seq_len)}
+    if streaming:  # a stream has no length: look at its first sequence (what the eager path checks while packing)
+        for name, ds in out.items():
+            if next(iter(ds), None) is None:
+                raise DataError(f"the {name} data is too short for one sequence of seq_len={seq_len} tokens")
     return out if streaming else DatasetDict(out)
 
 

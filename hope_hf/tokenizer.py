@@ -74,7 +74,9 @@ def train_tokenizer(
 
     tok.train_from_iterator(counted(), trainer=trainer)
     if seen["chars"] == 0:
-        raise ValueError("cannot train a tokenizer: the training texts are empty")
+        from .data import DataError
+
+        raise DataError("cannot train a tokenizer: the training texts are empty")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,

@@ -1,5 +1,6 @@
 """hope_hf.data (packed causal-LM datasets), hope_hf.tokenizer (byte-level BPE), the shipped perplexity metric."""
 
+import gzip
 import json
 import math
 import os
@@ -186,3 +187,40 @@ def test_unigram_baseline():
     p = {1: 4 / 8, 2: 2 / 8}  # add-one: (3+1)/(4+4), (1+1)/(4+4)
     got = unigram_baseline(train, [[0, 1, 2]], vocab_size=4)
     assert got == pytest.approx(math.exp(-(math.log(p[1]) + math.log(p[2])) / 2))
+
+
+def test_local_files_are_read_as_named_and_as_text(tmp_path, tokenizer):
+    """Paths are never glob patterns; undecodable bytes, nulls, missing fields and other fields that differ between
+    files do not stop a load; a wrong text value, a binary file and a too-short stream are errors naming them."""
+    for name in ("corpus[1]", "corpus1"):  # `corpus[1]` as a pattern matched `corpus1`
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.md").write_text(name)
+        (tmp_path / name / "__init__.py").write_text("")  # an empty file in a folder adds nothing
+    (tmp_path / "d[1].jsonl").write_text(json.dumps({"text": "real", "id": 1}) + "\n")
+    (tmp_path / "d1.jsonl").write_text(json.dumps({"text": "neighbour"}) + "\n")
+    for streaming in (False, True):
+        assert [r["text"] for r in load_documents(str(tmp_path / "corpus[1]"), streaming=streaming)] == ["corpus[1]"]
+        assert [r["text"] for r in load_documents(str(tmp_path / "d[1].jsonl"), streaming=streaming)] == ["real"]
+    (tmp_path / "latin1.txt").write_bytes("café\n\nnaïve".encode("latin-1"))
+    assert [r["text"] for r in load_documents(str(tmp_path / "latin1.txt"))] == ["caf\ufffd", "na\ufffdve"]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"text": "one", "source": "web"}, {"text": None}, {"other": 3}, {"text": "two"})))
+    (mixed / "b.jsonl").write_text(json.dumps({"text": "three", "source": 7}) + "\n")  # another type of `source`
+    (mixed / "c.json").write_text(json.dumps([{"text": "four"}, {"text": "five"}]))  # a JSON array of records
+    for streaming in (False, True):
+        docs = [r["text"] for r in load_documents(str(mixed), streaming=streaming)]
+        assert docs == ["one", "two", "three", "four", "five"]
+    for value, kind in ((3, "int"), (["a", "b"], "list")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": value}) + "\n")
+        with pytest.raises(DataError, match=f"text_column 'text' of data file .*bad.jsonl', line 2, holds a {kind}"):
+            load_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    with pytest.raises(DataError, match="is binary"):
+        load_documents(str(tmp_path / "train.jsonl.gz"))
+    (tmp_path / "short.md").write_text("x = 1\n")
+    with pytest.raises(DataError, match="too short for one sequence of seq_len=64"):
+        build_lm_datasets(tokenizer, 64, [str(tmp_path / "short.md")] * 2, eval_every=2, streaming=True)
+    with pytest.raises(DataError, match="training texts are empty"):
+        train_tokenizer([], vocab_size=300)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 
 import torch
 
@@ -23,20 +25,53 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _baddbmm_flops})
 
 
+def check_sizes(parser, args, positive=(), nonnegative=()) -> None:
+    """`parser.error` naming the first option (attribute names in `positive` / `nonnegative`, each an int, a list
+    of ints or of int tuples, or None) with a value below 1 / below 0."""
+    for names, low in ((positive, 1), (nonnegative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            flat = [v for item in items if item is not None for v in (item if isinstance(item, tuple) else (item,))]
+            if any(v < low for v in flat) or (isinstance(value, list) and not value):
+                parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _source_state() -> str:
+    """The commit of the checkout the benchmark ran from, with "+changes" if its tracked files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
+
+
 def save_report(args, **results) -> dict:
-    """A report with the machine, torch threads and version, the command-line settings and `results`, written
-    to `args.json` (if set)."""
+    """A report with the machine, torch threads, the versions and commit that ran, the command-line settings and
+    `results`, written to `args.json` (if set)."""
+    import transformers
+
     report = {
         "machine": platform.platform(),
-        "processor": platform.processor(),
+        "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "commit": _source_state(),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         **results,
     }
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
+        path = args.json
+        if not os.path.isabs(path) and path.startswith("benchmarks" + os.sep):  # the default: from any folder
+            path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
             json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {path}")
     return report

@@ -17,7 +17,7 @@ import resource
 import time
 
 import torch
-from _report import save_report
+from _report import check_sizes, save_report
 
 
 def llama_like(config):
@@ -97,7 +97,7 @@ def decode_table(args):
             print(
                 f"{preset:>6} ctx {context:>6}: hope {row['hope_ms_per_token']:7.2f} ms/tok, cache "
                 f"{row['hope_cache_bytes'] / 2**20:8.2f} MiB | llama {row['llama_ms_per_token']:7.2f} ms/tok, cache "
-                f"{row['llama_cache_bytes'] / 2**20:8.2f} MiB | hope is {row['speedup_vs_llama']:.2f}x faster",
+                f"{row['llama_cache_bytes'] / 2**20:8.2f} MiB | HOPE at {row['speedup_vs_llama']:.2f}x Llama's speed",
                 flush=True,
             )
     return rows
@@ -145,6 +145,13 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/results/decode.json", help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
     args = parser.parse_args(argv)
+    check_sizes(parser, args, positive=("contexts", "steps", "piece", "stream_piece", "threads"),
+                nonnegative=("stream_tokens",))
+    from hope_hf.presets import PRESETS
+
+    unknown = [p for p in args.presets if p.lower() not in PRESETS]
+    if unknown:
+        parser.error(f"--presets: unknown {unknown}; choose from {', '.join(PRESETS)}")
     if args.quick:
         args.presets, args.contexts, args.steps, args.piece = ["tiny"], [64, 256], 2, 128
         args.stream_tokens, args.stream_piece, args.no_progress = 2048, 512, True

@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from _report import flop_counter, save_report
+from _report import check_sizes, flop_counter, save_report
 
 
 def timed(fn, repeats: int) -> float:
@@ -120,9 +120,10 @@ def main(argv=None):
                         default=[(128, 4), (512, 8)], help="comma-separated WIDTHxHEADS (default: 128x4,512x8)")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048],
                         help="comma-separated sequence lengths (default: 2048)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--chunk_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4, help="sequences (default: 4)")
+    parser.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=16,
+                        help="chunk size (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is kept (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--compile-chunk-step", action="store_true",
                         help="time the layer with compile_chunk_step=True (the warm-up step compiles; the FLOPs are "
@@ -130,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one small width and length, one repeat")
     parser.add_argument("--json", default="benchmarks/results/flops.json", help="where to write the results")
     args = parser.parse_args(argv)
+    check_sizes(parser, args, positive=("widths", "lengths", "batch", "chunk_size", "repeats", "threads"))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.widths, args.lengths, args.batch, args.repeats = [(32, 2)], [64], 1, 1

@@ -44,12 +44,13 @@ import copy
 import gc
 import json
 import math
+import os
 import statistics
 import time
 import traceback
 
 import torch
-from _report import flop_counter, save_report
+from _report import check_sizes, flop_counter, save_report
 
 
 class Clock:
@@ -640,8 +641,13 @@ def main(argv=None):
                         default="env,correctness,cuda_graphs,training,evaluation,profile,compiled,decode,chunk_sizes,"
                                 "recompute,long,compile_model",
                         help="comma-separated sections to run, in this order")
-    parser.add_argument("--cuda-graph-runs",
-                        type=lambda s: [(r.split(":")[0], int(r.split(":")[1])) for r in s.split(",")],
+    def runs(text):
+        try:
+            return [(preset, int(length)) for preset, length in (r.split(":") for r in text.split(","))]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected PRESET:LENGTH,... (e.g. tiny:2048), got {text!r}") from None
+
+    parser.add_argument("--cuda-graph-runs", type=runs,
                         help="PRESET:LENGTH,... measured by the cuda_graphs section (default: tiny:2048,small:2048,"
                              "tiny:8192) and the evaluation section (default: tiny:2048,small:2048)")
     parser.add_argument("--cuda-graph-variants", type=lambda s: s.split(","),
@@ -655,7 +661,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CPU-sized everything: a smoke run for CI")
     parser.add_argument("--json", default="benchmarks/results/gpu.json", help="where to write the results")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; pass --device cpu (e.g. --quick --device cpu, a dry run)")
+    all_sections = parser.get_default("sections").split(",")
+    unknown = sorted(set(args.sections.split(",")) - set(all_sections))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(all_sections)}")
+    unknown = sorted(set(args.cuda_graph_variants) - set(GRAPH_VARIANTS))
+    if unknown:
+        parser.error(f"--cuda-graph-variants: unknown {unknown}; choose from {', '.join(GRAPH_VARIANTS)}")
+    check_sizes(parser, args, positive=("batch", "repeats", "piece", "decode_steps", "contexts", "profile_length"))
+    if args.baseline_memory and not os.path.isfile(args.baseline_memory):
+        parser.error(f"--baseline-memory {args.baseline_memory!r} is not a file")
     args.overrides = {}
     lengths, long_lengths, contexts, decode_preset = [2048], [8192], [1024, 32768], "small"
     presets, profile_len, compiled_len, chunk_sizes = ["tiny", "small"], 512, 2048, [16, 32, 64]
@@ -696,9 +717,6 @@ def main(argv=None):
     attempt("correctness", lambda: section_correctness(args, device))
     graph_runs = args.cuda_graph_runs or [(preset, lengths[0]) for preset in presets] + [(presets[0], long_lengths[0])]
     compiled_on_cpu = args.quick and device.type == "cpu"  # inductor on a CPU takes minutes: not in a smoke run
-    unknown = sorted(set(args.cuda_graph_variants) - set(GRAPH_VARIANTS))
-    if unknown:
-        parser.error(f"--cuda-graph-variants: unknown {unknown}; choose from {', '.join(GRAPH_VARIANTS)}")
     graph_variants = [v for v in args.cuda_graph_variants if not (compiled_on_cpu and "compiled" in v)]
     attempt("cuda_graphs", lambda: section_cuda_graphs(args, device, clock, graph_runs, graph_variants, peak))
     attempt("training", lambda: section_training(args, device, clock, lengths, presets, peak))

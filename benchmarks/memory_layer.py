@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from _report import save_report
+from _report import check_sizes, save_report
 
 
 def build_layers(hidden, heads, chunk_size, memory_expansion):
@@ -108,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/results/memory_layer.json", help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run for CI")
     args = parser.parse_args(argv)
+    check_sizes(parser, args, positive=("chunk_sizes", "lengths", "batch", "hidden", "heads", "memory_expansion",
+                                        "repeats", "threads"), nonnegative=("max_len_chunk1",))
     if args.quick:
         args.chunk_sizes, args.lengths, args.batch, args.hidden, args.repeats = [1, 16], [64, 128], 1, 64, 1
     if args.threads:

@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from _report import save_report
+from _report import check_sizes, save_report
 
 
 @torch.no_grad()
@@ -41,6 +41,9 @@ def main(argv=None):
         parser.error(f"--overrides is not JSON: {err}")
     if not isinstance(overrides, dict) or "eta_max" in overrides:
         parser.error("--overrides must be a JSON object of config fields other than eta_max (use --eta-max)")
+    check_sizes(parser, args, positive=("tokens", "piece", "threads"))
+    if not 0 < args.eta_max <= 1:
+        parser.error(f"--eta-max must be in (0, 1], got {args.eta_max}")
     if args.quick:
         args.tokens, args.piece = 4096, 1024
     if args.threads:
@@ -50,7 +53,10 @@ def main(argv=None):
     from hope_hf.cache_hope import HopeCache
     from hope_hf.presets import get_preset
 
-    cfg = get_preset("tiny", eta_max=args.eta_max, **overrides)
+    try:
+        cfg = get_preset("tiny", eta_max=args.eta_max, **overrides)
+    except ValueError as err:
+        parser.error(f"--overrides: {err}")
     torch.manual_seed(0)
     model = HopeForCausalLM(cfg).eval()
     layers = [layer.titans for layer in model.model.layers if hasattr(layer, "titans")]

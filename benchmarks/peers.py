@@ -38,7 +38,7 @@ import time
 from importlib import metadata
 
 import torch
-from _report import save_report
+from _report import check_sizes, save_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV_DIR = os.path.join(HERE, ".peers-env")
@@ -385,6 +385,8 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/results/peers.json", help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run for CI")
     args = parser.parse_args(argv)
+    check_sizes(parser, args, positive=("lengths", "batch", "hidden", "heads", "chunk_size", "memory_expansion",
+                                        "repeats", "nl_repeats", "threads"))
 
     if args.install:
         py = install()

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from _report import save_report
+from _report import check_sizes, save_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -168,7 +168,7 @@ def main(argv=None):
     parser.add_argument("--mixer-breakdown", action="store_true",
                         help="also time each model with its token mixer's core replaced by two projections (HOPE's "
                              "memory scan, Llama's attention): where the difference between the models lies")
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 64-dim vocabulary, short lengths")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 256-word vocabulary, short lengths")
     parser.add_argument("--json", default="benchmarks/results/training.json", help="where to write the results")
     parser.add_argument("--one", choices=["hope", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -178,6 +178,20 @@ def main(argv=None):
     if args.one:
         print(json.dumps(one(args)))
         return None
+    check_sizes(parser, args, positive=("lengths", "batch", "repeats", "threads"))
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as err:
+        parser.error(f"--overrides is not JSON: {err}")
+    if not isinstance(overrides, dict):
+        parser.error(f"--overrides must be a JSON object of config fields, got {args.overrides}")
+    from hope_hf.presets import get_preset
+
+    for preset in args.presets:  # an unknown preset or config field: refused here, not in every row's subprocess
+        try:
+            get_preset(preset, **overrides)
+        except ValueError as err:
+            parser.error(f"--presets / --overrides: {err}")
     if args.quick:
         args.presets, args.lengths, args.batch, args.repeats = ["tiny"], [64, 128], 2, 1
         args.overrides = json.dumps({"vocab_size": 256, **json.loads(args.overrides)})

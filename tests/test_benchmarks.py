@@ -117,3 +117,19 @@ def test_gpu_script_quick_on_a_cpu(tmp_path):
     assert [r["chunk_size"] for r in results["chunk_sizes"]] == [8, 16]
     assert [r["recompute_memory_states"] for r in results["recompute"]] == [True, False]
     assert results["compiled"].startswith("skipped") and results["profile"].startswith("skipped")
+
+
+def test_bad_sizes_are_refused_by_name_and_reports_pin_the_run(tmp_path):
+    """Sizes below 1 were tracebacks (or silent runs that measured nothing); every report records what ran."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for script, option in (("memory_layer.py", "--repeats"), ("decode.py", "--steps"), ("flops.py", "--chunk-size"),
+                           ("memory_stability.py", "--tokens"), ("training.py", "--batch")):
+        proc = subprocess.run([sys.executable, f"benchmarks/{script}", option, "0"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"{option} must be >= 1, got 0" in proc.stderr, (script, proc.stderr[-2000:])
+    out = tmp_path / "stability.json"
+    proc = subprocess.run([sys.executable, "benchmarks/memory_stability.py", "--quick", "--json", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["transformers"] and report["torch"] and report["commit"]

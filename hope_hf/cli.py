@@ -965,9 +965,12 @@ def main(argv: list[str] | None = None) -> int:
 def _end_process_group() -> None:
     """Under `torchrun` / `accelerate launch`: leave the process group before exiting (a gloo group torn down at
     interpreter exit can abort a rank after a finished run)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DDP model destroyed after its group could hang a rank's exit
         dist.destroy_process_group()
 
 

@@ -23,7 +23,6 @@ each map batch is dropped). Each example has ``input_ids`` and ``labels`` (equal
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ __all__ = [
 
 EMBEDDED_CORPUS = "stdlib"
 _EXCLUDED_STDLIB_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+_READER_VERSION = 1  # part of the cache key of local files read into a Dataset: raise it when the readers change
 _TEXT_SUFFIXES = {".txt", ".text"}
 _JSON_SUFFIXES = {".json", ".jsonl"}
 # whole-file documents a directory or glob contributes (besides the text and JSON suffixes above)
@@ -106,11 +106,13 @@ def _json_records(path: str) -> Iterator[tuple[str, Any]]:
     """(where, record) of a JSON Lines file, or of a JSON file holding an array of records or one record."""
     text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:  # only whitespace: no record
+        return
     try:
         first = json.loads(lines[0][1]) if lines else None
     except json.JSONDecodeError:
         first = None
-    if lines and (len(lines) == 1 or first is not None) and not isinstance(first, list):
+    if (len(lines) == 1 or first is not None) and not isinstance(first, list):
         for n, line in lines:  # JSON Lines
             try:
                 yield f"line {n}", json.loads(line)
@@ -237,20 +239,19 @@ def _load_local_files(files: list[str], text_column: str, streaming: bool) -> Da
                (_read_files, whole_files, {})]
     readers = [(fn, paths, kwargs) for fn, paths, kwargs in readers if paths]
 
-    def documents(parts):
+    def documents(parts, stamp=()):  # `stamp` keys datasets' cache of a non-streamed load to the files' states
         for fn, paths, kwargs in parts:
             yield from fn(paths, **kwargs)
 
     features = Features({"text": Value("string")})
     if streaming:
         return IterableDataset.from_generator(documents, features=features, gen_kwargs={"parts": readers})
-    # cached by the files' names, sizes and modification times: an edited file is read again
-    stamp = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    fingerprint = hashlib.sha256(repr((stamp, text_column)).encode()).hexdigest()[:32]
+    # cached by the files' names, sizes and modification times (a tuple: datasets shards lists): an edited file is
+    # read again
+    stamp = (_READER_VERSION, *((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files))
     empty = DataError(f"the data files {files[:3]}{'...' if len(files) > 3 else ''} contain only whitespace")
     try:
-        ds = Dataset.from_generator(documents, features=features, gen_kwargs={"parts": readers},
-                                    fingerprint=fingerprint)
+        ds = Dataset.from_generator(documents, features=features, gen_kwargs={"parts": readers, "stamp": stamp})
     except DatasetGenerationError as err:  # datasets wraps what the readers raise
         cause = err.__cause__
         while cause is not None and not isinstance(cause, DataError):

@@ -9,6 +9,7 @@ single process's mean loss. Rank 0 writes OUT_DIR/weights.pt; every rank writes 
 (averaged over the ranks) and how many times the graphed scan ran.
 """
 
+import gc
 import json
 import os
 import sys
@@ -57,9 +58,10 @@ def main(out_dir: str) -> None:
     if rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                    os.path.join(out_dir, "weights.pt"))
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    gc.collect()  # the DDP model goes before the group it uses (see ddp_train.py)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,6 +8,7 @@ matches only if the token counts are global (Trainer's num_items_in_batch, Conti
 Rank 0 writes the final weights to OUT_DIR/weights.pt; every rank writes OUT_DIR/rank{r}.json with its CMS counters.
 """
 
+import gc
 import json
 import os
 import sys
@@ -48,10 +49,13 @@ def main(out_dir: str) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                    os.path.join(out_dir, "weights.pt"))
-    # leave the gloo group before exiting: torn down at interpreter exit it aborted a rank once, after a finished run
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave the gloo group before exiting (torn down at interpreter exit it aborted a rank once), but only after
+    # main's Trainer and DDP model are gone: destroyed after the group, a rank hung in their teardown now and then
+    # (2 of 8 launches on one machine) and the launcher, and the test, waited forever. The CLI ends the same way.
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -7,6 +7,7 @@ half of a fixed global batch of 4 rows for 4 steps with activation checkpointing
 and rank 0 saves it with `save_pretrained` to OUT_DIR/model.
 """
 
+import gc
 import json
 import os
 import sys
@@ -68,8 +69,9 @@ def main(out_dir: str) -> None:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"losses": losses, "level_steps": opt.level_steps, "total_tokens": opt.total_tokens}, f)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    gc.collect()  # the sharded model and optimizer go before the group they use (see ddp_train.py)
+    dist.destroy_process_group()

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 __all__ = [
@@ -109,7 +109,7 @@ def _json_records(path: str) -> Iterator[tuple[str, Any]]:
     if not lines:  # only whitespace: no record
         return
     try:
-        first = json.loads(lines[0][1]) if lines else None
+        first = json.loads(lines[0][1])
     except json.JSONDecodeError:
         first = None
     if (len(lines) == 1 or first is not None) and not isinstance(first, list):

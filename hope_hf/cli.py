@@ -232,13 +232,25 @@ def _parse(command: str, argv: list[str]) -> tuple:
     parser = build_parser(command)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
-        options = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+        actions = list(parser._actions)
+        more = ""
+        if command == "eval":  # a mistyped --task lands here, in the perplexity evaluation: suggest the suite's options
+            from .evaluation.cli import build_suite_parser
+
+            actions += build_suite_parser()._actions
+            more = " (the long-context suite's, with --task: `hope-hf eval --task all --help`)"
+        options = sorted({s for action in actions for s in action.option_strings if s.startswith("--")})
         unknown = [r for r in remaining if r.startswith("-")] or remaining
         hints = []
         for item in unknown:
-            close = difflib.get_close_matches(item.split("=", 1)[0], options, n=1)
-            hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
-        raise CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf {command} --help` lists every option")
+            name = item.split("=", 1)[0]
+            close = difflib.get_close_matches(name, options, n=1)
+            if close and close[0] == name:  # valid for the suite only
+                hints.append(f"{item} (an option of the long-context suite, which --task selects)")
+            else:
+                hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
+        raise CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf {command} --help` lists every "
+                       f"option{more}")
     return tuple(parsed)
 
 

@@ -263,3 +263,11 @@ def test_missing_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeyp
             "--output_dir", str(tmp_path / "out")]
     assert cli_main(args) == 2
     assert "the plots need matplotlib" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_task_option_is_named(capsys):
+    """Without `--task` the perplexity evaluation parses the arguments: its suggestions include the suite's."""
+    assert cli_main(["eval", "--tasks", "passkey", "--model_name_or_path", "m", "--output_dir", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "--tasks (did you mean --task?)" in err and "hope-hf eval --task all --help" in err
+    assert "--output_dir (an option of the long-context suite, which --task selects)" in err

@@ -37,17 +37,18 @@ def check_sizes(parser, args, positive=(), nonnegative=()) -> None:
                 parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-def _source_state() -> str:
-    """The commit of the checkout the benchmark ran from, with "+changes" if its tracked files differ from it."""
+def source_state(*paths: str) -> tuple[str | None, bool]:
+    """(the commit of the checkout the benchmark runs from, whether its tracked files under `paths` (all if none)
+    differ from it); (None, False) outside a git checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + ("+changes" if dirty else "")
+        return None, False
+    return commit, bool(dirty)
 
 
 def save_report(args, **results) -> dict:
@@ -55,6 +56,7 @@ def save_report(args, **results) -> dict:
     `results`, written to `args.json` (if set)."""
     import transformers
 
+    commit, changed = source_state()
     report = {
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -62,7 +64,7 @@ def save_report(args, **results) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
-        "commit": _source_state(),
+        "commit": "unknown (not a git checkout)" if commit is None else commit + ("+changes" if changed else ""),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         **results,
     }

@@ -38,7 +38,7 @@ import time
 from importlib import metadata
 
 import torch
-from _report import check_sizes, save_report
+from _report import check_sizes, save_report, source_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV_DIR = os.path.join(HERE, ".peers-env")
@@ -170,18 +170,13 @@ def peer_version(name):
         return None
 
 
-def source_state():
-    """The commit measured, and whether hope_hf/ had uncommitted changes (the layer is being optimised)."""
-    root = os.path.dirname(HERE)
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "hope_hf"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
-    except OSError:
-        return None
-    with open(os.path.join(root, "hope_hf", "memory_hope.py"), "rb") as f:
+def layer_source():
+    """The commit measured, whether hope_hf/ had uncommitted changes (the layer is being optimised), and a hash of
+    the layer's file."""
+    commit, changed = source_state("hope_hf")
+    with open(os.path.join(os.path.dirname(HERE), "hope_hf", "memory_hope.py"), "rb") as f:
         layer_sha1 = hashlib.sha1(f.read()).hexdigest()
-    return {"commit": head or None, "hope_hf_uncommitted_changes": bool(dirty), "memory_hope_py_sha1": layer_sha1}
+    return {"commit": commit, "hope_hf_uncommitted_changes": changed, "memory_hope_py_sha1": layer_sha1}
 
 
 def params(module):
@@ -421,7 +416,7 @@ def main(argv=None):
     except OSError:
         load = None
     return save_report(args, clock=clock(args), ours_config_overrides=speed_overrides(), peers=versions,
-                       python=sys.executable, source=source_state(), load_average=load, rows=rows, ratios=ratios,
+                       python=sys.executable, source=layer_source(), load_average=load, rows=rows, ratios=ratios,
                        targets=met)
 
 

@@ -7,7 +7,12 @@ from typing import Any
 
 from .tasks import parse_lengths
 
-__all__ = ["plot_results"]
+__all__ = ["plot_files", "plot_results"]
+
+
+def plot_files(tasks) -> list[str]:
+    """The names of the files :func:`plot_results` writes for ``tasks``."""
+    return ["accuracy_by_length.png"] + [f"depth_{task}.png" for task in tasks]
 
 
 def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
@@ -34,7 +39,7 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
     ax.set_title("Accuracy by context length")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(output_dir, "accuracy_by_length.png")
+    path = os.path.join(output_dir, plot_files([])[0])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -53,7 +58,7 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
         ax.set_ylabel("needle depth")
         ax.set_title(f"{task}: accuracy")
         fig.colorbar(im, ax=ax)
-        path = os.path.join(output_dir, f"depth_{task}.png")
+        path = os.path.join(output_dir, plot_files([task])[1])
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -250,13 +250,13 @@ def run_suite(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], *,
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=list)
+        from .plots import plot_files, plot_results
+
         written = []
         if plots:
-            from .plots import plot_results
-
             written = results["plots"] = plot_results(results, output_dir)
         # plots an earlier run wrote here (--overwrite_output_dir) no longer match results.json
-        for name in ["accuracy_by_length.png"] + [f"depth_{task}.png" for task in TASKS]:
+        for name in plot_files(TASKS):
             path = os.path.join(output_dir, name)
             if path not in written and os.path.isfile(path):
                 os.remove(path)

@@ -35,6 +35,12 @@ ETA_BIAS_INIT = -4.0
 NORM_EPS = 1e-6
 
 
+def memory_width(config) -> int:
+    """Hidden width m of every memory: memory_expansion * head_dim for residual MLPs, head_dim for linear ones
+    (their features are the inputs themselves)."""
+    return config.memory_expansion * config.head_dim if config.memory_depth == 2 else config.head_dim
+
+
 def memory_boxes(config) -> list[str]:
     """Names of the adaptive memories a layer holds, in storage order; the output memory "o" is always last."""
     boxes = []
@@ -76,7 +82,8 @@ class TitansState:
     current_out: torch.Tensor  # (B, H, n, m, d)
     chunk_pos: torch.Tensor  # (B,) long
     conv_q: torch.Tensor  # (B, K-1, H*d)
-    conv_u: torch.Tensor  # (B, K-1, H*d)
+    conv_k: torch.Tensor  # (B, K-1, H*d)
+    conv_v: torch.Tensor  # (B, K-1, H*d)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,38 +102,33 @@ class _FastInit(nn.Module):
 
     def __init__(self, config, num_heads: int, head_dim: int, boxes: list[str]):
         super().__init__()
-        d, m, n = head_dim, config.memory_expansion * head_dim, len(boxes)
+        d, m, n = head_dim, memory_width(config), len(boxes)
         # float32 also when the model is built in half precision (`from_config(config, dtype=torch.bfloat16)`), as
         # `from_pretrained` keeps them; a float64 build stays float64
         empty = functools.partial(torch.empty, dtype=torch.promote_types(torch.get_default_dtype(), torch.float32))
-        self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # initial A = W2^T of every memory
+        if config.memory_depth == 2:
+            self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # initial A = W2^T of every memory
         self.init_out = nn.Parameter(empty(num_heads, n, m, d))  # initial B = W1^T of every memory
         self.eta_readout = nn.Parameter(empty(num_heads, d))
         self.eta_bias = nn.Parameter(empty(num_heads))
         if config.retention:
             self.alpha_readout = nn.Parameter(empty(num_heads, d))
             self.alpha_bias = nn.Parameter(empty(num_heads))
-        if not (config.self_modifying and config.adaptive_k):
-            self.static_k = nn.Parameter(empty(num_heads, d, d))
-        if not (config.self_modifying and config.adaptive_v):
-            self.static_v = nn.Parameter(empty(num_heads, d, d))
 
     @torch.no_grad()
     def init_weights(self):
         """Initialise these parameters (tensors already loaded from a checkpoint are skipped)."""
         from transformers import initialization as init
 
-        d, m = self.init_in.shape[1], self.init_out.shape[2]
-        init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
+        d, m = self.init_out.shape[3], self.init_out.shape[2]
+        if hasattr(self, "init_in"):
+            init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
         init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
         init.normal_(self.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
         init.constant_(self.eta_bias, ETA_BIAS_INIT)
         if hasattr(self, "alpha_readout"):
             init.normal_(self.alpha_readout, mean=0.0, std=1.0 / math.sqrt(d))
             init.constant_(self.alpha_bias, ALPHA_BIAS_INIT)
-        for name in ("static_k", "static_v"):
-            if hasattr(self, name):
-                init.normal_(getattr(self, name), mean=0.0, std=1.0 / math.sqrt(d))
 
 
 class CausalConv(nn.Conv1d):
@@ -156,7 +158,7 @@ class HopeSelfModifyingTitans(nn.Module):
         self.head_dim = config.head_dim
         self.boxes = memory_boxes(config)
         self.num_memories = len(self.boxes)
-        self.memory_dim = config.memory_expansion * config.head_dim
+        self.memory_dim = memory_width(config)
         self.chunk_size = config.chunk_size
         self.eta_max = config.eta_max
         self.kernel_size = config.conv_kernel_size
@@ -168,21 +170,26 @@ class HopeSelfModifyingTitans(nn.Module):
             detach_self_targets=config.self_modifying and config.detach_self_targets,
             dgd=config.dgd,
             retain_toward_init=config.retention and config.retain_toward_init,
+            depth=config.memory_depth,
         )
         inner = self.num_heads * self.head_dim
         hidden = config.hidden_size
 
+        # the input streams: queries, keys (also read by the learning-rate and retention memories), values
         self.q_proj = nn.Linear(hidden, inner, bias=False)
-        self.u_proj = nn.Linear(hidden, inner, bias=False)
+        self.k_proj = nn.Linear(hidden, inner, bias=False)
+        self.v_proj = nn.Linear(hidden, inner, bias=False)
         self.g_proj = nn.Linear(hidden, inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden, bias=False)
-        # causal depthwise convolutions (width conv_kernel_size) on the q and u streams
+        # causal depthwise convolutions (width conv_kernel_size) on the q, k and v streams
         self.q_conv = CausalConv(inner, self.kernel_size)
-        self.u_conv = CausalConv(inner, self.kernel_size)
+        self.k_conv = CausalConv(inner, self.kernel_size)
+        self.v_conv = CausalConv(inner, self.kernel_size)
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
         self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
         self._generate_spec = GenerateSpec(boxes=tuple(self.boxes), memory_dim=self.memory_dim,
-                                           eta_max=self.eta_max, retention=config.retention)
+                                           eta_max=self.eta_max, retention=config.retention,
+                                           depth=config.memory_depth)
         self._scan_graphs = _ScanGraphs()
 
     @property
@@ -205,15 +212,18 @@ class HopeSelfModifyingTitans(nn.Module):
 
         self.fast_init.init_weights()
         init.ones_(self.out_norm_weight)
-        for conv in (self.q_conv, self.u_conv):
+        for conv in (self.q_conv, self.k_conv, self.v_conv):
             conv.init_weights(self.config.initializer_range)
 
     # ------------------------------------------------------------------------------------------------ state
     def initial_state(self, batch_size: int, device=None) -> TitansState:
         """The state of a fresh sequence: every memory at its meta-learned initial state (differentiable)."""
         p = self.fast_init
-        device = device or p.init_in.device
-        a0 = fp32(p.init_in).unsqueeze(0).expand(batch_size, *p.init_in.shape)
+        device = device or p.init_out.device
+        if hasattr(p, "init_in"):
+            a0 = fp32(p.init_in).unsqueeze(0).expand(batch_size, *p.init_in.shape)
+        else:  # linear memories have no first layer: an empty A keeps the state's layout
+            a0 = fp32(p.init_out).new_zeros(batch_size, self.num_heads, self.head_dim, 0)
         b0 = fp32(p.init_out).unsqueeze(0).expand(batch_size, *p.init_out.shape)
         channels = self.num_heads * self.head_dim
         tail = torch.zeros(batch_size, self.kernel_size - 1, channels, device=device, dtype=self.q_proj.weight.dtype)
@@ -224,7 +234,8 @@ class HopeSelfModifyingTitans(nn.Module):
             current_out=b0,
             chunk_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             conv_q=tail,
-            conv_u=tail.clone(),
+            conv_k=tail.clone(),
+            conv_v=tail.clone(),
         )
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -270,12 +281,11 @@ class HopeSelfModifyingTitans(nn.Module):
                                        state)
         layout = _Layout(real, starts, state.chunk_pos, self.chunk_size, self.kernel_size)
 
-        q_in = self.q_proj(hidden_states)
-        u_in = self.u_proj(hidden_states)
-        q, conv_q = layout.causal_conv(q_in, self.q_conv.weight, state.conv_q)
-        u, conv_u = layout.causal_conv(u_in, self.u_conv.weight, state.conv_u)
+        q, conv_q = layout.causal_conv(self.q_proj(hidden_states), self.q_conv.weight, state.conv_q)
+        uk, conv_k = layout.causal_conv(self.k_proj(hidden_states), self.k_conv.weight, state.conv_k)
+        uv, conv_v = layout.causal_conv(self.v_proj(hidden_states), self.v_conv.weight, state.conv_v)
         q = l2norm(fp32(self._heads(F.silu(q))))  # (R, H, L, d) in the chunk frame
-        u = fp32(self._heads(F.silu(u)))
+        u = self._streams(uk, uv)
 
         init = self.initial_state(layout.num_rows, hidden_states.device)
         start = layout.frame_state(state, init)
@@ -285,7 +295,7 @@ class HopeSelfModifyingTitans(nn.Module):
             o, final = self._scan(q, u, start, layout, fresh)
         o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
         out = self._output(o.view(bsz, seq_len, self.num_heads, self.head_dim), hidden_states)
-        new_state = layout.row_state(state, final, conv_q, conv_u)
+        new_state = layout.row_state(state, final, (conv_q, conv_k, conv_v))
         return out, new_state
 
     def _output(self, o, hidden_states):
@@ -321,9 +331,10 @@ class HopeSelfModifyingTitans(nn.Module):
                 for (name, old), fresh in zip(state.tensors().items(), init.tensors().values())
             })
         q, conv_q = _token_conv(self.q_proj(hidden_states), self.q_conv.weight, state.conv_q)
-        u, conv_u = _token_conv(self.u_proj(hidden_states), self.u_conv.weight, state.conv_u)
+        uk, conv_k = _token_conv(self.k_proj(hidden_states), self.k_conv.weight, state.conv_k)
+        uv, conv_v = _token_conv(self.v_proj(hidden_states), self.v_conv.weight, state.conv_v)
         q = l2norm(fp32(self._heads(F.silu(q))))  # (B, H, 1, d)
-        u = fp32(self._heads(F.silu(u)))
+        u = self._streams(uk, uv)
         write = real.to(q.dtype).view(bsz, 1, 1)
         snap_a, snap_b = state.snapshot_in, state.snapshot_out
         anchors = self._anchors()
@@ -346,7 +357,8 @@ class HopeSelfModifyingTitans(nn.Module):
             current_out=cur_b,
             chunk_pos=torch.where(complete, 0, pos),
             conv_q=torch.where(real.view(-1, 1, 1), conv_q, state.conv_q),
-            conv_u=torch.where(real.view(-1, 1, 1), conv_u, state.conv_u),
+            conv_k=torch.where(real.view(-1, 1, 1), conv_k, state.conv_k),
+            conv_v=torch.where(real.view(-1, 1, 1), conv_v, state.conv_v),
         )
         o = o.transpose(1, 2) * write.view(bsz, 1, 1, 1)  # (B, 1, H, d); a pad token reads 0
         return self._output(o, hidden_states), new_state
@@ -354,11 +366,18 @@ class HopeSelfModifyingTitans(nn.Module):
     def _anchors(self):
         """The initial states that retention pulls the fast weights toward (None, None without it)."""
         p = self.fast_init
-        return (fp32(p.init_in), fp32(p.init_out)) if self.chunk_spec.retain_toward_init else (None, None)
+        if not self.chunk_spec.retain_toward_init:
+            return None, None
+        return (fp32(p.init_in) if hasattr(p, "init_in") else None), fp32(p.init_out)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape
         return x.view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _streams(self, uk: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+        """The memories' inputs after their convolutions: u = [u_k, u_v] (R, H, L, 2d) float32, the key stream
+        (read by the k, eta and alpha memories) and the value stream (read by the v memory) side by side."""
+        return fp32(torch.cat([self._heads(F.silu(uk)), self._heads(F.silu(uv))], dim=-1))
 
     # ------------------------------------------------------------------------------------------------ memory math
     # Eager inside a compiled model: the scan is a loop of written-out chunk steps (`ChunkStep`) and recomputed
@@ -496,42 +515,59 @@ class GenerateSpec:
     memory_dim: int
     eta_max: float
     retention: bool
+    depth: int = 2
+    feature_norm: bool = True
 
 
-GENERATE_PARAMETERS = ("static_k", "static_v", "eta_readout", "eta_bias", "alpha_readout", "alpha_bias")
+GENERATE_PARAMETERS = ("eta_readout", "eta_bias", "alpha_readout", "alpha_bias")
 
 
-def generate(spec: GenerateSpec, u, snap_a, snap_b, static_k, static_v, eta_readout, eta_bias, alpha_readout,
-             alpha_bias, keep: bool = False):
+def _inputs_of_memories(spec: GenerateSpec, uk, uv):
+    """The input of every adaptive memory (all but the output memory), in storage order: the value stream for the v
+    memory, the key stream for the others."""
+    return [uv if name == "v" else uk for name in spec.boxes[:-1]]
+
+
+def generate(spec: GenerateSpec, u, snap_a, snap_b, eta_readout, eta_bias, alpha_readout, alpha_bias,
+             keep: bool = False):
     """Keys, values, learning rates and retention gates (Eq. 87, 90): read from the snapshot memories of k, v, eta,
-    alpha where they are adaptive (`snap_a`, `snap_b` None: none is), else from the static projections and
-    readouts. u: (R, H, L, d). Parameters a config does not have are None. With `keep`, also the intermediates
-    that `generate_backward` reads. A gate sees its memory only through its readout w, so the memory's output is
-    never formed: <u + silu(u A) B, w> = <u, w> + silu(u A) (B w)."""
+    alpha where they are adaptive (`snap_a`, `snap_b` None: none is), else straight from the streams and readouts.
+    u = [u_k, u_v]: (R, H, L, 2d), the key stream (input of the k, eta and alpha memories) and the value stream
+    (input of the v memory). Parameters a config does not have are None. With `keep`, also the intermediates that
+    `generate_backward` reads. A gate sees its memory only through its readout w, so the memory's output is never
+    formed: <u + silu(u A) B, w> = <u, w> + silu(u A) (B w) (u A instead of silu(u A) for linear memories)."""
+    d = u.shape[-1] // 2
+    uk, uv = u[..., :d], u[..., d:]
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
-    outputs, sig, hid = {}, None, None
-    if n_aux:
-        pre = u @ snap_a[..., : n_aux * m]  # (R,H,C,n_aux*m)
+    outputs, sig, raw, hid = {}, None, None, None
+    if n_aux and spec.depth == 1:  # linear memories: the features are the inputs themselves
+        hid = torch.cat(_inputs_of_memories(spec, uk, uv), dim=-1)
+    elif n_aux:
+        pre = uk @ snap_a[..., : n_aux * m]  # (R,H,C,n_aux*m)
+        if "v" in spec.boxes:  # the v memory reads the value stream
+            j = spec.boxes.index("v")
+            pre = torch.cat([pre[..., : j * m], uv @ snap_a[..., j * m : (j + 1) * m], pre[..., (j + 1) * m :]], -1)
         sig = torch.sigmoid(pre)
-        hid = pre * sig  # silu
-        # the k and v memories (stored first), one product each: a product over a slice of the memories would
-        # copy their weights (their batch dimensions do not merge)
-        for j in range(_vector_memories(spec)):
-            outputs[spec.boxes[j]] = u + hid[..., j * m : (j + 1) * m] @ snap_b[:, :, j]
-    k_raw = outputs["k"] if "k" in outputs else u @ fp32(static_k)
-    v_raw = outputs["v"] if "v" in outputs else u @ fp32(static_v)
+        raw = pre * sig  # silu
+        hid = l2norm(raw.unflatten(-1, (n_aux, m))).flatten(-2) if spec.feature_norm else raw  # per memory
+    # the k and v memories (stored first), one product each: a product over a slice of the memories would copy
+    # their weights (their batch dimensions do not merge)
+    for j in range(_vector_memories(spec)):
+        src = uv if spec.boxes[j] == "v" else uk
+        outputs[spec.boxes[j]] = src + hid[..., j * m : (j + 1) * m] @ snap_b[:, :, j]
+    k_raw, v_raw = outputs.get("k", uk), outputs.get("v", uv)
     k, v = l2norm(k_raw), l2norm(v_raw)
-    eta_gate = torch.sigmoid(_gate_readout(spec, "eta", u, hid, snap_b, eta_readout, eta_bias))
+    eta_gate = torch.sigmoid(_gate_readout(spec, "eta", uk, hid, snap_b, eta_readout, eta_bias))
     eta = spec.eta_max * eta_gate
     alpha_pre = None
     if spec.retention:
-        alpha_pre = _gate_readout(spec, "alpha", u, hid, snap_b, alpha_readout, alpha_bias)
+        alpha_pre = _gate_readout(spec, "alpha", uk, hid, snap_b, alpha_readout, alpha_bias)
         log_alpha = F.logsigmoid(alpha_pre)
     else:
         log_alpha = torch.zeros_like(eta)
     if not keep:
         return k, v, eta, log_alpha
-    saved = dict(sig=sig, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_gate=eta_gate, alpha_pre=alpha_pre)
+    saved = dict(sig=sig, raw=raw, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_gate=eta_gate, alpha_pre=alpha_pre)
     return k, v, eta, log_alpha, saved
 
 
@@ -581,37 +617,52 @@ def generate_backward(spec: GenerateSpec, u, snap_a, snap_b, params, t, d_k, d_v
     gradients of its outputs. Returns the gradients of u and of the parameters (summed over the rows); the
     snapshot's are added into `d_snap_a` and `d_snap_b` in place (weight-sized, so no new ones are made).
     """
-    static_k, static_v, eta_readout, eta_bias, alpha_readout, alpha_bias = params
+    eta_readout, eta_bias, alpha_readout, alpha_bias = params
+    d = u.shape[-1] // 2
+    uk, uv = u[..., :d], u[..., d:]
     n_aux, m = len(spec.boxes) - 1, spec.memory_dim
     hid = t["hid"]
     d_hid = {}  # by memory index: the gradients of each memory's block of hid
     d_params = [None] * len(params)
     gate = t["eta_gate"]
     d_eta_pre = d_eta * spec.eta_max * gate * (1 - gate)  # (R,H,C)
-    d_u, d_params[2], d_params[3] = _gate_readout_backward(spec, "eta", u, hid, snap_b, eta_readout, d_eta_pre,
-                                                            d_hid, d_snap_b)
+    d_uk, d_params[0], d_params[1] = _gate_readout_backward(spec, "eta", uk, hid, snap_b, eta_readout, d_eta_pre,
+                                                             d_hid, d_snap_b)
     if spec.retention:
         d_alpha_pre = d_log_alpha * torch.sigmoid(-t["alpha_pre"])  # logsigmoid' = 1 - sigmoid
-        d_u_alpha, d_params[4], d_params[5] = _gate_readout_backward(spec, "alpha", u, hid, snap_b, alpha_readout,
+        d_u_alpha, d_params[2], d_params[3] = _gate_readout_backward(spec, "alpha", uk, hid, snap_b, alpha_readout,
                                                                      d_alpha_pre, d_hid, d_snap_b)
-        d_u = d_u + d_u_alpha
+        d_uk = d_uk + d_u_alpha
     d_src = {"k": _l2norm_backward(t["k"], t["k_raw"], d_k), "v": _l2norm_backward(t["v"], t["v_raw"], d_v)}
-    for name, index in (("k", 0), ("v", 1)):  # static projections
-        if name not in spec.boxes:
-            d_u = d_u + _per_head(d_src[name], fp32(params[index]).transpose(-1, -2))
-            d_params[index] = (u.transpose(-1, -2) @ d_src[name]).sum(0)
-    if not n_aux:
-        return d_u, d_params
-    for j in range(_vector_memories(spec)):  # mem = u + silu(u A) B for k and v, one memory at a time
+    d_uk = d_uk + d_src["k"]  # k = l2norm(u_k (+ the k memory's output)), likewise v
+    d_uv = d_src["v"]
+    for j in range(_vector_memories(spec)):  # mem = src + silu(src A) B for k and v, one memory at a time
         d_mem = d_src[spec.boxes[j]]
         d_hid[j] = d_mem @ snap_b[:, :, j].transpose(-1, -2)
         _plus_product(d_snap_b[:, :, j], hid[..., j * m : (j + 1) * m].transpose(-1, -2), d_mem)
-        d_u = d_u + d_mem
-    sig = t["sig"]
-    d_pre = torch.cat([d_hid[j] for j in range(n_aux)], dim=-1) * torch.addcmul(sig, hid, 1 - sig)  # silu'
-    d_u = d_u + d_pre @ snap_a[..., : n_aux * m].transpose(-1, -2)
-    _plus_product(d_snap_a[..., : n_aux * m], u.transpose(-1, -2), d_pre)
-    return d_u, d_params
+    if n_aux and spec.depth == 1:  # hid = the memories' inputs
+        for j, name in enumerate(spec.boxes[:-1]):
+            if name == "v":
+                d_uv = d_uv + d_hid[j]
+            else:
+                d_uk = d_uk + d_hid[j]
+    elif n_aux:
+        sig, raw = t["sig"], t["raw"]
+        d_raw = torch.cat([d_hid[j] for j in range(n_aux)], dim=-1)
+        if spec.feature_norm:  # hid = l2norm(silu(pre)) per memory
+            d_raw = _l2norm_backward(hid.unflatten(-1, (n_aux, m)), raw.unflatten(-1, (n_aux, m)),
+                                     d_raw.unflatten(-1, (n_aux, m))).flatten(-2)
+        d_pre = d_raw * torch.addcmul(sig, raw, 1 - sig)  # silu'
+        if "v" in spec.boxes:  # the v memory's block came from the value stream
+            j = spec.boxes.index("v")
+            block = slice(j * m, (j + 1) * m)
+            d_pre_v = d_pre[..., block].clone()
+            d_pre[..., block] = 0
+            d_uv = d_uv + d_pre_v @ snap_a[..., block].transpose(-1, -2)
+            _plus_product(d_snap_a[..., block], uv.transpose(-1, -2), d_pre_v)
+        d_uk = d_uk + d_pre @ snap_a[..., : n_aux * m].transpose(-1, -2)
+        _plus_product(d_snap_a[..., : n_aux * m], uk.transpose(-1, -2), d_pre)
+    return torch.cat([d_uk, d_uv], dim=-1), d_params
 
 
 class _RecomputedSegment(torch.autograd.Function):
@@ -998,6 +1049,8 @@ class ChunkSpec:
     detach_self_targets: bool
     dgd: bool
     retain_toward_init: bool
+    depth: int = 2  # memory_depth: 2 = residual MLP memories (`chunk_forward`), 1 = linear (`linear_chunk_forward`)
+    feature_norm: bool = True  # the MLP memories' hidden features are l2-normalised: sigma = l2norm o silu
     compiled: bool = False  # `compile_chunk_step` in training mode: `ChunkStep` runs the compiled `chunk_functions`
 
 
@@ -1007,6 +1060,14 @@ def _per_head(x, w):
     rows, heads, length, width = x.shape
     out = torch.matmul(x.transpose(0, 1).reshape(heads, rows * length, width), w)
     return out.view(heads, rows, length, -1).transpose(0, 1)
+
+
+def _per_memory(x, w):
+    """x (R, H, n, L, X) @ w (H, n, X, Y) -> (R, H, n, L, Y) as one product per head and memory over all rows'
+    tokens (as `_per_head`)."""
+    rows, heads, n, length, width = x.shape
+    out = torch.matmul(x.permute(1, 2, 0, 3, 4).reshape(heads * n, rows * length, width), w.reshape(heads * n, width, -1))
+    return out.view(heads, n, rows, length, -1).permute(2, 0, 1, 3, 4)
 
 
 def _plus_product(base, a, b, sign=1.0):
@@ -1056,8 +1117,8 @@ def _tokens_last(x):
     return x.permute(0, 1, 3, 4, 2)
 
 
-def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b,
-                  keep: bool = False):
+def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a,
+                      anchor_b, keep: bool = False):
     """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once (Eq. 84-91).
 
     q, k, v: (R, H, L, d); eta, log_alpha: (R, H, L); write: (R, 1, L) (1 = real token); snapshot and current
@@ -1078,9 +1139,12 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     z = torch.cat([v, k], dim=2) if spec.self_modifying else k
     pre_all = (z @ snap_a).unflatten(-1, (n, m))  # (R,H,2L or L,n,m): v's rows first
     sig_all = torch.sigmoid(pre_all)
-    h_all = pre_all * sig_all  # silu
+    raw_all = pre_all * sig_all  # silu
+    nrm_all = torch.rsqrt(raw_all.pow(2).sum(-1, keepdim=True) + NORM_EPS) if spec.feature_norm else None
+    h_all = raw_all * nrm_all if spec.feature_norm else raw_all  # the hidden features sigma(z A)
     first_k = pre_all.shape[2] - length
     pre, sig, h = pre_all[:, :, first_k:], sig_all[:, :, first_k:], h_all[:, :, first_k:]  # the keys' rows
+    raw = raw_all[:, :, first_k:]
     # M(k) - M(v) = (k - v) + (silu(k A) - silu(v A)) B: one product with B instead of two
     h_e = h - h_all[:, :, :length] if spec.self_modifying else h
     e = torch.einsum("rhcnm,rhnmd->rhcnd", h_e, snap_b) + (k - v).unsqueeze(-2)  # (R,H,L,n,d)
@@ -1088,14 +1152,19 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         mk = k.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", h, snap_b)
         e = e.detach() + (mk - mk.detach())
         h_e = h  # the hidden activations whose product with B reaches e with a gradient
-    dpre = torch.addcmul(sig, h, 1 - sig)  # silu'(pre) = sig + silu(pre) (1 - sig)
+    dpre0 = torch.addcmul(sig, raw, 1 - sig)  # silu'(pre) = sig + silu(pre) (1 - sig)
     b_e = torch.einsum("rhcnd,rhnmd->rhcnm", e, snap_b)
-    delta = b_e * dpre
+    if spec.feature_norm:  # the gradient of the pre-activations through the normalisation: (I - h h^T) / |silu(pre)|
+        dpre = dpre0 * nrm_all[:, :, first_k:]
+        delta = (b_e - h * (h * b_e).sum(-1, keepdim=True)) * dpre
+    else:
+        dpre = dpre0
+        delta = b_e * dpre
 
     # step sizes: DGD's curvature normalisation, and by the C gradients taken at one snapshot
     eta_n = eta.unsqueeze(-1)
     h_sq = h.pow(2).sum(-1)
-    eta1 = eta_n / (1 + C * eta_n * h_sq)
+    eta1 = eta_n / (1 + eta_n * h_sq)  # the exact (proximal) step of the output layer's delta rule
     col_norms = snap_b.pow(2).sum(-1)  # |W1_s[:, j]|^2: (R,H,n,m)
     dpre_sq = dpre.pow(2)
     curv = (dpre_sq * col_norms.unsqueeze(2)).sum(-1)
@@ -1143,10 +1212,30 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     a_end = _plus_product(_decayed_start(cur_a, anchor_a, e_end), k.transpose(-1, -2),
                           r if single else to_end.unsqueeze(-1) * r)
 
-    # ---- W1 (B): Y_t = alpha_t Y_{t-1} - eta1_t h_t^T e_t, Y = B - anchor (causal decay mask)
-    weighted_h = h * (eta1 if single else eta1 * to_end.unsqueeze(-1)).unsqueeze(-1)
-    b_end = _plus_product(_decayed_start(cur_b, anchor_b, e_end), _tokens_last(weighted_h), e.transpose(2, 3),
-                          sign=-1.0)  # - sum_c weighted_h^T e
+    # ---- W1 (B): a gated delta rule per memory with keys h_t (DGD at the current weights, see docs/design.md):
+    # Y_t = (alpha_t I - eta1_t h_t^T h_t) Y_{t-1} + eta1_t h_t^T w_t, Y = B - anchor, w_t = vhat_t - k_t - h_t anchor;
+    # w_t - h_t Y_{t-1} is minus the error at the current weights. In chunk form (UT transform, as for W2):
+    # (I + lower1) u1 = eta1 (h Y_s - e - gamma_{t-1} h Y_0), since vhat - k - h anchor = h Y_s - e.
+    hn = h.transpose(2, 3)  # (R,H,n,L,m): per memory, the keys of its delta rule
+    e1 = eta1.transpose(2, 3)  # (R,H,n,L)
+    h_y0 = hn @ cur_b
+    if anchor_b is not None:
+        h_anchor = _per_memory(hn, anchor_b)
+        h_y0 = h_y0 - h_anchor
+    h_ys = h_y0 if same else hn @ snap_b - (0 if anchor_b is None else h_anchor)
+    e_t = e.transpose(2, 3)  # (R,H,n,L,d)
+    hh = ut1 = None
+    if single:
+        u1 = e1.unsqueeze(-1) * (h_ys - e_t - h_y0)
+    else:
+        rhs1 = e1.unsqueeze(-1) * (h_ys - e_t - e_prev[:, :, None, :, None] * h_y0)
+        hh = hn @ hn.transpose(-1, -2)  # (R,H,n,L,L)
+        lower1 = e1.unsqueeze(-1) * decay.unsqueeze(2) * hh
+        eye1 = torch.eye(length, dtype=lower1.dtype, device=lower1.device).expand_as(lower1)
+        ut1 = torch.linalg.solve_triangular(lower1, eye1, upper=False, unitriangular=True)
+        u1 = ut1 @ rhs1
+    b_end = _plus_product(_decayed_start(cur_b, anchor_b, e_end), hn.transpose(-1, -2),
+                          u1 if single else to_end[:, :, None, :, None] * u1)
 
     # ---- read the output memory at the per-token state (Eq. 86, read before write); x0 and y0 (the weights less
     # the anchors) are never formed: their products are those of the weights less those of the anchors
@@ -1163,7 +1252,8 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
         pre_q = e_prev.unsqueeze(-1) * q_x0 + qk @ r[..., sl_o]
     if spec.retain_toward_init:
         pre_q = pre_q + q_anchor
-    s = F.silu(pre_q)  # (R,H,L,m)
+    s0 = F.silu(pre_q)  # (R,H,L,m)
+    s = l2norm(s0) if spec.feature_norm else s0
     s_y0 = s @ cur_b[:, :, -1]
     if spec.retain_toward_init:
         s_anchor = _per_head(s, anchor_b[:, -1])
@@ -1171,24 +1261,25 @@ def chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_
     if single:
         o = q + s_y0
     else:
-        sh_raw = s @ h[..., -1, :].transpose(-1, -2)
-        sh = sh_raw * decay * eta1[..., -1].unsqueeze(-2)
-        o = q + e_prev.unsqueeze(-1) * s_y0 - sh @ e[..., -1, :]
+        sh_raw = s @ hn[:, :, -1].transpose(-1, -2)
+        sh = sh_raw * decay
+        o = q + e_prev.unsqueeze(-1) * s_y0 + sh @ u1[:, :, -1]
     if spec.retain_toward_init:
         o = o + s_anchor
     if not keep:
         return o, a_end, b_end
     # everything chunk_backward reads (the weights it needs are among the inputs)
-    saved = dict(eta=eta, z=z, sig_all=sig_all, h_all=h_all, h_e=h_e, pre=pre, sig=sig, h=h, e=e, dpre=dpre,
+    saved = dict(eta=eta, z=z, sig_all=sig_all, raw_all=raw_all, nrm_all=nrm_all, h_all=h_all, h_e=h_e, pre=pre,
+                 sig=sig, raw=raw, h=h, e=e, dpre0=dpre0, dpre=dpre, s0=s0,
                  b_e=b_e, delta=delta, h_sq=h_sq, eta1=eta1, col_norms=col_norms, dpre_sq=dpre_sq, curv=curv, eta2=eta2,
                  decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, eta_p=eta_p, k_anchor=k_anchor, k_x0=k_x0,
-                 kk=kk, ut=ut, r=r, weighted_h=weighted_h, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
+                 kk=kk, ut=ut, r=r, hh=hh, ut1=ut1, u1=u1, h_y0=h_y0, h_ys=h_ys, qk_raw=qk_raw, qk=qk, q_x0=q_x0, pre_q=pre_q, s=s,
                  sh_raw=sh_raw, sh=sh, s_y0=s_y0)
     return o, a_end, b_end, saved
 
 
-def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
-    """The vector-Jacobian product of `chunk_forward`, written out (same numbers as autograd through it, tested).
+def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
+    """The vector-Jacobian product of `mlp_chunk_forward`, written out (same numbers as autograd through it, tested).
 
     `inputs` are the forward's tensors, `t` its intermediates (`keep=True`), `d_*` the gradients of its outputs.
     Returns the gradients of (q, k, v, eta, log_alpha, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b); the
@@ -1210,8 +1301,9 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     # As in the forward, x0 = cur_a - anchor_a and y0 = cur_b - anchor_b are never formed: a product with one is
     # the product with the weights less the product with the anchors, which joins the anchors' own term.
 
-    # ---- the output read: o = q + e_prev * (s @ y0_o) - sh @ e_o (+ s @ anchor_b_o); "_o": the output memory's
+    # ---- the output read: o = q + e_prev * (s @ y0_o) + sh @ u1_o (+ s @ anchor_b_o); "_o": the output memory's
     # slices, added into the full gradients further down
+    u1, hn = t["u1"], h.transpose(2, 3)
     d_q = d_o.clone()
     d_o_prev = e_prev.unsqueeze(-1) * d_o
     d_s = d_o_prev @ tr(cur_b[:, :, -1])
@@ -1220,16 +1312,15 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     if retain:
         d_s = d_s + _per_head(d_o - d_o_prev, tr(anchor_b[:, -1]))
         d_anchor_b_o = (tr(s) @ d_o).sum(0)
-    d_sh = -(d_o @ tr(e[..., -1, :]))
-    d_e_o = -(tr(t["sh"]) @ d_o)
-    d_sh = d_sh * decay
-    d_sh_raw = d_sh * eta1[..., -1].unsqueeze(-2)
+    d_u1_o = tr(t["sh"]) @ d_o
+    d_sh_raw = (d_o @ tr(u1[:, :, -1])) * decay
     d_log_decay = d_sh_raw * t["sh_raw"]
-    d_eta1_o = (d_sh * t["sh_raw"]).sum(-2)
-    d_s = d_s + d_sh_raw @ h[..., -1, :]
+    d_s = d_s + d_sh_raw @ hn[:, :, -1]
     d_h_o = tr(d_sh_raw) @ s
-    sig_q = torch.sigmoid(t["pre_q"])
-    d_pre_q = d_s * torch.addcmul(sig_q, s, 1 - sig_q)  # silu'
+    sig_q, s0 = torch.sigmoid(t["pre_q"]), t["s0"]
+    if spec.feature_norm:  # s = l2norm(silu(pre_q))
+        d_s = _l2norm_backward(s, s0, d_s)
+    d_pre_q = d_s * torch.addcmul(sig_q, s0, 1 - sig_q)  # silu'
     # pre_q = e_prev * (q @ x0_o) + qk @ r_o (+ q @ anchor_a_o)
     d_pre_q_prev = e_prev.unsqueeze(-1) * d_pre_q
     d_q = d_q + d_pre_q_prev @ tr(cur_a[..., sl_o])
@@ -1245,25 +1336,53 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_q = d_q + d_qk_raw @ k
     d_k = tr(d_qk_raw) @ q
 
-    # ---- W1: b_end = e_end * y0 - sum_c weighted_h^T e (+ anchor_b)
+    # ---- W1: b_end = e_end * y0 + hn^T (to_end * u1) (+ anchor_b), u1 from the memories' UT transforms
     d_y0, dot_b = _start_gradient(d_b_end, cur_b, anchor_b, e_end)
     d_y0[:, :, -1].add_(d_y0_o)
     d_g_end = dot_b.unsqueeze(-1) * e_end
-    d_weighted_h = torch.einsum("rhnmd,rhcnd->rhcnm", d_b_end, e)  # (minus) the gradient of weighted_h
-    d_e = torch.einsum("rhcnm,rhnmd->rhcnd", t["weighted_h"], d_b_end).neg_()
-    d_e[..., -1, :].add_(d_e_o)
-    scale = eta1 * to_end.unsqueeze(-1)
-    d_h = d_weighted_h * scale.unsqueeze(-1).neg()
-    d_h[..., -1, :].add_(d_h_o)
-    d_scale = (d_weighted_h * h).sum(-1).neg_()
-    d_eta1 = d_scale * to_end.unsqueeze(-1)
-    d_eta1[..., -1].add_(d_eta1_o)
-    d_to_end = (d_scale * eta1).sum(-1)
+    te = to_end[:, :, None, :, None]
+    d_weighted_u1 = hn @ d_b_end  # (R,H,n,L,d)
+    d_hn = (te * u1) @ tr(d_b_end)
+    d_u1 = te * d_weighted_u1
+    d_u1[:, :, -1].add_(d_u1_o)
+    d_to_end = (d_weighted_u1 * u1).sum((2, 4))
+    e1 = eta1.transpose(2, 3)
+    d_rhs1 = tr(t["ut1"]) @ d_u1  # (I + lower1)^-T d_u1
+    neg_d_lower1 = (d_rhs1 @ tr(u1)) * decay.unsqueeze(2)  # strictly lower (the factor decay sees to it)
+    hh = t["hh"]
+    d_e1 = -(neg_d_lower1 * hh).sum(-1)
+    neg_d_hh = neg_d_lower1 * e1.unsqueeze(-1)
+    d_log_decay = d_log_decay - (neg_d_hh * hh).sum(2)
+    d_hn = d_hn - (neg_d_hh + tr(neg_d_hh)) @ hn
+    # rhs1 = e1 * w, w = h_ys - e^T - e_prev * h_y0 (h_ys: h @ (snapshot less anchor); h_y0: h @ (current less anchor))
+    h_y0, h_ys = t["h_y0"], t["h_ys"]
+    d_w = e1.unsqueeze(-1) * d_rhs1
+    d_e1 = d_e1 + (d_rhs1 * (h_ys - e.transpose(2, 3) - e_prev[:, :, None, :, None] * h_y0)).sum(-1)
+    d_e = d_w.transpose(2, 3).neg()  # (R,H,L,n,d)
+    d_g_prev = d_g_prev - (d_w * h_y0).sum((2, 4)) * e_prev
+    d_h_y0 = -e_prev[:, :, None, :, None] * d_w
+    d_h_ys = d_w
+    if same:
+        d_h_y0 = d_h_y0 + d_h_ys
+    d_hn = d_hn + d_h_y0 @ tr(cur_b)
+    d_y0 = _plus_product(d_y0, tr(hn), d_h_y0)
+    d_snap_b_w1 = None
+    if not same:
+        d_hn = d_hn + d_h_ys @ tr(snap_b)
+        d_snap_b_w1 = tr(hn) @ d_h_ys
     d_cur_b = d_y0
     d_anchor_a = d_anchor_b = None
     if retain:
+        # h_y0 = h (cur_b - anchor_b), h_ys = h (snap_b - anchor_b): the anchor's share of h's gradient, and of
+        # the anchor's own through y0 (d_y0 holds h_y0's) and through h_ys
+        d_hn = d_hn - _per_memory(d_h_y0 if same else d_h_y0 + d_h_ys, tr(anchor_b))
         d_anchor_b = d_b_end.sum(0) - d_y0.sum(0)
+        if not same:
+            d_anchor_b = d_anchor_b - d_snap_b_w1.sum(0)
         d_anchor_b[:, -1].add_(d_anchor_b_o)
+    d_h = d_hn.transpose(2, 3)  # (R,H,L,n,m)
+    d_h[..., -1, :].add_(d_h_o)
+    d_eta1 = d_e1.transpose(2, 3)  # (R,H,L,n)
 
     # ---- W2: a_end = e_end * x0 + k^T (to_end * r) (+ anchor_a), r from the UT transform
     d_x0, dot_a = _start_gradient(d_a_end, cur_a, anchor_a, e_end)
@@ -1326,11 +1445,11 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_g = d_g + d_g_prev
     d_log_alpha = d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
 
-    # ---- step sizes: eta1 = eta / (1 + C eta |h|^2), eta2 = eta / (1 + C eta curv)
+    # ---- step sizes: eta1 = eta / (1 + eta |h|^2), eta2 = eta / (1 + C eta curv)
     eta_n = eta.unsqueeze(-1)
-    den1 = (1 + C * eta_n * t["h_sq"]).pow(2)
+    den1 = (1 + eta_n * t["h_sq"]).pow(2)
     d_eta = d_eta + (d_eta1 / den1).sum(-1)
-    d_h = d_h + (-2 * C * d_eta1 * eta_n.pow(2) / den1).unsqueeze(-1) * h
+    d_h = d_h + (-2 * d_eta1 * eta_n.pow(2) / den1).unsqueeze(-1) * h
     den2 = (1 + C * eta_n * t["curv"]).pow(2)
     d_eta = d_eta + (d_eta2 / den2).sum(-1)
     d_curv = -C * d_eta2 * eta_n.pow(2) / den2
@@ -1338,19 +1457,34 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
     d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
     # the snapshot's gradients accumulate into the current weights' where it is them (after the anchors took theirs)
-    d_snap_b = d_cur_b.addcmul_(snap_b, (2 * d_col).unsqueeze(-1)) if same else (2 * d_col).unsqueeze(-1) * snap_b
+    if same:
+        d_snap_b = d_cur_b.addcmul_(snap_b, (2 * d_col).unsqueeze(-1))
+    else:
+        d_snap_b = d_snap_b_w1.addcmul_(snap_b, (2 * d_col).unsqueeze(-1))
 
-    # ---- gradients at the snapshot: delta = (e B^T) * silu'(pre), e = M(k) - vhat
-    d_b_e = d_delta * dpre
-    d_dpre = d_dpre + d_delta * t["b_e"]
+    # ---- gradients at the snapshot: delta = (e B^T) * dpre, e = M(k) - vhat; with normalised features
+    # delta = (b_e - h <h, b_e>) * silu'(pre) * nrm, nrm = 1 / |silu(pre)|
+    b_e = t["b_e"]
+    d_nrm = None
+    if spec.feature_norm:
+        h_b_e = (h * b_e).sum(-1, keepdim=True)
+        d_proj = d_delta * dpre
+        d_dpre = d_dpre + d_delta * (b_e - h * h_b_e)
+        h_d_proj = (h * d_proj).sum(-1, keepdim=True)
+        d_b_e = d_proj - h * h_d_proj
+        d_h = d_h - d_proj * h_b_e - b_e * h_d_proj
+        d_nrm = (d_dpre * t["dpre0"]).sum(-1, keepdim=True)  # dpre = silu'(pre) * nrm
+        d_dpre = d_dpre * t["nrm_all"][:, :, t["nrm_all"].shape[2] - length :]
+    else:
+        d_b_e = d_delta * dpre
+        d_dpre = d_dpre + d_delta * b_e
     d_e = d_e + torch.einsum("rhcnm,rhnmd->rhcnd", d_b_e, snap_b)
     sig, pre = t["sig"], t["pre"]
-    silu_grad2 = sig * (1 - sig) * (2 + pre - 2 * h)  # silu''(pre) = sig (1 - sig) (2 + pre (1 - 2 sig))
-    d_pre = torch.addcmul(d_h * dpre, d_dpre, silu_grad2)
+    silu_grad2 = sig * (1 - sig) * (2 + pre - 2 * t["raw"])  # silu''(pre) = sig (1 - sig) (2 + pre (1 - 2 sig))
 
     # ---- the reads through the snapshot: e = (k - v) + (silu(k A) - silu(v A)) B (v's read absent without
     # self-modification, and gradient-free with detached targets)
-    z, sig_all, h_all = t["z"], t["sig_all"], t["h_all"]
+    z, sig_all, raw_all = t["z"], t["sig_all"], t["raw_all"]
     # d_snap_b: the column norms' term + d_b_e^T e + h_e^T d_e, the two products as one over 2L tokens
     d_snap_b = _plus_product(d_snap_b, _tokens_last(torch.cat([d_b_e, t["h_e"]], dim=2)),
                              torch.cat([e, d_e], dim=2).transpose(2, 3))
@@ -1362,8 +1496,17 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_h_all = torch.cat([torch.zeros_like(d_h_e), d_h_e], dim=2)
     else:
         d_h_all = torch.cat([-d_h_e, d_h_e], dim=2)
-    d_pre_all = d_h_all * torch.addcmul(sig_all, h_all, 1 - sig_all)  # silu'
-    d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_pre)
+    keys = slice(d_h_all.shape[2] - length, None)  # the keys' rows (after v's where there are two sets)
+    d_h_all[:, :, keys].add_(d_h)
+    if spec.feature_norm:  # h = silu(pre) * nrm, nrm = (|silu(pre)|^2 + eps)^-1/2
+        nrm_all = t["nrm_all"]
+        dot = (d_h_all * raw_all).sum(-1, keepdim=True)
+        dot[:, :, keys].add_(d_nrm)
+        d_raw_all = d_h_all * nrm_all - raw_all * nrm_all.pow(3) * dot
+    else:
+        d_raw_all = d_h_all
+    d_pre_all = d_raw_all * torch.addcmul(sig_all, raw_all, 1 - sig_all)  # silu'
+    d_pre_all[:, :, keys].addcmul_(d_dpre, silu_grad2)
     if same and spec.dgd:  # k_x0 = (the keys' rows of pre_all) - k_anchor
         d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_k_x0.unflatten(-1, (n, m)))
     d_pre_all = d_pre_all.flatten(-2)
@@ -1380,6 +1523,183 @@ def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_snap_a = d_snap_b = None
     return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
             d_anchor_a, d_anchor_b)
+
+
+def _decays(log_alpha, length):
+    """Per-chunk decays in log space: (decay, to_end, e_prev, e_end) with decay[t, i] = gamma_{t-1} / gamma_i for
+    i < t (0 elsewhere), to_end = gamma_L / gamma_i, e_prev = gamma_{t-1}, e_end = gamma_L, gamma_t = prod alpha."""
+    g = torch.cumsum(log_alpha, dim=-1)
+    g_prev = g - log_alpha
+    causal = torch.ones(length, length, dtype=torch.bool, device=log_alpha.device).tril(-1)
+    decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))
+    g_end = g[..., -1:]
+    return decay, torch.exp(g_end - g), torch.exp(g_prev), torch.exp(g_end)
+
+
+def _decays_backward(log_alpha, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end):
+    """The gradient of log_alpha from those of the exponent of `decay` (d_log_decay = d_decay * decay), of to_end,
+    of g_prev = log(e_prev) and of g_end = log(e_end)."""
+    d_g_prev = d_g_prev + d_log_decay.sum(-1)
+    d_g = -d_log_decay.sum(-2)
+    d_to_end = d_to_end * to_end
+    d_g_end = d_g_end + d_to_end.sum(-1, keepdim=True)
+    d_g = d_g - d_to_end
+    d_g[..., -1:].add_(d_g_end)
+    d_g = d_g + d_g_prev
+    return d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
+
+
+def linear_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a,
+                         anchor_b, keep: bool = False):
+    """One chunk of the linear memories (`memory_depth=1`: M(z) = z + z B, B (d x d) per memory), exactly: every
+    memory is a gated delta rule with the keys k (DGD at the current weights, paper Eq. 57 and 93 with the
+    sign-corrected value term). Same signature and returns as `chunk_forward`; the first-layer weights A are empty
+    (R, H, d, 0) and pass through unchanged.
+
+    Per token and memory, in deviations Y = B - anchor: Y_t = (alpha_t I - eta'_t k_t^T k_t) Y_{t-1}
+    + eta'_t k_t^T (vhat_t - k_t - k_t anchor), eta' = eta / (1 + eta |k|^2); in chunk form one UT transform per
+    chunk and head serves every memory. Reads of the output memory at the per-token state (read before write).
+    """
+    same = snap_b is None
+    snap_b = cur_b if same else snap_b
+    length = q.shape[2]
+    eta = eta * write
+    log_alpha = log_alpha * write
+    z_e = (k - v) if spec.self_modifying else k
+    e = (k - v).unsqueeze(2) + z_e.unsqueeze(2) @ snap_b  # M_s(k) - vhat per memory: (R,H,n,L,d)
+    if spec.self_modifying and spec.detach_self_targets:  # same values; the gradient reaches e through M(k) only
+        mk = k.unsqueeze(2) + k.unsqueeze(2) @ snap_b
+        e = e.detach() + (mk - mk.detach())
+    eta1 = eta / (1 + eta * k.pow(2).sum(-1))  # (R,H,L)
+    decay, to_end, e_prev, e_end = _decays(log_alpha, length)
+    k_y0 = k.unsqueeze(2) @ cur_b
+    q_y0 = q.unsqueeze(2) @ cur_b[:, :, -1:]
+    if anchor_b is not None:
+        k_anchor = _per_memory(k.unsqueeze(2).expand(-1, -1, anchor_b.shape[1], -1, -1), anchor_b)
+        k_y0 = k_y0 - k_anchor
+        q_anchor = _per_head(q, anchor_b[:, -1])
+        q_y0 = q_y0 - q_anchor.unsqueeze(2)
+    k_ys = k_y0 if same else k.unsqueeze(2) @ snap_b - (0 if anchor_b is None else k_anchor)
+    rhs = eta1[:, :, None, :, None] * (k_ys - e - e_prev[:, :, None, :, None] * k_y0)
+    kk = k @ k.transpose(-1, -2)
+    lower = (eta1.unsqueeze(-1) * decay * kk)
+    eye = torch.eye(length, dtype=lower.dtype, device=lower.device).expand_as(lower)
+    ut = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+    u1 = ut.unsqueeze(2) @ rhs  # (R,H,n,L,d)
+    b_end = _plus_product(_decayed_start(cur_b, anchor_b, e_end), k.transpose(-1, -2).unsqueeze(2).expand(
+        -1, -1, cur_b.shape[2], -1, -1), to_end[:, :, None, :, None] * u1)
+    qk = (q @ k.transpose(-1, -2)) * decay
+    o = q + e_prev.unsqueeze(-1) * q_y0[:, :, 0] + qk @ u1[:, :, -1]
+    if anchor_b is not None:
+        o = o + q_anchor
+    if not keep:
+        return o, cur_a, b_end
+    saved = dict(eta=eta, e=e, eta1=eta1, decay=decay, to_end=to_end, e_prev=e_prev, e_end=e_end, k_y0=k_y0,
+                 k_ys=k_ys, q_y0=q_y0, kk=kk, ut=ut, u1=u1, qk=qk)
+    return o, cur_a, b_end, saved
+
+
+def linear_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
+    """The vector-Jacobian product of `linear_chunk_forward`, written out (tested against autograd); returns the
+    gradients in `chunk_backward`'s order."""
+    q, k, v, eta_in, log_alpha_in, write, snap_a, snap_b, cur_a, cur_b, anchor_a, anchor_b = inputs
+    same = snap_b is None
+    snap_b = cur_b if same else snap_b
+    tr = lambda x: x.transpose(-1, -2)  # noqa: E731
+    eta, e, eta1, decay, to_end, e_prev, e_end = (t[n] for n in ("eta", "e", "eta1", "decay", "to_end", "e_prev",
+                                                                 "e_end"))
+    u1, k_y0, k_ys, kk = t["u1"], t["k_y0"], t["k_ys"], t["kk"]
+    ep = e_prev[:, :, None, :, None]
+    # ---- the read: o = q + e_prev * (q @ y0_o) + qk @ u1_o (+ q @ anchor_o), qk = (q k^T) * decay
+    d_q = d_o.clone()
+    d_o_prev = e_prev.unsqueeze(-1) * d_o
+    d_q = d_q + d_o_prev @ tr(cur_b[:, :, -1])
+    d_y0 = torch.zeros_like(cur_b)
+    d_y0[:, :, -1] = tr(q) @ d_o_prev
+    d_g_prev = (d_o * t["q_y0"][:, :, 0]).sum(-1) * e_prev
+    d_u1 = torch.zeros_like(u1)
+    d_u1[:, :, -1] = tr(t["qk"]) @ d_o
+    d_qk_raw = (d_o @ tr(u1[:, :, -1])) * decay
+    d_log_decay = d_qk_raw * (q @ tr(k))
+    d_q = d_q + d_qk_raw @ k
+    d_k = tr(d_qk_raw) @ q
+    d_anchor_b = None
+    if anchor_b is not None:
+        d_q = d_q + _per_head(d_o - d_o_prev, tr(anchor_b[:, -1]))
+        d_anchor_b = torch.zeros_like(anchor_b)
+        d_anchor_b[:, -1] = (tr(q) @ d_o).sum(0)
+    # ---- B: b_end = e_end * y0 + k^T (to_end * u1) (+ anchor)
+    d_start, dot_b = _start_gradient(d_b_end, cur_b, anchor_b, e_end)
+    d_y0 = d_y0 + d_start
+    d_g_end = dot_b.unsqueeze(-1) * e_end
+    d_weighted = k.unsqueeze(2) @ d_b_end  # (R,H,n,L,d)
+    d_k = d_k + ((to_end[:, :, None, :, None] * u1) @ tr(d_b_end)).sum(2)
+    d_u1 = d_u1 + to_end[:, :, None, :, None] * d_weighted
+    d_to_end = (d_weighted * u1).sum((2, 4))
+    d_rhs = tr(t["ut"]).unsqueeze(2) @ d_u1
+    neg_d_lower = ((d_rhs @ tr(u1)).sum(2)) * decay
+    d_eta1 = -(neg_d_lower * kk).sum(-1)
+    neg_d_kk = neg_d_lower * eta1.unsqueeze(-1)
+    d_log_decay = d_log_decay - neg_d_kk * kk
+    d_k = d_k - (neg_d_kk + tr(neg_d_kk)) @ k
+    # rhs = eta1 * w, w = k_ys - e - e_prev * k_y0
+    w = k_ys - e - ep * k_y0
+    d_eta1 = d_eta1 + (d_rhs * w).sum((2, 4))
+    d_w = eta1[:, :, None, :, None] * d_rhs
+    d_e = -d_w
+    d_g_prev = d_g_prev - (d_w * k_y0).sum((2, 4)) * e_prev
+    d_k_y0 = -ep * d_w
+    d_k_ys = d_w
+    if same:
+        d_k_y0 = d_k_y0 + d_k_ys
+    d_k = d_k + (d_k_y0 @ tr(cur_b)).sum(2)
+    d_y0 = d_y0 + tr(k).unsqueeze(2) @ d_k_y0
+    d_snap_b = None
+    if not same:
+        d_k = d_k + (d_k_ys @ tr(snap_b)).sum(2)
+        d_snap_b = tr(k).unsqueeze(2) @ d_k_ys
+    if anchor_b is not None:
+        d_anchor = d_k_y0 if same else d_k_y0 + d_k_ys
+        d_k = d_k - _per_memory(d_anchor, tr(anchor_b)).sum(2)
+        d_anchor_b = d_anchor_b + d_b_end.sum(0) - d_y0.sum(0)
+        if not same:
+            d_anchor_b = d_anchor_b - d_snap_b.sum(0)
+    # ---- eta1 = eta / (1 + eta |k|^2)
+    den = (1 + eta * k.pow(2).sum(-1)).pow(2)
+    d_eta = d_eta1 / den
+    d_k = d_k - (2 * d_eta1 * eta.pow(2) / den).unsqueeze(-1) * k
+    d_log_alpha = _decays_backward(log_alpha_in, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end)
+    # ---- e = (k - v) + z_e @ B_s (z_e = k - v self-modifying, else k)
+    if spec.self_modifying and spec.detach_self_targets:
+        d_mk = d_e
+        d_k = d_k + d_mk.sum(2) + (d_mk @ tr(snap_b)).sum(2)
+        d_v = torch.zeros_like(v)
+        d_sb = tr(k).unsqueeze(2) @ d_mk
+    else:
+        z_e = (k - v) if spec.self_modifying else k
+        d_z = (d_e @ tr(snap_b)).sum(2)
+        d_sb = tr(z_e).unsqueeze(2) @ d_e
+        d_e_sum = d_e.sum(2)
+        d_k = d_k + d_e_sum + d_z
+        d_v = -d_e_sum - (d_z if spec.self_modifying else 0)
+    if same:  # B_s is cur_b itself (not a deviation): the anchor has no share in it
+        d_y0 = d_y0 + d_sb
+    else:
+        d_snap_b = d_snap_b + d_sb
+    return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, None if same else torch.zeros_like(snap_a),
+            d_snap_b, torch.zeros_like(cur_a), d_y0, None if anchor_a is None else torch.zeros_like(anchor_a),
+            d_anchor_b)
+
+
+def chunk_forward(spec: ChunkSpec, *inputs, keep: bool = False):
+    """One chunk of the memory rule for all memories and heads: `mlp_chunk_forward` (residual MLP memories,
+    `spec.depth` 2) or `linear_chunk_forward` (linear memories, depth 1); see those for the arguments."""
+    return (mlp_chunk_forward if spec.depth == 2 else linear_chunk_forward)(spec, *inputs, keep=keep)
+
+
+def chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
+    """The written-out backward of `chunk_forward`: `mlp_chunk_backward` or `linear_chunk_backward`."""
+    return (mlp_chunk_backward if spec.depth == 2 else linear_chunk_backward)(spec, inputs, t, d_o, d_a_end, d_b_end)
 
 
 def generated_chunk_forward(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, snap_a, snap_b, cur_a, cur_b,
@@ -1649,7 +1969,8 @@ class _Layout:
             current_out=current_out,
             chunk_pos=self.offset,
             conv_q=init.conv_q,
-            conv_u=init.conv_u,
+            conv_k=init.conv_k,
+            conv_v=init.conv_v,
         )
 
     def _last_piece_of_row(self):
@@ -1658,7 +1979,7 @@ class _Layout:
             return torch.arange(self.bsz, device=self.offset.device)
         return self.last_piece
 
-    def row_state(self, state: TitansState, final, conv_q, conv_u) -> TitansState:
+    def row_state(self, state: TitansState, final, tails) -> TitansState:
         """The state of each batch row after its last token (rows without real tokens keep theirs)."""
         snap_a, snap_b, cur_a, cur_b = final
         last = self._last_piece_of_row()
@@ -1676,6 +1997,7 @@ class _Layout:
             current_in=pick(cur_a, state.current_in),
             current_out=pick(cur_b, state.current_out),
             chunk_pos=pick(self.end_pos, state.chunk_pos),
-            conv_q=conv_q,
-            conv_u=conv_u,
+            conv_q=tails[0],
+            conv_k=tails[1],
+            conv_v=tails[2],
         )

@@ -17,9 +17,14 @@ def _silu_grad(a):
     return s * (1 + a * (1 - s))
 
 
+def _sigma(a):
+    """The hidden activation of an MLP memory: the l2-normalised SiLU."""
+    return _l2norm(F.silu(a))
+
+
 def _memory(w1, w2, z):
-    """M(z) = z + W1 silu(W2 z)."""
-    return z + w1 @ F.silu(w2 @ z)
+    """M(z) = z + W1 sigma(W2 z), or z + W1 z for a linear memory (W2 None)."""
+    return z + w1 @ (z if w2 is None else _sigma(w2 @ z))
 
 
 def _initial_memories(layer, head):
@@ -27,7 +32,7 @@ def _initial_memories(layer, head):
     p, m = layer.fast_init, layer.memory_dim
     mems = {}
     for i, box in enumerate(layer.boxes):
-        w2 = p.init_in[head][:, i * m : (i + 1) * m].T  # (m, d)
+        w2 = p.init_in[head][:, i * m : (i + 1) * m].T if hasattr(p, "init_in") else None  # (m, d)
         w1 = p.init_out[head, i].T  # (d, m)
         mems[box] = (w1, w2)
     return mems
@@ -42,8 +47,10 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
     H, d, C, K = layer.num_heads, layer.head_dim, layer.chunk_size, layer.kernel_size
     p = layer.fast_init
     bsz, seq_len, _ = x.shape
-    q_in, u_in, g_in = layer.q_proj(x), layer.u_proj(x), layer.g_proj(x)
-    wq, wu = layer.q_conv.weight[:, 0], layer.u_conv.weight[:, 0]  # (ch, K)
+    streams = ("q", "k", "v")  # the query, key and value streams, each through its causal convolution
+    inputs = {name: getattr(layer, f"{name}_proj")(x) for name in streams}
+    weights = {name: getattr(layer, f"{name}_conv").weight[:, 0] for name in streams}  # (ch, K)
+    g_in = layer.g_proj(x)
     anchored = cfg.retention and cfg.retain_toward_init
     outputs, finals = [], []
     for b in range(bsz):
@@ -52,16 +59,14 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
             cur = [dict(mems) for mems in init]
             snap = [dict(mems) for mems in init]
             pos = 0
-            hist_q = [torch.zeros_like(q_in[b, 0]) for _ in range(K - 1)]
-            hist_u = [torch.zeros_like(u_in[b, 0]) for _ in range(K - 1)]
+            hist = {name: [torch.zeros_like(inputs[name][b, 0]) for _ in range(K - 1)] for name in streams}
         else:
             cur, snap = [], []
             for h in range(H):
                 cur.append(_unpack(layer, state.current_in[b, h], state.current_out[b, h]))
                 snap.append(_unpack(layer, state.snapshot_in[b, h], state.snapshot_out[b, h]))
             pos = int(state.chunk_pos[b])
-            hist_q = list(state.conv_q[b].to(q_in.dtype))
-            hist_u = list(state.conv_u[b].to(u_in.dtype))
+            hist = {name: list(getattr(state, f"conv_{name}")[b].to(x.dtype)) for name in streams}
         row_out = []
         for t in range(seq_len):
             real = attention_mask is None or bool(attention_mask[b, attention_mask.shape[1] - seq_len + t] != 0)
@@ -72,22 +77,21 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                 cur = [dict(mems) for mems in init]
                 snap = [dict(mems) for mems in init]
                 pos = 0
-                hist_q = [torch.zeros_like(q_in[b, 0]) for _ in range(K - 1)]
-                hist_u = [torch.zeros_like(u_in[b, 0]) for _ in range(K - 1)]
-            window_q = torch.stack(hist_q + [q_in[b, t]], dim=-1)  # (ch, K), oldest first
-            window_u = torch.stack(hist_u + [u_in[b, t]], dim=-1)
-            hist_q = (hist_q + [q_in[b, t]])[1:] if K > 1 else []
-            hist_u = (hist_u + [u_in[b, t]])[1:] if K > 1 else []
-            q_all = F.silu((window_q * wq).sum(-1))
-            u_all = F.silu((window_u * wu).sum(-1))
+                hist = {name: [torch.zeros_like(inputs[name][b, 0]) for _ in range(K - 1)] for name in streams}
+            conv = {}
+            for name in streams:
+                window = torch.stack(hist[name] + [inputs[name][b, t]], dim=-1)  # (ch, K), oldest first
+                hist[name] = (hist[name] + [inputs[name][b, t]])[1:] if K > 1 else []
+                conv[name] = F.silu((window * weights[name]).sum(-1))
             heads_out = []
             for h in range(H):
-                q = _l2norm(q_all[h * d : (h + 1) * d].to(p.init_in.dtype))
-                u = u_all[h * d : (h + 1) * d].to(p.init_in.dtype)
+                q = _l2norm(conv["q"][h * d : (h + 1) * d].to(p.init_out.dtype))
+                u = conv["k"][h * d : (h + 1) * d].to(p.init_out.dtype)  # the key stream: k, eta, alpha read it
+                u_v = conv["v"][h * d : (h + 1) * d].to(p.init_out.dtype)  # the value stream
                 S, W = snap[h], cur[h]
                 # keys, values, learning rate, retention: from the snapshot memories (Eq. 87, 90)
-                k = _l2norm(_memory(*S["k"], u)) if "k" in S else _l2norm(p.static_k[h].T @ u)
-                v = _l2norm(_memory(*S["v"], u)) if "v" in S else _l2norm(p.static_v[h].T @ u)
+                k = _l2norm(_memory(*S["k"], u)) if "k" in S else _l2norm(u)
+                v = _l2norm(_memory(*S["v"], u_v)) if "v" in S else _l2norm(u_v)
                 eta_src = _memory(*S["eta"], u) if "eta" in S else u
                 eta = cfg.eta_max * torch.sigmoid(p.eta_readout[h] @ eta_src + p.eta_bias[h])
                 if cfg.retention:
@@ -103,22 +107,33 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                     vhat = _memory(w1s, w2s, v) if cfg.self_modifying else v
                     if cfg.detach_self_targets:
                         vhat = vhat.detach()
-                    a = w2s @ k
-                    hid = F.silu(a)
-                    e = k + w1s @ hid - vhat
-                    g1 = torch.outer(e, hid)
-                    g2 = torch.outer((w1s.T @ e) * _silu_grad(a), k)
-                    eta1 = eta / (1 + C * eta * (hid * hid).sum())
-                    eta2 = eta / (1 + C * eta * (_silu_grad(a) ** 2 * (w1s * w1s).sum(0)).sum())
                     w1, w2 = W[box]
-                    w1_0, w2_0 = init[h][box] if anchored else (torch.zeros_like(w1), torch.zeros_like(w2))
-                    if cfg.dgd:
+                    w1_0, w2_0 = init[h][box] if anchored else (torch.zeros_like(w1), None)
+                    if w2s is None:  # a linear memory: the key is its own feature, no first layer
+                        hid = k
+                        w2_new = None
+                    else:
+                        a = w2s @ k
+                        hid = _sigma(a)
+                        e = k + w1s @ hid - vhat
+                        # d sigma / da = (I - hid hid^T) diag(silu'(a)) / |silu(a)|
+                        scale = _silu_grad(a) / torch.sqrt((F.silu(a) ** 2).sum() + 1e-6)
+                        back = w1s.T @ e
+                        g2 = torch.outer((back - hid * (hid @ back)) * scale, k)
+                        eta2 = eta / (1 + C * eta * (scale**2 * (w1s * w1s).sum(0)).sum())
+                        w2_0 = torch.zeros_like(w2) if w2_0 is None else w2_0
+                    eta1 = eta / (1 + eta * (hid * hid).sum())
+                    if w2s is None:
+                        pass
+                    elif cfg.dgd:
                         eta_p = eta / (1 + eta * (k * k).sum())
                         eye = torch.eye(d, dtype=k.dtype)
                         w2_new = w2 @ (alpha * eye - eta_p * torch.outer(k, k)) + (1 - alpha) * w2_0 - eta2 * g2
                     else:
                         w2_new = alpha * w2 + (1 - alpha) * w2_0 - eta2 * g2
-                    w1_new = alpha * w1 + (1 - alpha) * w1_0 - eta1 * g1
+                    # the output layer: DGD at the current weights, a delta rule with key hid
+                    w1_new = (w1 @ (alpha * torch.eye(hid.shape[0], dtype=hid.dtype) - eta1 * torch.outer(hid, hid))
+                              + (1 - alpha) * w1_0 + eta1 * torch.outer(vhat - k, hid))
                     new[box] = (w1_new, w2_new)
                 cur[h] = new
             pos += 1
@@ -135,8 +150,7 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                 "current": [_pack(layer, cur[h]) for h in range(H)],
                 "snapshot": [_pack(layer, snap[h]) for h in range(H)],
                 "chunk_pos": pos,
-                "conv_q": torch.stack(hist_q) if K > 1 else None,
-                "conv_u": torch.stack(hist_u) if K > 1 else None,
+                **{f"conv_{name}": torch.stack(hist[name]) if K > 1 else None for name in streams},
             }
         )
     return torch.stack(outputs), finals
@@ -144,11 +158,13 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
 
 def _unpack(layer, a, b):
     m = layer.memory_dim
-    return {box: (b[i].T, a[:, i * m : (i + 1) * m].T) for i, box in enumerate(layer.boxes)}
+    return {box: (b[i].T, a[:, i * m : (i + 1) * m].T if a.shape[-1] else None) for i, box in enumerate(layer.boxes)}
 
 
 def _pack(layer, mems):
     """{box: (W1, W2)} -> (A (d, n*m), B (n, m, d)) in the fast path's layout."""
+    if mems[layer.boxes[0]][1] is None:  # linear memories: an empty A
+        return mems[layer.boxes[0]][0].new_zeros(layer.head_dim, 0), torch.stack([mems[box][0].T for box in layer.boxes])
     a = torch.cat([mems[box][1].T for box in layer.boxes], dim=-1)
     b = torch.stack([mems[box][0].T for box in layer.boxes])
     return a, b

@@ -28,9 +28,9 @@ def make_layer(dtype=torch.float64, seed=0, **overrides):
     with torch.no_grad():
         layer.fast_init.eta_bias.fill_(1.0)  # eta ~ 0.73 eta_max: large steps
         layer.fast_init.init_out.mul_(2.0)
-        for conv in (layer.q_conv, layer.u_conv):
+        for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
             conv.weight.normal_(0, 0.5)
-        for lin in (layer.q_proj, layer.u_proj, layer.g_proj, layer.o_proj):
+        for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.g_proj, layer.o_proj):
             lin.weight.normal_(0, 0.5)
         if hasattr(layer.fast_init, "alpha_bias"):
             layer.fast_init.alpha_bias.fill_(1.0)  # alpha ~ 0.73: strong retention toward the anchor
@@ -46,7 +46,8 @@ def assert_state_matches(state: TitansState, finals, atol):
             torch.testing.assert_close(state.snapshot_in[b, h], snap_a, atol=atol, rtol=0)
             torch.testing.assert_close(state.snapshot_out[b, h], snap_b, atol=atol, rtol=0)
         torch.testing.assert_close(state.conv_q[b], fin["conv_q"].to(state.conv_q.dtype), atol=atol, rtol=0)
-        torch.testing.assert_close(state.conv_u[b], fin["conv_u"].to(state.conv_u.dtype), atol=atol, rtol=0)
+        for name in ("conv_k", "conv_v"):
+            torch.testing.assert_close(getattr(state, name)[b], fin[name].to(state.conv_q.dtype), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_size, seq_len", [(1, 9), (2, 9), (3, 11), (16, 21), (64, 70)])
@@ -67,6 +68,9 @@ COMBOS = [
     dict(adaptive_k=False, adaptive_v=False),
     dict(adaptive_k=False, detach_self_targets=True),
     dict(self_modifying=False, dgd=False, retain_toward_init=False),
+    dict(memory_depth=1),
+    dict(memory_depth=1, self_modifying=False),
+    dict(memory_depth=1, retention=False, detach_self_targets=True),
 ]
 
 
@@ -84,16 +88,12 @@ def test_switches_equal_reference_with_gradients(switches):
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     for name, g_fast, g_ref in zip(names, fast_grads, ref_grads):
         assert g_fast is not None, f"{name} gets no gradient"  # every parameter is used (DDP needs that)
+        if g_ref is None:  # detached targets: the value stream reaches the loss only through them
+            assert layer.config.detach_self_targets and name.startswith("v_"), name
+            g_ref = torch.zeros_like(g_fast)
         torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
     if not layer.config.detach_self_targets:  # a detached target is a deliberate gradient change: no finite-difference match
         assert torch.autograd.gradcheck(lambda z: layer.forward_with_state(z)[0], (x,), eps=1e-6, atol=1e-7)
-
-
-def test_static_values_with_detached_targets_is_rejected():
-    # v would feed only detached targets: its projection could never learn (and DDP would see an unused parameter);
-    # the config refuses it, so that a saved config never fails only when its model is built
-    with pytest.raises(ValueError, match="detach_self_targets"):
-        small_config(adaptive_v=False, detach_self_targets=True)
 
 
 def test_switches_change_what_they_name():
@@ -106,7 +106,10 @@ def test_switches_change_what_they_name():
     no_ret = HopeSelfModifyingTitans(cfg(retention=False), 0).fast_init
     assert not hasattr(no_ret, "alpha_readout") and not hasattr(no_ret, "alpha_bias")
     static = HopeSelfModifyingTitans(cfg(self_modifying=False), 0).fast_init
-    assert static.static_k.shape == (2, 4, 4) and static.static_v.shape == (2, 4, 4)
+    assert [name for name, _ in static.named_parameters()] == ["init_in", "init_out", "eta_readout", "eta_bias",
+                                                               "alpha_readout", "alpha_bias"]
+    linear = HopeSelfModifyingTitans(cfg(memory_depth=1), 0).fast_init
+    assert not hasattr(linear, "init_in") and linear.init_out.shape == (2, 5, 4, 4)  # (heads, memories, d, d)
     # detach_self_targets changes gradients only, not values
     x = torch.randn(1, 7, 8, dtype=torch.float64)
     a, b = make_layer(seed=1), make_layer(seed=1, detach_self_targets=True)
@@ -311,9 +314,9 @@ def test_reduced_precision_keeps_fast_weights_in_float32():
     x = torch.randn(2, 10, 8)
     ref, state32 = layer.forward_with_state(x)
     layer_bf16 = make_layer(dtype=torch.float32)
-    layer_bf16.q_proj.to(torch.bfloat16), layer_bf16.u_proj.to(torch.bfloat16)
-    layer_bf16.g_proj.to(torch.bfloat16), layer_bf16.o_proj.to(torch.bfloat16)
-    layer_bf16.q_conv.to(torch.bfloat16), layer_bf16.u_conv.to(torch.bfloat16)
+    for module in (layer_bf16.q_proj, layer_bf16.k_proj, layer_bf16.v_proj, layer_bf16.g_proj, layer_bf16.o_proj,
+                   layer_bf16.q_conv, layer_bf16.k_conv, layer_bf16.v_conv):
+        module.to(torch.bfloat16)
     out, state = layer_bf16.forward_with_state(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert state.current_in.dtype == torch.float32 and state.current_out.dtype == torch.float32
@@ -353,7 +356,7 @@ def test_long_stream_is_stable_and_alive():
     torch.manual_seed(0)
     layer = HopeSelfModifyingTitans(cfg, 0)
     layer.init_memory_weights()
-    for lin in (layer.q_proj, layer.u_proj, layer.g_proj, layer.o_proj):
+    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.g_proj, layer.o_proj):
         torch.nn.init.normal_(lin.weight, 0, cfg.initializer_range)
     with torch.no_grad():
         layer.fast_init.eta_bias.fill_(30.0)  # sigmoid(30) = 1: every step at eta_max
@@ -480,9 +483,11 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot)
     log_alpha = (-torch.rand(3, H, length, dtype=torch.float64, generator=gen)).requires_grad_()
     write = torch.ones(3, 1, length, dtype=torch.float64)
     write[1, 0, 0] = 0  # a pad position
-    snap_a, cur_a = rand(3, H, d, n * m, scale=0.5), rand(3, H, d, n * m, scale=0.5)
+    first = n * m if spec.depth == 2 else 0  # linear memories: an empty first layer
+    snap_a, cur_a = rand(3, H, d, first, scale=0.5), rand(3, H, d, first, scale=0.5)
     snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
-    anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
+    anchors = ((rand(H, d, first, scale=0.5) if first else None), rand(H, n, m, d, scale=0.5)) \
+        if spec.retain_toward_init else (None, None)
     if snapshot == "current":
         snap_a, snap_b = cur_a, cur_b
     inputs = (q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, *anchors)
@@ -531,12 +536,14 @@ def test_hand_written_generation_backward_equals_autograd(switches, length, snap
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
 
-    q, u = rand(3, H, length, d), rand(3, H, length, d)
+    q, u = rand(3, H, length, d), rand(3, H, length, 2 * d)  # u: the key and value streams side by side
     write = torch.ones(3, 1, length, dtype=torch.float64)
     write[2, 0, -1] = 0
-    snap_a, cur_a = rand(3, H, d, n * m, scale=0.5), rand(3, H, d, n * m, scale=0.5)
+    first = n * m if spec.depth == 2 else 0  # linear memories: an empty first layer
+    snap_a, cur_a = rand(3, H, d, first, scale=0.5), rand(3, H, d, first, scale=0.5)
     snap_b, cur_b = rand(3, H, n, m, d, scale=0.5), rand(3, H, n, m, d, scale=0.5)
-    anchors = (rand(H, d, n * m, scale=0.5), rand(H, n, m, d, scale=0.5)) if spec.retain_toward_init else (None, None)
+    anchors = ((rand(H, d, first, scale=0.5) if first else None), rand(H, n, m, d, scale=0.5)) \
+        if spec.retain_toward_init else (None, None)
     params = [None if p is None else p.detach().clone().requires_grad_() for p in layer._generate_parameters()]
     if snapshot == "current":
         snap_a, snap_b = cur_a, cur_b
@@ -549,7 +556,8 @@ def test_hand_written_generation_backward_equals_autograd(switches, length, snap
     for got, want in zip(outputs, outputs_ref):
         torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in outputs]
-    wrt = list({id(t): t for t in (q, u, *weights_in, *params) if t is not None and t.requires_grad}.values())
+    wrt = list({id(t): t for t in (q, u, *weights_in, *params)
+                if t is not None and t.requires_grad and t.numel()}.values())  # (linear memories: an empty A)
     ref = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs_ref)), wrt, allow_unused=True)
     got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, outputs)), wrt, allow_unused=True)
     for i, (g, r) in enumerate(zip(got, ref)):

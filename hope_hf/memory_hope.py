@@ -29,9 +29,11 @@ __all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes"]
 
 logger = logging.get_logger(__name__)
 
-# Initial gate biases (DESIGN §2.2): alpha = sigmoid(5) ~ 0.993 retains, eta = eta_max * sigmoid(-4) ~ 0.018 eta_max.
+# Initial gate biases: alpha = sigmoid(5) ~ 0.993 retains; the output memory's eta = eta_max * sigmoid(0) = eta_max / 2,
+# the other memories' eta_max * sigmoid(-4) ~ 0.018 eta_max (docs/design.md, "Initialisation").
 ALPHA_BIAS_INIT = 5.0
-ETA_BIAS_INIT = -4.0
+ETA_BIAS_INIT = 0.0
+AUX_ETA_BIAS_INIT = -4.0
 NORM_EPS = 1e-6
 
 
@@ -109,8 +111,9 @@ class _FastInit(nn.Module):
         if config.memory_depth == 2:
             self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # initial A = W2^T of every memory
         self.init_out = nn.Parameter(empty(num_heads, n, m, d))  # initial B = W1^T of every memory
-        self.eta_readout = nn.Parameter(empty(num_heads, d))
-        self.eta_bias = nn.Parameter(empty(num_heads))
+        # one learning rate per memory, each read from the learning-rate memory by its own readout
+        self.eta_readout = nn.Parameter(empty(num_heads, n, d))
+        self.eta_bias = nn.Parameter(empty(num_heads, n))
         if config.retention:
             self.alpha_readout = nn.Parameter(empty(num_heads, d))
             self.alpha_bias = nn.Parameter(empty(num_heads))
@@ -125,7 +128,12 @@ class _FastInit(nn.Module):
             init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
         init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
         init.normal_(self.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
-        init.constant_(self.eta_bias, ETA_BIAS_INIT)
+        # the output memory writes at eta_max / 2 from the start; the memories that generate k, v and the gates
+        # (stored before it) start nearly frozen, so that keys and values are stable while the model learns to
+        # use them
+        bias = torch.full_like(self.eta_bias, AUX_ETA_BIAS_INIT)
+        bias[:, -1] = ETA_BIAS_INIT
+        init.copy_(self.eta_bias, bias)
         if hasattr(self, "alpha_readout"):
             init.normal_(self.alpha_readout, mean=0.0, std=1.0 / math.sqrt(d))
             init.constant_(self.alpha_bias, ALPHA_BIAS_INIT)
@@ -564,7 +572,7 @@ def generate(spec: GenerateSpec, u, snap_a, snap_b, eta_readout, eta_bias, alpha
         alpha_pre = _gate_readout(spec, "alpha", uk, hid, snap_b, alpha_readout, alpha_bias)
         log_alpha = F.logsigmoid(alpha_pre)
     else:
-        log_alpha = torch.zeros_like(eta)
+        log_alpha = eta.new_zeros(eta.shape[:-1])
     if not keep:
         return k, v, eta, log_alpha
     saved = dict(sig=sig, raw=raw, hid=hid, k_raw=k_raw, v_raw=v_raw, k=k, v=v, eta_gate=eta_gate, alpha_pre=alpha_pre)
@@ -577,31 +585,37 @@ def _vector_memories(spec: GenerateSpec) -> int:
 
 
 def _gate_readout(spec: GenerateSpec, name, u, hid, snap_b, readout, bias):
-    """A gate's pre-activation <src, w> + bias (R, H, L), src = u or, where the gate is adaptive, its memory's
-    output u + silu(u A) B, taken as <u, w> + silu(u A) (B w) (hid: the memories' silu(u A))."""
+    """A gate's pre-activations <src, w_g> + b_g (R, H, L, G) for readouts w (H, G, d) and biases (H, G) ((R, H, L)
+    for a readout (H, d)), src = u or, where the gate is adaptive, its memory's output u + h B, taken as
+    <u, w> + h (B w) (hid: the memories' hidden features h)."""
     w = fp32(readout)
-    value = (u * w[:, None]).sum(-1) + fp32(bias)[:, None]
+    single = w.dim() == 2
+    w = w.unsqueeze(1) if single else w  # (H, G, d)
+    value = torch.einsum("rhld,hgd->rhlg", u, w) + fp32(bias).view(w.shape[0], -1)[:, None]
     if name in spec.boxes:
         j, m = spec.boxes.index(name), spec.memory_dim
-        value = value + (hid[..., j * m : (j + 1) * m] * (snap_b[:, :, j] * w[:, None]).sum(-1, True).mT).sum(-1)
-    return value
+        value = value + hid[..., j * m : (j + 1) * m] @ (snap_b[:, :, j] @ w.transpose(-1, -2))
+    return value.squeeze(-1) if single else value
 
 
 def _gate_readout_backward(spec: GenerateSpec, name, u, hid, snap_b, readout, d_value, d_hid, d_snap_b):
-    """The backward of `_gate_readout` for d_value (R, H, L): returns the gradients of u (its direct part) and of
-    the readout and bias; the memory's hidden gradient goes into `d_hid` (a dict by memory index), its B's into
-    `d_snap_b`."""
+    """The backward of `_gate_readout` for d_value: returns the gradients of u (its direct part) and of the readout
+    and bias; the memory's hidden gradient goes into `d_hid` (a dict by memory index), its B's into `d_snap_b`."""
     w = fp32(readout)
-    d_u = d_value.unsqueeze(-1) * w[:, None]
-    d_w = (d_value.unsqueeze(-1) * u).sum((0, 2))
+    single = w.dim() == 2
+    w = w.unsqueeze(1) if single else w  # (H, G, d)
+    d_value = d_value.unsqueeze(-1) if single else d_value  # (R, H, L, G)
+    d_u = torch.einsum("rhlg,hgd->rhld", d_value, w)
+    d_w = torch.einsum("rhlg,rhld->hgd", d_value, u)
     if name in spec.boxes:
         j, m = spec.boxes.index(name), spec.memory_dim
         b = snap_b[:, :, j]  # (R,H,m,d)
-        d_hid[j] = d_value.unsqueeze(-1) * (b * w[:, None]).sum(-1).unsqueeze(-2)
-        weighted = (hid[..., j * m : (j + 1) * m] * d_value.unsqueeze(-1)).sum(2).unsqueeze(-1)  # sum_t d_t h_t
-        d_w = d_w + (weighted * b).sum((0, 2))
-        d_snap_b[:, :, j].addcmul_(weighted, w.unsqueeze(-2))  # += sum_t h_t^T (d_t w): rank one
-    return d_u, d_w, d_value.sum((0, 2))
+        d_hid[j] = d_value @ (b @ w.transpose(-1, -2)).transpose(-1, -2)
+        weighted = hid[..., j * m : (j + 1) * m].transpose(-1, -2) @ d_value  # sum_t h_t^T d_t: (R,H,m,G)
+        d_w = d_w + torch.einsum("rhmg,rhmd->hgd", weighted, b)
+        d_snap_b[:, :, j].add_(weighted @ w)
+    d_bias = d_value.sum((0, 2))
+    return d_u, (d_w.squeeze(1) if single else d_w), (d_bias.squeeze(-1) if single else d_bias)
 
 
 def _l2norm_backward(y, x, d_y):
@@ -1131,7 +1145,7 @@ def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, s
     length = q.shape[2]  # C, or fewer for a piece that starts or ends inside a chunk
     # a snapshot that is the current weights: the keys' product with them is among the targets'
     same, snap_a, snap_b = _snapshot_weights(snap_a, snap_b, cur_a, cur_b)
-    eta = eta * write  # pad tokens: no write ...
+    eta = eta * write.unsqueeze(-1)  # pad tokens: no write ...
     log_alpha = log_alpha * write  # ... and no decay
 
     # self-generated targets (Eq. 84) or, without self-modification, the value itself; the gradients of
@@ -1162,13 +1176,12 @@ def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, s
         delta = b_e * dpre
 
     # step sizes: DGD's curvature normalisation, and by the C gradients taken at one snapshot
-    eta_n = eta.unsqueeze(-1)
     h_sq = h.pow(2).sum(-1)
-    eta1 = eta_n / (1 + eta_n * h_sq)  # the exact (proximal) step of the output layer's delta rule
+    eta1 = eta / (1 + eta * h_sq)  # the exact (proximal) step of the output layer's delta rule: (R,H,L,n)
     col_norms = snap_b.pow(2).sum(-1)  # |W1_s[:, j]|^2: (R,H,n,m)
     dpre_sq = dpre.pow(2)
     curv = (dpre_sq * col_norms.unsqueeze(2)).sum(-1)
-    eta2 = eta_n / (1 + C * eta_n * curv)
+    eta2 = eta / (1 + C * eta * curv)
 
     # decays in log space: gamma_t = prod_{i<=t} alpha_i
     # One token with nothing kept (decoding): no pair i < t inside the piece, so the decay matrix, the triangular
@@ -1185,29 +1198,31 @@ def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, s
         to_end = torch.exp(g_end - g)  # gamma_L / gamma_i
         e_prev, e_end = torch.exp(g_prev), torch.exp(g_end)
 
-    # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule)
-    force = -(eta2.unsqueeze(-1) * delta).flatten(-2)  # (R,H,L,n*m)
+    # ---- W2 (A): X_t = (alpha_t I - eta'_t k_t k_t^T) X_{t-1} + k_t u_t, X = A - anchor (gated delta rule), per
+    # memory (each has its own learning rate): the memories' blocks as (R,H,L,n,m)
+    force = -(eta2.unsqueeze(-1) * delta)  # (R,H,L,n,m)
     eta_p = k_anchor = k_x0 = kk = ut = None
     if spec.dgd:
-        eta_p = eta / (1 + eta * k.pow(2).sum(-1))  # the erase
+        eta_p = eta / (1 + eta * k.pow(2).sum(-1, keepdim=True))  # the erase: (R,H,L,n)
         if spec.retain_toward_init:
-            k_anchor = _per_head(k, anchor_a)
+            k_anchor = _per_head(k, anchor_a).unflatten(-1, (n, m))
             force = force - eta_p.unsqueeze(-1) * k_anchor
-        k_cur = pre_all[:, :, first_k:].flatten(-2) if same else k @ cur_a
+        k_cur = pre_all[:, :, first_k:] if same else (k @ cur_a).unflatten(-1, (n, m))
         k_x0 = k_cur if k_anchor is None else k_cur - k_anchor  # k @ x0
         if single:
             r = force - eta_p.unsqueeze(-1) * k_x0
         else:
-            rhs = force - (eta_p * e_prev).unsqueeze(-1) * k_x0
+            rhs = force - (eta_p * e_prev.unsqueeze(-1)).unsqueeze(-1) * k_x0
             kk = k @ k.transpose(-1, -2)
-            lower = eta_p.unsqueeze(-1) * decay * kk
+            lower = eta_p.transpose(2, 3).unsqueeze(-1) * (decay * kk).unsqueeze(2)  # (R,H,n,L,L)
             # UT transform: r = (I + lower)^-1 rhs, through the (L, L) inverse (one solve against the identity and a
-            # product: a solve against the n*m-wide rhs runs at a few GFLOP/s); backward reuses it transposed
+            # product: a solve against the m-wide rhs runs at a few GFLOP/s); backward reuses it transposed
             eye = torch.eye(length, dtype=lower.dtype, device=lower.device).expand_as(lower)
             ut = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-            r = ut @ rhs
+            r = (ut @ rhs.transpose(2, 3)).transpose(2, 3)
     else:
         r = force
+    r = r.flatten(-2)  # (R,H,L,n*m)
     # a_end = e_end x0 + k^T (to_end r) (+ anchor_a): the product accumulates into the decayed start
     a_end = _plus_product(_decayed_start(cur_a, anchor_a, e_end), k.transpose(-1, -2),
                           r if single else to_end.unsqueeze(-1) * r)
@@ -1397,38 +1412,40 @@ def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     if retain:
         d_anchor_a = d_a_end.sum(0)
         d_anchor_a[..., sl_o].add_(d_anchor_a_o)
+    d_r = d_r.unflatten(-1, (n, m))  # per memory: (R,H,L,n,m)
     if spec.dgd:
         eta_p, k_x0, kk = t["eta_p"], t["k_x0"], t["kk"]
-        d_rhs = tr(t["ut"]) @ d_r  # (I + lower)^-T d_r
+        r_n = r.unflatten(-1, (n, m)).transpose(2, 3)  # (R,H,n,L,m)
+        d_rhs = tr(t["ut"]) @ d_r.transpose(2, 3)  # (I + lower)^-T d_r, per memory
         # lower = eta_p * decay * kk; its gradient is -(d_rhs r^T), strictly lower (the factor decay sees to it)
-        neg_d_lower = (d_rhs @ tr(r)) * decay
-        d_eta_p = -(neg_d_lower * kk).sum(-1)
-        neg_d_kk = neg_d_lower * eta_p.unsqueeze(-1)
+        neg_d_lower = (d_rhs @ tr(r_n)) * decay.unsqueeze(2)  # (R,H,n,L,L)
+        d_eta_p = -(neg_d_lower * kk.unsqueeze(2)).sum(-1).transpose(2, 3)  # (R,H,L,n)
+        neg_d_kk = (neg_d_lower * eta_p.transpose(2, 3).unsqueeze(-1)).sum(2)
         d_log_decay = d_log_decay - neg_d_kk * kk
         d_k = d_k - (neg_d_kk + tr(neg_d_kk)) @ k
-        d_force = d_rhs
-        coef = eta_p * e_prev
-        d_coef = -(d_rhs * k_x0).sum(-1)
-        d_eta_p = d_eta_p + d_coef * e_prev
-        d_g_prev = d_g_prev + d_coef * coef
-        d_k_x0 = -coef.unsqueeze(-1) * d_rhs
+        d_force = d_rhs.transpose(2, 3)  # (R,H,L,n,m)
+        coef = eta_p * e_prev.unsqueeze(-1)
+        d_coef = -(d_force * k_x0).sum(-1)
+        d_eta_p = d_eta_p + d_coef * e_prev.unsqueeze(-1)
+        d_g_prev = d_g_prev + (d_coef * coef).sum(-1)
+        d_k_x0 = -coef.unsqueeze(-1) * d_force
         if not same:  # (else k @ cur_a is in the snapshot's product, whose gradients come below)
-            d_k = d_k + d_k_x0 @ tr(cur_a)
-            d_x0 = _plus_product(d_x0, tr(k), d_k_x0)
+            d_k = d_k + d_k_x0.flatten(-2) @ tr(cur_a)
+            d_x0 = _plus_product(d_x0, tr(k), d_k_x0.flatten(-2))
         if retain:
             d_k_anchor = -eta_p.unsqueeze(-1) * d_force
-            d_k = d_k + _per_head(d_k_anchor - d_k_x0, tr(anchor_a))
+            d_k = d_k + _per_head((d_k_anchor - d_k_x0).flatten(-2), tr(anchor_a))
             # the anchor's share of k @ x0: through d_x0 below, or here where d_x0 has not got it
-            d_anchor_a = d_anchor_a + (tr(k) @ (d_k_anchor - d_k_x0 if same else d_k_anchor)).sum(0)
+            d_anchor_a = d_anchor_a + (tr(k) @ (d_k_anchor - d_k_x0 if same else d_k_anchor).flatten(-2)).sum(0)
             d_eta_p = d_eta_p - (d_force * t["k_anchor"]).sum(-1)
         # eta_p = eta / (1 + eta |k|^2)
-        den = (1 + eta * k.pow(2).sum(-1)).pow(2)
+        k_sq = k.pow(2).sum(-1, keepdim=True)
+        den = (1 + eta * k_sq).pow(2)
         d_eta = d_eta_p / den
-        d_k = d_k - (2 * d_eta_p * eta.pow(2) / den).unsqueeze(-1) * k
+        d_k = d_k - (2 * d_eta_p * eta.pow(2) / den).sum(-1, keepdim=True) * k
     else:
         d_force = d_r
         d_eta = torch.zeros_like(eta)
-    d_force = d_force.unflatten(-1, (n, m))
     d_delta = -t["eta2"].unsqueeze(-1) * d_force
     d_eta2 = -(d_force * t["delta"]).sum(-1)
     d_cur_a = d_x0
@@ -1445,14 +1462,13 @@ def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_g = d_g + d_g_prev
     d_log_alpha = d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
 
-    # ---- step sizes: eta1 = eta / (1 + eta |h|^2), eta2 = eta / (1 + C eta curv)
-    eta_n = eta.unsqueeze(-1)
-    den1 = (1 + eta_n * t["h_sq"]).pow(2)
-    d_eta = d_eta + (d_eta1 / den1).sum(-1)
-    d_h = d_h + (-2 * d_eta1 * eta_n.pow(2) / den1).unsqueeze(-1) * h
-    den2 = (1 + C * eta_n * t["curv"]).pow(2)
-    d_eta = d_eta + (d_eta2 / den2).sum(-1)
-    d_curv = -C * d_eta2 * eta_n.pow(2) / den2
+    # ---- step sizes (per memory): eta1 = eta / (1 + eta |h|^2), eta2 = eta / (1 + C eta curv)
+    den1 = (1 + eta * t["h_sq"]).pow(2)
+    d_eta = d_eta + d_eta1 / den1
+    d_h = d_h + (-2 * d_eta1 * eta.pow(2) / den1).unsqueeze(-1) * h
+    den2 = (1 + C * eta * t["curv"]).pow(2)
+    d_eta = d_eta + d_eta2 / den2
+    d_curv = -C * d_eta2 * eta.pow(2) / den2
     dpre = t["dpre"]
     d_dpre = (2 * d_curv).unsqueeze(-1) * dpre * t["col_norms"].unsqueeze(2)
     d_col = (d_curv.unsqueeze(-1) * t["dpre_sq"]).sum(2)
@@ -1508,7 +1524,7 @@ def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_pre_all = d_raw_all * torch.addcmul(sig_all, raw_all, 1 - sig_all)  # silu'
     d_pre_all[:, :, keys].addcmul_(d_dpre, silu_grad2)
     if same and spec.dgd:  # k_x0 = (the keys' rows of pre_all) - k_anchor
-        d_pre_all[:, :, d_pre_all.shape[2] - length :].add_(d_k_x0.unflatten(-1, (n, m)))
+        d_pre_all[:, :, keys].add_(d_k_x0)
     d_pre_all = d_pre_all.flatten(-2)
     d_z = d_pre_all @ tr(snap_a)
     d_snap_a = _plus_product(d_cur_a, tr(z), d_pre_all) if same else tr(z) @ d_pre_all
@@ -1521,7 +1537,7 @@ def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_v = d_z[:, :, :length] - d_e_sum
     if same:
         d_snap_a = d_snap_b = None
-    return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
+    return (d_q, d_k, d_v, d_eta * write.unsqueeze(-1), d_log_alpha * write, d_snap_a, d_snap_b, d_cur_a, d_cur_b,
             d_anchor_a, d_anchor_b)
 
 
@@ -1563,14 +1579,14 @@ def linear_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a
     same = snap_b is None
     snap_b = cur_b if same else snap_b
     length = q.shape[2]
-    eta = eta * write
+    eta = eta * write.unsqueeze(-1)
     log_alpha = log_alpha * write
     z_e = (k - v) if spec.self_modifying else k
     e = (k - v).unsqueeze(2) + z_e.unsqueeze(2) @ snap_b  # M_s(k) - vhat per memory: (R,H,n,L,d)
     if spec.self_modifying and spec.detach_self_targets:  # same values; the gradient reaches e through M(k) only
         mk = k.unsqueeze(2) + k.unsqueeze(2) @ snap_b
         e = e.detach() + (mk - mk.detach())
-    eta1 = eta / (1 + eta * k.pow(2).sum(-1))  # (R,H,L)
+    eta1 = (eta / (1 + eta * k.pow(2).sum(-1, keepdim=True))).transpose(2, 3)  # per memory: (R,H,n,L)
     decay, to_end, e_prev, e_end = _decays(log_alpha, length)
     k_y0 = k.unsqueeze(2) @ cur_b
     q_y0 = q.unsqueeze(2) @ cur_b[:, :, -1:]
@@ -1580,12 +1596,12 @@ def linear_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a
         q_anchor = _per_head(q, anchor_b[:, -1])
         q_y0 = q_y0 - q_anchor.unsqueeze(2)
     k_ys = k_y0 if same else k.unsqueeze(2) @ snap_b - (0 if anchor_b is None else k_anchor)
-    rhs = eta1[:, :, None, :, None] * (k_ys - e - e_prev[:, :, None, :, None] * k_y0)
+    rhs = eta1.unsqueeze(-1) * (k_ys - e - e_prev[:, :, None, :, None] * k_y0)
     kk = k @ k.transpose(-1, -2)
-    lower = (eta1.unsqueeze(-1) * decay * kk)
+    lower = eta1.unsqueeze(-1) * (decay * kk).unsqueeze(2)  # (R,H,n,L,L)
     eye = torch.eye(length, dtype=lower.dtype, device=lower.device).expand_as(lower)
     ut = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-    u1 = ut.unsqueeze(2) @ rhs  # (R,H,n,L,d)
+    u1 = ut @ rhs  # (R,H,n,L,d)
     b_end = _plus_product(_decayed_start(cur_b, anchor_b, e_end), k.transpose(-1, -2).unsqueeze(2).expand(
         -1, -1, cur_b.shape[2], -1, -1), to_end[:, :, None, :, None] * u1)
     qk = (q @ k.transpose(-1, -2)) * decay
@@ -1636,16 +1652,16 @@ def linear_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_k = d_k + ((to_end[:, :, None, :, None] * u1) @ tr(d_b_end)).sum(2)
     d_u1 = d_u1 + to_end[:, :, None, :, None] * d_weighted
     d_to_end = (d_weighted * u1).sum((2, 4))
-    d_rhs = tr(t["ut"]).unsqueeze(2) @ d_u1
-    neg_d_lower = ((d_rhs @ tr(u1)).sum(2)) * decay
-    d_eta1 = -(neg_d_lower * kk).sum(-1)
-    neg_d_kk = neg_d_lower * eta1.unsqueeze(-1)
+    d_rhs = tr(t["ut"]) @ d_u1
+    neg_d_lower = (d_rhs @ tr(u1)) * decay.unsqueeze(2)  # (R,H,n,L,L)
+    d_eta1 = -(neg_d_lower * kk.unsqueeze(2)).sum(-1)  # (R,H,n,L)
+    neg_d_kk = (neg_d_lower * eta1.unsqueeze(-1)).sum(2)
     d_log_decay = d_log_decay - neg_d_kk * kk
     d_k = d_k - (neg_d_kk + tr(neg_d_kk)) @ k
     # rhs = eta1 * w, w = k_ys - e - e_prev * k_y0
     w = k_ys - e - ep * k_y0
-    d_eta1 = d_eta1 + (d_rhs * w).sum((2, 4))
-    d_w = eta1[:, :, None, :, None] * d_rhs
+    d_eta1 = d_eta1 + (d_rhs * w).sum(-1)
+    d_w = eta1.unsqueeze(-1) * d_rhs
     d_e = -d_w
     d_g_prev = d_g_prev - (d_w * k_y0).sum((2, 4)) * e_prev
     d_k_y0 = -ep * d_w
@@ -1664,10 +1680,11 @@ def linear_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_anchor_b = d_anchor_b + d_b_end.sum(0) - d_y0.sum(0)
         if not same:
             d_anchor_b = d_anchor_b - d_snap_b.sum(0)
-    # ---- eta1 = eta / (1 + eta |k|^2)
-    den = (1 + eta * k.pow(2).sum(-1)).pow(2)
+    # ---- eta1 = eta / (1 + eta |k|^2), per memory
+    d_eta1 = d_eta1.transpose(2, 3)  # (R,H,L,n)
+    den = (1 + eta * k.pow(2).sum(-1, keepdim=True)).pow(2)
     d_eta = d_eta1 / den
-    d_k = d_k - (2 * d_eta1 * eta.pow(2) / den).unsqueeze(-1) * k
+    d_k = d_k - (2 * d_eta1 * eta.pow(2) / den).sum(-1, keepdim=True) * k
     d_log_alpha = _decays_backward(log_alpha_in, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end)
     # ---- e = (k - v) + z_e @ B_s (z_e = k - v self-modifying, else k)
     if spec.self_modifying and spec.detach_self_targets:
@@ -1686,7 +1703,7 @@ def linear_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_y0 = d_y0 + d_sb
     else:
         d_snap_b = d_snap_b + d_sb
-    return (d_q, d_k, d_v, d_eta * write, d_log_alpha * write, None if same else torch.zeros_like(snap_a),
+    return (d_q, d_k, d_v, d_eta * write.unsqueeze(-1), d_log_alpha * write, None if same else torch.zeros_like(snap_a),
             d_snap_b, torch.zeros_like(cur_a), d_y0, None if anchor_a is None else torch.zeros_like(anchor_a),
             d_anchor_b)
 

@@ -93,7 +93,7 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                 k = _l2norm(_memory(*S["k"], u)) if "k" in S else _l2norm(u)
                 v = _l2norm(_memory(*S["v"], u_v)) if "v" in S else _l2norm(u_v)
                 eta_src = _memory(*S["eta"], u) if "eta" in S else u
-                eta = cfg.eta_max * torch.sigmoid(p.eta_readout[h] @ eta_src + p.eta_bias[h])
+                etas = cfg.eta_max * torch.sigmoid(p.eta_readout[h] @ eta_src + p.eta_bias[h])  # one per memory
                 if cfg.retention:
                     alpha_src = _memory(*S["alpha"], u) if "alpha" in S else u
                     alpha = torch.sigmoid(p.alpha_readout[h] @ alpha_src + p.alpha_bias[h])
@@ -102,7 +102,7 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                 # read before write (Eq. 86), at the per-token state
                 heads_out.append(_memory(*W["o"], q))
                 new = {}
-                for box in layer.boxes:
+                for box, eta in zip(layer.boxes, etas):
                     w1s, w2s = S[box]
                     vhat = _memory(w1s, w2s, v) if cfg.self_modifying else v
                     if cfg.detach_self_targets:

@@ -377,7 +377,10 @@ def test_long_stream_is_stable_and_alive():
     assert torch.isfinite(out).all() and torch.isfinite(state.current_in).all() and torch.isfinite(state.current_out).all()
     for cur, init in ((state.current_in, a0), (state.current_out, b0)):
         ratio = cur.norm(dim=(-2, -1)) / init.norm(dim=(-2, -1))  # per stream and head (and memory for B)
-        assert ratio.max() < 1.5, f"fast weights grew: {ratio.max():.3f}"
+        # exact writes store what they see: the output layers hold up to ~1.6x their initial norm, fluctuating
+        # without a trend between 1K and 65K tokens (a feedback of the self-generated targets grew them to 1e18
+        # before the hidden features were normalised)
+        assert ratio.max() < 2.0, f"fast weights grew: {ratio.max():.3f}"
         assert ratio.min() > 0.2, f"a memory decayed toward zero: {ratio.min():.3f}"
     moved = (state.current_in - a0).flatten(1).norm(dim=1) / a0.norm()
     assert (moved > 0.05).all(), f"a memory never learned anything: {moved.tolist()}"
@@ -479,7 +482,7 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot)
         return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
 
     q, k, v = (rand(3, H, length, d) for _ in range(3))
-    eta = (torch.rand(3, H, length, dtype=torch.float64, generator=gen) * 0.8).requires_grad_()
+    eta = (torch.rand(3, H, length, n, dtype=torch.float64, generator=gen) * 0.8).requires_grad_()  # one per memory
     log_alpha = (-torch.rand(3, H, length, dtype=torch.float64, generator=gen)).requires_grad_()
     write = torch.ones(3, 1, length, dtype=torch.float64)
     write[1, 0, 0] = 0  # a pad position

@@ -245,7 +245,11 @@ def parse_args(argv=None):
             parser.error(f"--grid {length}:{pairs}: the length must be at least 4 x pairs")
         if args.vocab_size // 2 < pairs:
             parser.error(f"--grid {length}:{pairs}: --vocab-size {args.vocab_size} has too few keys")
+    from hope_hf.presets import check_config_fields
+
     try:  # every model's config is valid before anything trains
+        for _, overrides in args.variant:
+            check_config_fields(overrides)
         for width in args.widths:
             for name, overrides in [(m, {}) for m in args.models if m != "llama"] + args.variant:
                 hope_config(name if name in MODELS else "hope", args.vocab_size, width, args.layers, args.heads,

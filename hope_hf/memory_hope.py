@@ -126,7 +126,11 @@ class _FastInit(nn.Module):
         d, m = self.init_out.shape[3], self.init_out.shape[2]
         if hasattr(self, "init_in"):
             init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
-        init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
+            init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
+        else:  # linear memories M(z) = z (I + B): the identity for k, v, eta, alpha, the zero map for the output
+            out = torch.zeros_like(self.init_out)
+            out[:, -1] = -torch.eye(d, dtype=out.dtype, device=out.device)
+            init.copy_(self.init_out, out)
         init.normal_(self.eta_readout, mean=0.0, std=1.0 / math.sqrt(d))
         # the output memory writes at eta_max / 2 from the start; the memories that generate k, v and the gates
         # (stored before it) start nearly frozen, so that keys and values are stable while the model learns to

@@ -125,29 +125,26 @@ def check_config_fields(overrides) -> None:
 def count_parameters(config: HopeConfig) -> int:
     """Number of parameters of `HopeForCausalLM(config)`, computed from the config alone (tied weights once).
 
-    Per layer (D hidden, H heads of size d, m = memory_expansion * d, k = conv_kernel_size):
+    Per layer (D hidden, H heads of size d, m = memory_expansion * d (d for linear memories), k = conv_kernel_size):
       input RMSNorm D;
-      Titans layer: q, u, g, o projections 4 * D * H * d; two depthwise convs 2 * k * H * d; initial states of the
-        n memories (k, v, eta, alpha, o: n = 5 by default) n * 2 * d * m * H; eta / alpha readouts (d + 1) * H each;
-        output RMSNorm d; with ablations, static d x d key / value projections per head;
+      Titans layer: q, k, v, g, o projections 5 * D * H * d; three depthwise convs 3 * k * H * d; initial states of
+        the n memories (k, v, eta, alpha, o: n = 5 by default) n * 2 * d * m * H (n * d * d * H when linear);
+        learning-rate readouts n * (d + 1) * H (one per memory), the retention readout (d + 1) * H; output RMSNorm d;
       attention layer: q, o: D * H * d each, k, v: D * kv_heads * d each, plus biases if `attention_bias`;
       CMS: per level 3 * D * intermediate_size + D (its RMSNorm), plus one weight per level if "independent".
     Plus the embedding V * D, the final RMSNorm D, and an untied lm_head V * D.
     """
     D, H, d = config.hidden_size, config.num_attention_heads, config.head_dim
-    m, k, kv = config.memory_expansion * d, config.conv_kernel_size, config.num_key_value_heads
+    k, kv = config.conv_kernel_size, config.num_key_value_heads
     inner = H * d
 
     n_memories = 1  # the output memory
     if config.self_modifying:
         n_memories += int(config.adaptive_k) + int(config.adaptive_v) + 1 + int(config.retention)  # k, v, eta, alpha
-    titans = 4 * D * inner + 2 * k * inner + n_memories * 2 * d * m * H + (d + 1) * H + d
+    state = 2 * d * config.memory_expansion * d if config.memory_depth == 2 else d * d  # one memory's initial state
+    titans = 5 * D * inner + 3 * k * inner + n_memories * (state + d + 1) * H + d
     if config.retention:
         titans += (d + 1) * H
-    if not (config.self_modifying and config.adaptive_k):
-        titans += H * d * d
-    if not (config.self_modifying and config.adaptive_v):
-        titans += H * d * d
 
     attention = 2 * D * inner + 2 * D * kv * d
     if config.attention_bias:

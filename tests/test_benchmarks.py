@@ -133,3 +133,48 @@ def test_bad_sizes_are_refused_by_name_and_reports_pin_the_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["transformers"] and report["torch"] and report["commit"]
+
+
+def test_recall_quick(tmp_path):
+    """MQAR: every model trains on the same data and reports a learning curve; Llama is sized to HOPE's count."""
+    report = run_quick("recall.py", tmp_path, "--variant", 'chunk4={"chunk_size": 4}')
+    rows = report["results"]
+    assert [r["model"] for r in rows] == ["llama", "hope_attention", "hope", "hope_static", "hope_linear", "chunk4"]
+    assert rows[-1]["overrides"] == {"chunk_size": 4}
+    for row in rows:
+        assert [c["step"] for c in row["curve"]] == [2, 4]
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and math.isfinite(row["test_loss"])
+    params = {r["model"]: r["parameters"] for r in rows}
+    assert abs(params["llama"] - params["hope"]) / params["hope"] < 0.05
+
+
+def test_recall_refuses_bad_options(tmp_path):
+    for args, needle in ((["--grid", "16:8"], "--grid 16:8"), (["--variant", "x={oops"], "not JSON"),
+                         (["--variant", 'x={"chunk_sise": 4}'], "chunk_sise"), (["--widths", "63"], "--widths")):
+        proc = subprocess.run([sys.executable, "recall.py", *args, "--json", ""], cwd=ROOT / "benchmarks",
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr[-1000:])
+
+
+def test_make_mqar_places_each_key_and_its_value():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recall import make_mqar
+
+    ids, targets = make_mqar(50, vocab_size=64, length=40, pairs=4, seed=3)
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        pairs = dict(zip(row[0:8:2], row[1:8:2]))
+        assert len(pairs) == 4 and all(k < 32 <= v for k, v in pairs.items())  # distinct keys, values above
+        asked = [t for t, y in enumerate(tgt) if y != -100]
+        assert len(asked) == 4 and all(t >= 8 for t in asked)
+        for t in asked:  # the key is queried there, its value is the target and comes next
+            assert pairs[row[t]] == tgt[t] == row[t + 1]
+    again, _ = make_mqar(50, vocab_size=64, length=40, pairs=4, seed=3)
+    assert (again == ids).all()
+
+
+def test_language_modeling_quick(tmp_path):
+    report = run_quick("language_modeling.py", tmp_path)
+    assert [r["model"] for r in report["results"]] == ["hope", "hope_attention", "llama"]
+    for row in report["results"]:
+        assert len(row["train_losses"]) == 3 and math.isfinite(row["eval_perplexity"])
+        assert [b["positions"] for b in row["loss_by_position"]] == [[1, 32], [33, 63]]

@@ -175,7 +175,8 @@ BAD_CONFIGS = [
     (dict(vocab_size=256, pad_token_id=-257), "pad_token_id"),
     (dict(initializer_range=float("inf")), "initializer_range"),
     (dict(initializer_range=float("nan")), "initializer_range"),
-    (dict(adaptive_v=False, detach_self_targets=True), "detach_self_targets"),
+    (dict(memory_depth=3), "memory_depth"),
+    (dict(memory_depth=1, dgd=False), "dgd"),
     (dict(rope_parameters={"rope_type": "bogus"}), "rope_type"),
     (dict(rope_parameters={"rope_type": "linear"}), "rope_parameters.*factor"),
 ]

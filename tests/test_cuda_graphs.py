@@ -185,7 +185,8 @@ def test_the_captured_computation_without_gradients_gives_the_layers_reads(overr
     layer = HopeSelfModifyingTitans(small_config("linear", **overrides), 0).double()
     layer.init_memory_weights()
     g = torch.Generator().manual_seed(0)
-    q, u = (torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 4, 14, 16, generator=g, dtype=torch.float64)  # the key and value streams side by side
     real = torch.ones(2, 14, dtype=torch.bool)
     layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
     graph = memory_hope._ScanGraph(layer, q, u, layout, inference=True)
@@ -299,7 +300,7 @@ def test_a_capture_warms_up_twice_then_records(cuda_capture_on_the_cpu, monkeypa
     and backward in training, the forward alone without gradients, under the grad mode each needs)."""
     layer = HopeSelfModifyingTitans(small_config("linear"), 0)
     layer.init_memory_weights()
-    q, u = (torch.randn(2, 4, 8, 8, requires_grad=True) for _ in range(2))
+    q, u = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 16, requires_grad=True)
     real = torch.ones(2, 8, dtype=torch.bool)
     layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
     passes = []
@@ -396,7 +397,7 @@ def test_the_captured_computation_gives_the_layers_reads_and_gradients(overrides
     layer.init_memory_weights()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64, requires_grad=True)  # 4 chunks, the last partial
-    u = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 4, 14, 16, generator=g, dtype=torch.float64, requires_grad=True)  # key and value streams
     real = torch.ones(2, 14, dtype=torch.bool)
     layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
     graph = memory_hope._ScanGraph(layer, q, u, layout)

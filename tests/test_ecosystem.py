@@ -1,8 +1,8 @@
 """HOPE with the rest of the ecosystem: `pipeline("text-generation")`, PEFT LoRA, `torch.compile`.
 
-LoRA target modules of a HOPE model (README "PEFT / LoRA"): `q_proj`, `u_proj`, `g_proj`, `o_proj` (self-modifying
-Titans layers; `q_proj` / `o_proj` also match attention layers), `k_proj`, `v_proj` (attention layers), `gate_proj`,
-`up_proj`, `down_proj` (the SwiGLU MLP of every CMS level).
+LoRA target modules of a HOPE model (README "PEFT / LoRA"): `q_proj`, `k_proj`, `v_proj`, `g_proj`, `o_proj` (self-modifying
+Titans layers; all but `g_proj` also match attention layers), `gate_proj`, `up_proj`, `down_proj` (the SwiGLU MLP of
+every CMS level).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hope_hf import HopeForCausalLM
 from conftest import small_config
 
 
-LORA_TARGETS = ["q_proj", "u_proj", "g_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +56,7 @@ def test_peft_lora_trains_saves_and_reloads(tmp_path):
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     wrapped = {n.split(".base_layer")[0] for n, _ in lora.named_modules() if n.endswith(".base_layer")}
-    for expected in ("layers.0.titans.u_proj", "layers.0.titans.g_proj", "layers.1.self_attn.k_proj",
+    for expected in ("layers.0.titans.k_proj", "layers.0.titans.g_proj", "layers.1.self_attn.k_proj",
                      "layers.0.cms.levels.1.down_proj"):
         assert any(name.endswith(expected) for name in wrapped), expected
     frozen_before = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}

@@ -31,7 +31,7 @@ def make_model(layout, dtype=torch.float64, **overrides):
                 p.fill_(1.0)
             elif name.endswith("alpha_bias"):
                 p.fill_(2.0)
-            elif name.endswith(("q_proj.weight", "u_proj.weight", "k_proj.weight", "v_proj.weight")):
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
                 p.normal_(0, 0.5)
     return model
 

@@ -270,7 +270,11 @@ def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
     (they were left as `torch.empty` memory)."""
     from safetensors.torch import load_file, save_file
 
-    from hope_hf.memory_hope import ALPHA_BIAS_INIT, ETA_BIAS_INIT
+    from hope_hf.memory_hope import ALPHA_BIAS_INIT, AUX_ETA_BIAS_INIT, ETA_BIAS_INIT
+
+    def initial_eta_bias(bias):  # the output memory's (last) and the other memories' initial learning-rate biases
+        return torch.equal(bias[:, -1], torch.full_like(bias[:, -1], ETA_BIAS_INIT)) and torch.equal(
+            bias[:, :-1], torch.full_like(bias[:, :-1], AUX_ETA_BIAS_INIT))
 
     model = HopeForCausalLM(small_config("linear", retention=False))
     with torch.no_grad():
@@ -280,14 +284,16 @@ def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
     head_dim = model.config.head_dim
 
     # a checkpoint with no alpha memory, loaded with one: its readout and bias are new, and every memory's
-    # initial state changes shape (re-initialised by ignore_mismatched_sizes)
+    # initial state and the learning-rate readouts (one per memory) change shape (re-initialised by
+    # ignore_mismatched_sizes)
     grown = HopeForCausalLM.from_pretrained(tmp_path, retention=True, ignore_mismatched_sizes=True)
     for layer, saved in zip(grown.model.layers, model.model.layers):
         fast = layer.titans.fast_init
         assert torch.equal(fast.alpha_bias, torch.full_like(fast.alpha_bias, ALPHA_BIAS_INIT))
         assert fast.alpha_readout.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
         assert fast.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
-        assert torch.equal(fast.eta_bias, saved.titans.fast_init.eta_bias)  # loaded, not re-initialised
+        assert initial_eta_bias(fast.eta_bias)
+        assert torch.equal(layer.titans.q_proj.weight, saved.titans.q_proj.weight)  # loaded, not re-initialised
 
     # keys deleted from the checkpoint
     path = tmp_path / "model.safetensors"
@@ -300,7 +306,7 @@ def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
     reloaded = HopeForCausalLM.from_pretrained(tmp_path)
     titans = reloaded.model.layers[0].titans
     assert titans.fast_init.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
-    assert torch.equal(titans.fast_init.eta_bias, torch.full_like(titans.fast_init.eta_bias, ETA_BIAS_INIT))
+    assert initial_eta_bias(titans.fast_init.eta_bias)
     assert (titans.q_conv.weight[..., -1] - 1).abs().max() < 0.5  # the identity tap plus noise
     params = dict(reloaded.named_parameters())
     for name, value in model.named_parameters():  # everything the checkpoint holds is kept

@@ -15,9 +15,9 @@ with the learning curves.
     python benchmarks/recall.py --quick                           # seconds: a smoke run (CI)
 
 Models: `llama` (LlamaForCausalLM of about HOPE's parameter count), `hope_attention` (every mixer full attention,
-the same CMS), `hope` (all-Titans, default settings), `hope_static` (`self_modifying=False`), `hope_linear`
-(`memory_depth=1`: linear memories, a gated delta rule). `--variant NAME=JSON` adds an all-Titans HOPE with the
-given config fields changed.
+the same CMS), `hope` (all-Titans, default settings: self-modifying, linear memories), `hope_static`
+(`self_modifying=False`), `hope_mlp` (`memory_depth=2`: the paper's residual MLP memories). `--variant NAME=JSON`
+adds an all-Titans HOPE with the given config fields changed.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from _report import check_sizes, save_report
 
-MODELS = ("llama", "hope_attention", "hope", "hope_static", "hope_linear")
+MODELS = ("llama", "hope_attention", "hope", "hope_static", "hope_mlp")
 MODEL_OVERRIDES = {
     "hope": {},
     "hope_static": {"self_modifying": False},
-    "hope_linear": {"memory_depth": 1},
+    "hope_mlp": {"memory_depth": 2},
 }
 
 

@@ -1164,7 +1164,8 @@ def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, s
     pre, sig, h = pre_all[:, :, first_k:], sig_all[:, :, first_k:], h_all[:, :, first_k:]  # the keys' rows
     raw = raw_all[:, :, first_k:]
     # M(k) - M(v) = (k - v) + (silu(k A) - silu(v A)) B: one product with B instead of two
-    h_e = h - h_all[:, :, :length] if spec.self_modifying else h
+    # the other memories regress onto their self-generated targets M_s(v), the output memory onto v itself
+    h_e = torch.cat([h[..., :-1, :] - h_all[:, :, :length, :-1], h[..., -1:, :]], -2) if spec.self_modifying else h
     e = torch.einsum("rhcnm,rhnmd->rhcnd", h_e, snap_b) + (k - v).unsqueeze(-2)  # (R,H,L,n,d)
     if spec.self_modifying and spec.detach_self_targets:  # same values; the gradient reaches e through M(k) only
         mk = k.unsqueeze(-2) + torch.einsum("rhcnm,rhnmd->rhcnd", h, snap_b)
@@ -1514,8 +1515,8 @@ def mlp_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
         d_h_all = d_h_e
     elif spec.detach_self_targets:
         d_h_all = torch.cat([torch.zeros_like(d_h_e), d_h_e], dim=2)
-    else:
-        d_h_all = torch.cat([-d_h_e, d_h_e], dim=2)
+    else:  # the v rows: minus the share of the memories with self-generated targets (all but the output memory)
+        d_h_all = torch.cat([torch.cat([-d_h_e[..., :-1, :], torch.zeros_like(d_h_e[..., -1:, :])], -2), d_h_e], 2)
     keys = slice(d_h_all.shape[2] - length, None)  # the keys' rows (after v's where there are two sets)
     d_h_all[:, :, keys].add_(d_h)
     if spec.feature_norm:  # h = silu(pre) * nrm, nrm = (|silu(pre)|^2 + eps)^-1/2
@@ -1569,6 +1570,14 @@ def _decays_backward(log_alpha, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end
     return d_g.flip(-1).cumsum(-1).flip(-1) - d_g_prev
 
 
+def _error_inputs(spec: ChunkSpec, k, v, n: int):
+    """What each linear memory's B multiplies in its error M_s(k) - vhat: k - v where the target is self-generated
+    (vhat = M_s(v)), k for the output memory (vhat = v) and without self-modification: (R, H, n or 1, L, d)."""
+    if not spec.self_modifying:
+        return k.unsqueeze(2)
+    return torch.cat([(k - v).unsqueeze(2).expand(-1, -1, n - 1, -1, -1), k.unsqueeze(2)], dim=2)
+
+
 def linear_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a,
                          anchor_b, keep: bool = False):
     """One chunk of the linear memories (`memory_depth=1`: M(z) = z + z B, B (d x d) per memory), exactly: every
@@ -1585,8 +1594,9 @@ def linear_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a
     length = q.shape[2]
     eta = eta * write.unsqueeze(-1)
     log_alpha = log_alpha * write
-    z_e = (k - v) if spec.self_modifying else k
-    e = (k - v).unsqueeze(2) + z_e.unsqueeze(2) @ snap_b  # M_s(k) - vhat per memory: (R,H,n,L,d)
+    # M_s(k) - vhat per memory: (R,H,n,L,d); vhat = M_s(v) (self-generated) for all but the output memory, whose
+    # target is v itself
+    e = (k - v).unsqueeze(2) + _error_inputs(spec, k, v, snap_b.shape[2]) @ snap_b
     if spec.self_modifying and spec.detach_self_targets:  # same values; the gradient reaches e through M(k) only
         mk = k.unsqueeze(2) + k.unsqueeze(2) @ snap_b
         e = e.detach() + (mk - mk.detach())
@@ -1690,19 +1700,18 @@ def linear_chunk_backward(spec: ChunkSpec, inputs, t, d_o, d_a_end, d_b_end):
     d_eta = d_eta1 / den
     d_k = d_k - (2 * d_eta1 * eta.pow(2) / den).sum(-1, keepdim=True) * k
     d_log_alpha = _decays_backward(log_alpha_in, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end)
-    # ---- e = (k - v) + z_e @ B_s (z_e = k - v self-modifying, else k)
+    # ---- e = (k - v) + z_e @ B_s (z_e = k - v for memories with self-generated targets, else k)
     if spec.self_modifying and spec.detach_self_targets:
         d_mk = d_e
         d_k = d_k + d_mk.sum(2) + (d_mk @ tr(snap_b)).sum(2)
         d_v = torch.zeros_like(v)
         d_sb = tr(k).unsqueeze(2) @ d_mk
     else:
-        z_e = (k - v) if spec.self_modifying else k
-        d_z = (d_e @ tr(snap_b)).sum(2)
-        d_sb = tr(z_e).unsqueeze(2) @ d_e
+        d_z = d_e @ tr(snap_b)
+        d_sb = tr(_error_inputs(spec, k, v, snap_b.shape[2])) @ d_e
         d_e_sum = d_e.sum(2)
-        d_k = d_k + d_e_sum + d_z
-        d_v = -d_e_sum - (d_z if spec.self_modifying else 0)
+        d_k = d_k + d_e_sum + d_z.sum(2)
+        d_v = -d_e_sum - (d_z[:, :, :-1].sum(2) if spec.self_modifying else 0)
     if same:  # B_s is cur_b itself (not a deviation): the anchor has no share in it
         d_y0 = d_y0 + d_sb
     else:

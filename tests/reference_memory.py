@@ -104,7 +104,8 @@ def reference_titans(layer, x, attention_mask=None, position_ids=None, state=Non
                 new = {}
                 for box, eta in zip(layer.boxes, etas):
                     w1s, w2s = S[box]
-                    vhat = _memory(w1s, w2s, v) if cfg.self_modifying else v
+                    # self-generated targets (Eq. 84) for all but the output memory, which regresses onto v
+                    vhat = _memory(w1s, w2s, v) if cfg.self_modifying and box != "o" else v
                     if cfg.detach_self_targets:
                         vhat = vhat.detach()
                     w1, w2 = W[box]

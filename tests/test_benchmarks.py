@@ -139,7 +139,7 @@ def test_recall_quick(tmp_path):
     """MQAR: every model trains on the same data and reports a learning curve; Llama is sized to HOPE's count."""
     report = run_quick("recall.py", tmp_path, "--variant", 'chunk4={"chunk_size": 4}')
     rows = report["results"]
-    assert [r["model"] for r in rows] == ["llama", "hope_attention", "hope", "hope_static", "hope_linear", "chunk4"]
+    assert [r["model"] for r in rows] == ["llama", "hope_attention", "hope", "hope_static", "hope_mlp", "chunk4"]
     assert rows[-1]["overrides"] == {"chunk_size": 4}
     for row in rows:
         assert [c["step"] for c in row["curve"]] == [2, 4]

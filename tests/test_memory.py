@@ -50,9 +50,10 @@ def assert_state_matches(state: TitansState, finals, atol):
             torch.testing.assert_close(getattr(state, name)[b], fin[name].to(state.conv_q.dtype), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("chunk_size, seq_len", [(1, 9), (2, 9), (3, 11), (16, 21), (64, 70)])
-def test_fast_path_equals_reference(chunk_size, seq_len):
-    layer = make_layer(chunk_size=chunk_size)
+def test_fast_path_equals_reference(chunk_size, seq_len, depth):
+    layer = make_layer(chunk_size=chunk_size, memory_depth=depth)
     x = torch.randn(2 if seq_len < 64 else 1, seq_len, 8, dtype=torch.float64)
     out, state = layer.forward_with_state(x)
     ref, finals = reference_titans(layer, x)
@@ -61,20 +62,23 @@ def test_fast_path_equals_reference(chunk_size, seq_len):
     assert ref.abs().max() > 0.1  # the comparison is not between two zero tensors
 
 
-SINGLE_SWITCH_OFF = [{}] + [{name: not DEFAULTS[name]} for name in SWITCHES]
-COMBOS = [
+MLP = dict(memory_depth=2)  # the paper's residual MLP memories (the default is linear memories)
+LINEAR = [{}] + [{name: not DEFAULTS[name]} for name in SWITCHES if name != "dgd"] + [
+    dict(adaptive_k=False, adaptive_v=False),
+    dict(retention=False, detach_self_targets=True),
+]
+SINGLE_SWITCH_OFF = [MLP] + [{**MLP, name: not DEFAULTS[name]} for name in SWITCHES]
+COMBOS = [{**MLP, **combo} for combo in (
     dict(self_modifying=False, retention=False),
     dict(dgd=False, retain_toward_init=False),
     dict(adaptive_k=False, adaptive_v=False),
     dict(adaptive_k=False, detach_self_targets=True),
     dict(self_modifying=False, dgd=False, retain_toward_init=False),
-    dict(memory_depth=1),
-    dict(memory_depth=1, self_modifying=False),
-    dict(memory_depth=1, retention=False, detach_self_targets=True),
-]
+)]
+SWITCH_SETS = LINEAR + SINGLE_SWITCH_OFF + COMBOS
 
 
-@pytest.mark.parametrize("switches", SINGLE_SWITCH_OFF + COMBOS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 def test_switches_equal_reference_with_gradients(switches):
     layer = make_layer(chunk_size=2, **switches)
     x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
@@ -105,14 +109,15 @@ def test_switches_change_what_they_name():
     assert memory_boxes(cfg(retention=False)) == ["k", "v", "eta", "o"]
     no_ret = HopeSelfModifyingTitans(cfg(retention=False), 0).fast_init
     assert not hasattr(no_ret, "alpha_readout") and not hasattr(no_ret, "alpha_bias")
-    static = HopeSelfModifyingTitans(cfg(self_modifying=False), 0).fast_init
+    static = HopeSelfModifyingTitans(cfg(self_modifying=False, memory_depth=2), 0).fast_init
     assert [name for name, _ in static.named_parameters()] == ["init_in", "init_out", "eta_readout", "eta_bias",
                                                                "alpha_readout", "alpha_bias"]
-    linear = HopeSelfModifyingTitans(cfg(memory_depth=1), 0).fast_init
+    assert static.eta_readout.shape == (2, 1, 4)  # (heads, memories, d): one learning rate per memory
+    linear = HopeSelfModifyingTitans(cfg(), 0).fast_init
     assert not hasattr(linear, "init_in") and linear.init_out.shape == (2, 5, 4, 4)  # (heads, memories, d, d)
     # detach_self_targets changes gradients only, not values
     x = torch.randn(1, 7, 8, dtype=torch.float64)
-    a, b = make_layer(seed=1), make_layer(seed=1, detach_self_targets=True)
+    a, b = make_layer(seed=1, **MLP), make_layer(seed=1, detach_self_targets=True, **MLP)
     torch.testing.assert_close(a.forward_with_state(x)[0], b.forward_with_state(x)[0], atol=0, rtol=0)
     ga = torch.autograd.grad(a.forward_with_state(x)[0].sum(), a.fast_init.init_in)[0]
     gb = torch.autograd.grad(b.forward_with_state(x)[0].sum(), b.fast_init.init_in)[0]
@@ -264,8 +269,9 @@ def test_a_short_padded_batch_costs_its_tokens_not_a_whole_chunk():
             torch.testing.assert_close(t[b], alone_state.tensors()[name][0], atol=1e-12, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("switches", [{}, dict(self_modifying=False), dict(dgd=False, retain_toward_init=False),
-                                      dict(retention=False), dict(adaptive_k=False, detach_self_targets=True)],
+@pytest.mark.parametrize("switches", [{}, dict(self_modifying=False), dict(retention=False), MLP,
+                                      dict(MLP, self_modifying=False), dict(MLP, dgd=False, retain_toward_init=False),
+                                      dict(MLP, retention=False), dict(MLP, adaptive_k=False, detach_self_targets=True)],
                          ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 def test_one_token_steps_equal_the_chunked_pass(switches):
     """Decoding's one-token path (`_forward_token`) equals one pass over the whole sequence: outputs, every state
@@ -347,12 +353,13 @@ def test_autocast_training_keeps_the_memory_in_float32(switches):
         torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-4)
 
 
-def test_long_stream_is_stable_and_alive():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_long_stream_is_stable_and_alive(depth):
     """65,536 tokens through the tiny preset's Titans layer with eta saturated at eta_max = 1: i.i.d., cyclic and
     constant token streams (one batch row each) stay finite, bounded and alive."""
     from hope_hf.presets import get_preset
 
-    cfg = get_preset("tiny", eta_max=1.0)
+    cfg = get_preset("tiny", eta_max=1.0, memory_depth=depth)
     torch.manual_seed(0)
     layer = HopeSelfModifyingTitans(cfg, 0)
     layer.init_memory_weights()
@@ -373,8 +380,17 @@ def test_long_stream_is_stable_and_alive():
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
     with torch.no_grad():
         out, state = layer.forward_with_state(x)
-    a0, b0 = layer.fast_init.init_in, layer.fast_init.init_out
     assert torch.isfinite(out).all() and torch.isfinite(state.current_in).all() and torch.isfinite(state.current_out).all()
+    early, late = out[:, :256].abs().mean(dim=(1, 2)), out[:, -256:].abs().mean(dim=(1, 2))
+    assert (late > 0.1 * early).all()  # outputs do not die out
+    b0 = layer.fast_init.init_out
+    if depth == 1:  # W = I + B per memory, from the identity (k, v, eta, alpha) or zero (the output memory)
+        d = b0.shape[-1]
+        size = (torch.eye(d) + state.current_out).norm(dim=(-2, -1)) / d**0.5  # measured 0.2-0.98
+        moved = (state.current_out - b0).norm(dim=(-2, -1)) / d**0.5  # measured 0.2-0.78
+        assert size.max() < 2.0 and moved.min() > 0.05, (size, moved)
+        return
+    a0 = layer.fast_init.init_in
     for cur, init in ((state.current_in, a0), (state.current_out, b0)):
         ratio = cur.norm(dim=(-2, -1)) / init.norm(dim=(-2, -1))  # per stream and head (and memory for B)
         # exact writes store what they see: the output layers hold up to ~1.6x their initial norm, fluctuating
@@ -384,8 +400,6 @@ def test_long_stream_is_stable_and_alive():
         assert ratio.min() > 0.2, f"a memory decayed toward zero: {ratio.min():.3f}"
     moved = (state.current_in - a0).flatten(1).norm(dim=1) / a0.norm()
     assert (moved > 0.05).all(), f"a memory never learned anything: {moved.tolist()}"
-    early, late = out[:, :256].abs().mean(dim=(1, 2)), out[:, -256:].abs().mean(dim=(1, 2))
-    assert (late > 0.1 * early).all()  # outputs do not die out
 
 
 def test_bf16_loading_keeps_memory_initial_states_in_float32(tmp_path):
@@ -424,7 +438,7 @@ def saved_bytes(fn):
     return out, total[0]
 
 
-@pytest.mark.parametrize("switches", [{}, {"self_modifying": False}], ids=["self_modifying", "titans"])
+@pytest.mark.parametrize("switches", [{}, {"self_modifying": False}, MLP], ids=["self_modifying", "titans", "mlp"])
 def test_recomputed_states_give_the_same_outputs_and_gradients(switches):
     """`recompute_memory_states` changes what backward stores, never a number: outputs, the final state and every
     gradient agree exactly with the stored-states path, also with padding (non-trivial layout)."""
@@ -448,10 +462,11 @@ def test_recomputed_states_give_the_same_outputs_and_gradients(switches):
 
 
 def test_recomputed_states_store_far_less_for_backward():
-    """64 chunks: with recomputation backward keeps ~sqrt(64) = 8 segment boundaries, not 64 chunks of weights."""
+    """64 chunks: with recomputation backward keeps ~sqrt(64) = 8 segment boundaries, not 64 chunks of weights (MLP
+    memories, whose weights dominate what a chunk stores)."""
     stored = {}
     for recompute in (False, True):
-        layer = make_layer(dtype=torch.float32, chunk_size=4, recompute_memory_states=recompute)
+        layer = make_layer(dtype=torch.float32, chunk_size=4, recompute_memory_states=recompute, **MLP)
         x = torch.randn(1, 256, 8, requires_grad=True)
         out, nbytes = saved_bytes(lambda: layer.forward_with_state(x)[0])
         stored[recompute] = nbytes
@@ -463,7 +478,7 @@ def test_recomputed_states_store_far_less_for_backward():
     assert nbytes == 0
 
 
-@pytest.mark.parametrize("switches", SINGLE_SWITCH_OFF + COMBOS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("switches", SWITCH_SETS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 @pytest.mark.parametrize("length", [5, 2])  # a full chunk and a piece of one
 @pytest.mark.parametrize("snapshot", ["distinct", "current"])
 def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot):
@@ -517,7 +532,7 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot)
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, atol=1e-11, rtol=1e-10)
 
 
-SELF_MODIFYING = [s for s in SINGLE_SWITCH_OFF + COMBOS if s.get("self_modifying", True)]
+SELF_MODIFYING = [s for s in SWITCH_SETS if s.get("self_modifying", True)]
 
 
 @pytest.mark.parametrize("switches", SELF_MODIFYING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")

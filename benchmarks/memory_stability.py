@@ -1,11 +1,12 @@
 """Stability of the self-modifying memories over a very long stream (default: 1M tokens), DESIGN §2.2.
 
-The tiny preset with every learning rate saturated at eta_max (= 1 by default) reads three token streams at once,
-one per batch row: i.i.d. tokens, a cycle of 37 tokens, and one constant token. The stream goes through the
-recurrent cache in pieces; at every power of two it prints whether everything is finite and the norms of the fast
-weights of every layer relative to their meta-learned initial values (min and max over layers, heads and rows),
-and how far they moved from them. A healthy memory stays finite, bounded (ratio well below 2) and alive (it keeps
-moving, and the ratio stays well above 0).
+The tiny preset with every learning rate saturated at eta_max (the config's default unless --eta-max) reads three
+token streams at once, one per batch row: i.i.d. tokens, a cycle of 37 tokens, and one constant token. The stream
+goes through the recurrent cache in pieces; at every power of two it prints whether everything is finite, the size
+of every memory's fast weights and how far they moved from the meta-learned initial state (min and max over layers,
+heads, memories and rows). Sizes: for MLP memories the norm of each layer's weights relative to its initial value
+(W2, W1); for linear memories the norm of the map W = I + B relative to the identity's, sqrt(d). A healthy memory
+stays finite, bounded (well below 2) and alive (it keeps moving).
 
     python benchmarks/memory_stability.py                    # 1M tokens
     python benchmarks/memory_stability.py --tokens 65536     # what the test suite checks, for one layer
@@ -27,7 +28,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1 << 20, help="stream length per row")
     parser.add_argument("--piece", type=int, default=4096, help="tokens fed per forward")
-    parser.add_argument("--eta-max", type=float, default=1.0, help="eta_max; every gate is saturated at it")
+    parser.add_argument("--eta-max", type=float, default=None,
+                        help="eta_max (default: the config's); every learning rate is saturated at it")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--json", default="benchmarks/results/memory_stability.json", help="where to write results")
     parser.add_argument("--overrides", default="{}",
@@ -42,8 +44,8 @@ def main(argv=None):
     if not isinstance(overrides, dict) or "eta_max" in overrides:
         parser.error("--overrides must be a JSON object of config fields other than eta_max (use --eta-max)")
     check_sizes(parser, args, positive=("tokens", "piece", "threads"))
-    if not 0 < args.eta_max <= 1:
-        parser.error(f"--eta-max must be in (0, 1], got {args.eta_max}")
+    if args.eta_max is not None and not 0 < args.eta_max <= 16:
+        parser.error(f"--eta-max must be in (0, 16], got {args.eta_max}")
     if args.quick:
         args.tokens, args.piece = 4096, 1024
     if args.threads:
@@ -54,7 +56,7 @@ def main(argv=None):
     from hope_hf.presets import get_preset
 
     try:
-        cfg = get_preset("tiny", eta_max=args.eta_max, **overrides)
+        cfg = get_preset("tiny", **overrides, **({} if args.eta_max is None else {"eta_max": args.eta_max}))
     except ValueError as err:
         parser.error(f"--overrides: {err}")
     torch.manual_seed(0)
@@ -76,31 +78,45 @@ def main(argv=None):
             while next_report <= seen:
                 next_report *= 2
             row = {"tokens": seen, "seconds": time.perf_counter() - start, "logits_finite": bool(torch.isfinite(out.logits).all())}
-            for key, init_name in (("in", "init_in"), ("out", "init_out")):
-                ratios, moved = [], []
-                for idx, titans in enumerate(model.model.layers):
-                    if not hasattr(titans, "titans"):
-                        continue
-                    init = getattr(titans.titans.fast_init, init_name)
-                    cur = getattr(cache.layers[idx].state, f"current_{key}")
-                    ratios.append(cur.flatten(2).norm(dim=-1) / init.flatten(1).norm(dim=-1))
-                    moved.append((cur - init).flatten(2).norm(dim=-1) / init.flatten(1).norm(dim=-1))
-                ratios, moved = torch.stack(ratios), torch.stack(moved)  # (layers, rows, heads)
-                row[f"w_{key}_finite"] = bool(torch.isfinite(ratios).all())
+            layers = [(idx, layer.titans) for idx, layer in enumerate(model.model.layers) if hasattr(layer, "titans")]
+            parts = [f"{seen:>8} tok {row['seconds']:7.1f}s"]
+            finite = row["logits_finite"]
+            for key, label in weight_blocks(cfg):
+                sizes, moved = torch.stack([torch.stack(weight_size(titans, cache.layers[idx].state, key))
+                                            for idx, titans in layers]).unbind(1)  # each (layers, rows, ...)
+                finite = finite and bool(torch.isfinite(sizes).all())
                 for r, name in enumerate(names):
-                    row[f"{name}_w_{key}_norm_ratio_min"] = ratios[:, r].min().item()
-                    row[f"{name}_w_{key}_norm_ratio_max"] = ratios[:, r].max().item()
-                    row[f"{name}_w_{key}_moved"] = moved[:, r].mean().item()
+                    row[f"{name}_{key}_size_min"] = sizes[:, r].min().item()
+                    row[f"{name}_{key}_size_max"] = sizes[:, r].max().item()
+                    row[f"{name}_{key}_moved"] = moved[:, r].mean().item()
+                parts += [f"{name} {label} {row[f'{name}_{key}_size_min']:.2f}-{row[f'{name}_{key}_size_max']:.2f} "
+                          f"moved {row[f'{name}_{key}_moved']:.2f}" for name in names]
+            row["finite"] = finite
             rows.append(row)
-            parts = [f"{seen:>8} tok {row['seconds']:7.1f}s finite={row['logits_finite'] and row['w_in_finite'] and row['w_out_finite']}"]
-            for name in names:
-                parts.append(
-                    f"{name}: |W2|/|W2_0| {row[f'{name}_w_in_norm_ratio_min']:.2f}-{row[f'{name}_w_in_norm_ratio_max']:.2f} "
-                    f"|W1|/|W1_0| {row[f'{name}_w_out_norm_ratio_min']:.2f}-{row[f'{name}_w_out_norm_ratio_max']:.2f} "
-                    f"moved {row[f'{name}_w_in_moved']:.2f}/{row[f'{name}_w_out_moved']:.2f}"
-                )
+            parts.insert(1, f"finite={finite}")
             print(" | ".join(parts), flush=True)
     return save_report(args, rows=rows)
+
+
+def weight_blocks(cfg):
+    """(key, label) of the weights measured: W2 and W1 of MLP memories, the map W of linear ones."""
+    return [("w_in", "|W2|/|W2_0|"), ("w_out", "|W1|/|W1_0|")] if cfg.memory_depth == 2 else [("w", "|W|/|I|")]
+
+
+def weight_size(titans, state, key):
+    """(size, moved) per row, head and memory of one layer's fast weights `key` (see `weight_blocks`)."""
+    init = titans.fast_init
+    if key == "w":  # linear memories: W = I + B, sized against the identity
+        d = init.init_out.shape[-1]
+        eye = torch.eye(d, dtype=state.current_out.dtype)
+        return ((eye + state.current_out).norm(dim=(-2, -1)) / d**0.5,
+                (state.current_out - init.init_out).norm(dim=(-2, -1)) / d**0.5)
+    cur, ref = (state.current_in, init.init_in) if key == "w_in" else (state.current_out, init.init_out)
+    if key == "w_in":  # (rows, heads, d, n*m) -> per memory
+        n = init.init_out.shape[1]
+        cur, ref = cur.unflatten(-1, (n, -1)).movedim(-2, -3), ref.unflatten(-1, (n, -1)).movedim(-2, -3)
+    norm = ref.norm(dim=(-2, -1))
+    return cur.norm(dim=(-2, -1)) / norm, (cur - ref).norm(dim=(-2, -1)) / norm
 
 
 if __name__ == "__main__":

@@ -292,8 +292,8 @@ class HopeConfig(PreTrainedConfig):
 
         if self.memory_depth not in (1, 2) or isinstance(self.memory_depth, bool):
             raise ValueError(f"`memory_depth` must be 1 (linear memories) or 2 (residual MLPs), got {self.memory_depth!r}.")
-        if not _is_number(self.eta_max) or not (0.0 < self.eta_max <= 1.0):
-            raise ValueError(f"`eta_max` must be a number in (0, 1], got {self.eta_max!r}.")
+        if not _is_number(self.eta_max) or not (0.0 < self.eta_max <= 16.0):
+            raise ValueError(f"`eta_max` must be a number in (0, 16], got {self.eta_max!r}.")
         if not _is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
             raise ValueError(f"`rms_norm_eps` must be a number > 0, got {self.rms_norm_eps!r}.")
         if not _is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:

@@ -159,7 +159,7 @@ BAD_CONFIGS = [
     (dict(chunk_size=2.5), "chunk_size"),
     (dict(eta_max=0.0), "eta_max"),
     (dict(eta_max=-0.1), "eta_max"),
-    (dict(eta_max=1.5), "eta_max"),
+    (dict(eta_max=20.0), "eta_max"),
     (dict(memory_expansion=0), "memory_expansion"),
     (dict(conv_kernel_size=0), "conv_kernel_size"),
     (dict(cms_variant="parallel"), "cms_variant"),
@@ -197,8 +197,8 @@ def test_error_messages_list_the_allowed_values():
         HopeConfig(cms_variant="nested")
     for allowed in CMS_VARIANTS:
         assert allowed in str(err.value)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        HopeConfig(eta_max=2.0)
+    with pytest.raises(ValueError, match=r"\(0, 16\]"):
+        HopeConfig(eta_max=20.0)
     with pytest.raises(ValueError, match="'period'.*'intermediate_size'"):
         HopeConfig(cms_levels=[{"width": 8}])
 
@@ -242,7 +242,7 @@ def test_overrides_at_load_are_checked_and_fewer_layers_keep_the_first_types(tmp
         AutoConfig.from_pretrained(tmp_path / "saved", num_hidden_layers=3)
     more = AutoConfig.from_pretrained(tmp_path / "saved", num_hidden_layers=3, layer_types=["full_attention"] * 3)
     assert more.layer_types == ["full_attention"] * 3
-    for kwargs, field in [(dict(chunk_size=0), "chunk_size"), (dict(eta_max=5.0), "eta_max"),
+    for kwargs, field in [(dict(chunk_size=0), "chunk_size"), (dict(eta_max=20.0), "eta_max"),
                           (dict(memory_expansion=0), "memory_expansion")]:
         with pytest.raises(ValueError, match=field):
             AutoModelForCausalLM.from_pretrained(tmp_path / "saved", **kwargs)

@@ -44,9 +44,9 @@ def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed:
     """MQAR sequences: (input_ids, targets), both (N, length) long; targets are -100 except where the next token is
     the value of a queried key (the position of the key itself, so `logits[:, t]` predicts `targets[:, t]`).
 
-    Layout: k1 v1 k2 v2 ... kP vP, then the P keys again in a random order at distinct positions of the remaining
-    span, their gaps drawn from a power law (p(gap) ~ gap^(power_a - 1), as Zoology's generator), each key followed
-    by its value; random tokens of the whole vocabulary elsewhere."""
+    Layout (Zoology's): k1 v1 k2 v2 ... kP vP, then the P keys again in a random order at distinct even offsets of
+    the remaining span, their slots drawn from a power law (p(slot) ~ slot^(power_a - 1)); the token after a queried
+    key is random like every other position (the answer is never shown); values are distinct within a sequence."""
     if length < 4 * pairs:
         raise ValueError(f"length {length} is too short for {pairs} pairs: it needs at least 4 * pairs tokens")
     half = vocab_size // 2
@@ -54,7 +54,7 @@ def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed:
         raise ValueError(f"vocab_size {vocab_size} holds fewer than {pairs} distinct keys in its lower half")
     gen = torch.Generator().manual_seed(seed)
     keys = torch.argsort(torch.rand(num_examples, half, generator=gen), dim=1)[:, :pairs]
-    values = torch.randint(half, vocab_size, (num_examples, pairs), generator=gen)
+    values = half + torch.argsort(torch.rand(num_examples, vocab_size - half, generator=gen), dim=1)[:, :pairs]
     ids = torch.randint(0, vocab_size, (num_examples, length), generator=gen)
     targets = torch.full((num_examples, length), -100, dtype=torch.long)
     context = 2 * pairs
@@ -68,7 +68,6 @@ def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed:
     rows = torch.arange(num_examples).unsqueeze(1)
     pos = context + 2 * chosen
     ids[rows, pos] = keys.gather(1, order)
-    ids[rows, pos + 1] = values.gather(1, order)
     targets[rows, pos] = values.gather(1, order)
     return ids, targets
 

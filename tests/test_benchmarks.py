@@ -164,10 +164,12 @@ def test_make_mqar_places_each_key_and_its_value():
     for row, tgt in zip(ids.tolist(), targets.tolist()):
         pairs = dict(zip(row[0:8:2], row[1:8:2]))
         assert len(pairs) == 4 and all(k < 32 <= v for k, v in pairs.items())  # distinct keys, values above
+        assert len(set(pairs.values())) == 4  # distinct values
         asked = [t for t, y in enumerate(tgt) if y != -100]
         assert len(asked) == 4 and all(t >= 8 for t in asked)
-        for t in asked:  # the key is queried there, its value is the target and comes next
-            assert pairs[row[t]] == tgt[t] == row[t + 1]
+        assert sorted(row[t] for t in asked) == sorted(pairs)  # every key is queried once
+        for t in asked:  # the key is queried there and its value is the target
+            assert pairs[row[t]] == tgt[t]
     again, _ = make_mqar(50, vocab_size=64, length=40, pairs=4, seed=3)
     assert (again == ids).all()
 

@@ -31,7 +31,7 @@ OTHER_TAKEN = {"hope", "titans"}
 def test_defaults_are_the_decided_ones():
     c = HopeConfig()
     assert c.model_type == "nested_hope"
-    assert (c.chunk_size, c.memory_depth, c.memory_expansion, c.eta_max, c.conv_kernel_size) == (16, 1, 2, 1.0, 4)
+    assert (c.chunk_size, c.memory_depth, c.memory_expansion, c.eta_max, c.conv_kernel_size) == (16, 1, 2, 4.0, 4)
     assert c.self_modifying and c.adaptive_k and c.adaptive_v and c.dgd and c.retention and c.retain_toward_init
     assert c.detach_self_targets is False
     assert c.cms_variant == "sequential"

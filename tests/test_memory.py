@@ -355,11 +355,11 @@ def test_autocast_training_keeps_the_memory_in_float32(switches):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_long_stream_is_stable_and_alive(depth):
-    """65,536 tokens through the tiny preset's Titans layer with eta saturated at eta_max = 1: i.i.d., cyclic and
-    constant token streams (one batch row each) stay finite, bounded and alive."""
+    """65,536 tokens through the tiny preset's Titans layer with every eta saturated at the default eta_max: i.i.d.,
+    cyclic and constant token streams (one batch row each) stay finite, bounded and alive."""
     from hope_hf.presets import get_preset
 
-    cfg = get_preset("tiny", eta_max=1.0, memory_depth=depth)
+    cfg = get_preset("tiny", memory_depth=depth)
     torch.manual_seed(0)
     layer = HopeSelfModifyingTitans(cfg, 0)
     layer.init_memory_weights()
@@ -393,10 +393,10 @@ def test_long_stream_is_stable_and_alive(depth):
     a0 = layer.fast_init.init_in
     for cur, init in ((state.current_in, a0), (state.current_out, b0)):
         ratio = cur.norm(dim=(-2, -1)) / init.norm(dim=(-2, -1))  # per stream and head (and memory for B)
-        # exact writes store what they see: the output layers hold up to ~1.6x their initial norm, fluctuating
-        # without a trend between 1K and 65K tokens (a feedback of the self-generated targets grew them to 1e18
-        # before the hidden features were normalised)
-        assert ratio.max() < 2.0, f"fast weights grew: {ratio.max():.3f}"
+        # exact writes store what they see: at eta_max 2 the output layers hold 1.5-2.1x their initial norm,
+        # fluctuating without a trend from 1K to 131K tokens (a feedback of the self-generated targets grew them to
+        # 1e18 before the hidden features were normalised, and to 1e15 at eta_max 4)
+        assert ratio.max() < 3.0, f"fast weights grew: {ratio.max():.3f}"
         assert ratio.min() > 0.2, f"a memory decayed toward zero: {ratio.min():.3f}"
     moved = (state.current_in - a0).flatten(1).norm(dim=1) / a0.norm()
     assert (moved > 0.05).all(), f"a memory never learned anything: {moved.tolist()}"

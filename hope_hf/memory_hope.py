@@ -1,12 +1,14 @@
-"""Self-modifying Titans: the fast-weight memory of HOPE (paper arXiv 2512.24695, Eq. 83-97; DESIGN §2.2).
+"""Self-modifying Titans: the fast-weight memory of HOPE (paper arXiv 2512.24695, Eq. 83-97; docs/design.md §6a).
 
 Everything about the memory lives here: its parameters, the chunk-parallel update (the fast path used by the
 model), the layout that keeps padding and packed documents from touching the memories, and the state that a
 cache carries between calls. The token-by-token reference used by the tests is `tests/reference_memory.py`.
 
-Notation (row vectors). Per head a memory is `M(z) = z + silu(z A) B` with `A = W2^T` (d x m) and `B = W1^T`
-(m x d). All memories of a head keep `A` side by side, `(d, n*m)`, so every product with a shared left operand is
-one matmul, and `B` as `(n, m, d)`. `n` is the number of memories (k, v, eta, alpha, o; fewer with ablations).
+Notation (row vectors). Per head an MLP memory (`memory_depth=2`) is `M(z) = z + sigma(z A) B` with `A = W2^T`
+(d x m), `B = W1^T` (m x d) and `sigma = l2norm o silu`; a linear memory (`memory_depth=1`, the default) is
+`M(z) = z (I + B)` with `B` (d x d) and no `A` (an empty `(d, 0)` block keeps the state's layout). All memories of
+a head keep `A` side by side, `(d, n*m)`, so every product with a shared left operand is one matmul, and `B` as
+`(n, m, d)`. `n` is the number of memories (k, v, eta, alpha, o; fewer with ablations).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class CausalConv(nn.Conv1d):
 
 
 class HopeSelfModifyingTitans(nn.Module):
-    """The self-modifying Titans mixer of one HOPE layer (DESIGN §2.2)."""
+    """The self-modifying Titans mixer of one HOPE layer (docs/design.md §6a)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -1137,10 +1139,12 @@ def _tokens_last(x):
 
 def mlp_chunk_forward(spec: ChunkSpec, q, k, v, eta, log_alpha, write, snap_a, snap_b, cur_a, cur_b, anchor_a,
                       anchor_b, keep: bool = False):
-    """One chunk of the rule in DESIGN §2.2, exactly, for all memories and heads at once (Eq. 84-91).
+    """One chunk of the rule for MLP memories (docs/design.md §6a), exactly, for all memories and heads at once
+    (Eq. 84-91).
 
-    q, k, v: (R, H, L, d); eta, log_alpha: (R, H, L); write: (R, 1, L) (1 = real token); snapshot and current
-    weights A (R, H, d, n*m) and B (R, H, n, m, d), the snapshot None where it is the current weights (every chunk
+    q, k, v: (R, H, L, d); eta (R, H, L, n): one learning rate per memory; log_alpha (R, H, L); write (R, 1, L)
+    (1 = real token); snapshot and current weights A (R, H, d, n*m) and B (R, H, n, m, d), the snapshot None where
+    it is the current weights (every chunk
     of a scan but one that starts inside a chunk); anchors (the initial states, H-shaped) or None. Returns the reads
     o (R, H, L, d) and the weights after the chunk; with `keep`, also every intermediate (`chunk_backward` uses them).
     Differentiable with autograd (the reference for `chunk_backward`); the model calls it through `ChunkStep`.

@@ -1,4 +1,4 @@
-"""Token-by-token reference of the self-modifying Titans layer (DESIGN §2.2), written for clarity, not speed.
+"""Token-by-token reference of the self-modifying Titans layer (docs/design.md §6a), written for clarity, not speed.
 
 Independent of the fast path in `hope_hf/memory_hope.py`: plain per-row, per-token, per-head, per-memory loops over
 explicit matrices W1 (d x m) and W2 (m x d), in the notation of the paper. Tests only.

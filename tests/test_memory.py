@@ -1,4 +1,4 @@
-"""The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference (DESIGN §2.2, §4)."""
+"""The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference (docs/design.md §6a)."""
 
 import pytest
 import torch

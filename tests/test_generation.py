@@ -15,12 +15,14 @@ from hope_hf.streaming import split_into_pieces, stream_prefill
 CHUNK = 4
 # the name under which generate takes a cache: `cache` from Transformers 5.24, `past_key_values` before
 CACHE_KW = _LM_CACHE_FIELD
-LAYOUTS_WITH_STATIC = list(LAYOUTS) + ["static_titans"]
+LAYOUTS_WITH_STATIC = list(LAYOUTS) + ["static_titans", "mlp_titans"]  # + the paper's MLP memories
 
 
 def make_model(layout, dtype=torch.float64, **overrides):
     if layout == "static_titans":
         cfg = small_config("linear", self_modifying=False, **overrides)
+    elif layout == "mlp_titans":
+        cfg = small_config("linear", memory_depth=2, **overrides)
     else:
         cfg = small_config(layout, **overrides)
     torch.manual_seed(0)

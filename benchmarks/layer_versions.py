@@ -1,6 +1,7 @@
-"""Two versions of the self-modifying Titans layer side by side: is a change to `memory_hope.py` faster?
+"""Two versions of the self-modifying Titans layer side by side: is a change to the memory's code faster?
 
-Loads `hope_hf/memory_hope.py` as it is now and as it was at a git revision (or from a file), builds the same layer
+Loads `hope_hf/memory_hope.py` (and the sibling files it imports) as it is now and as it was at a git revision (or
+from a folder holding such files), builds the same layer
 from both with the same seed, and times forward and forward + backward of `out.sum()` with recomputation off and
 on, the two versions interleaved in one process so that they share the machine's state. Times are this process's
 CPU time (one torch thread by default), so other jobs on the machine count less; the median of the repeats is kept.
@@ -16,13 +17,16 @@ CPU time (one torch thread by default), so other jobs on the machine count less;
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
 import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import types
 
 import torch
 from _report import save_report
@@ -32,26 +36,28 @@ CURRENT = os.path.join(ROOT, "hope_hf", "memory_hope.py")
 
 
 def load_module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    """`memory_hope` of the folder holding `path` (a memory_hope.py), loaded as `{name}.memory_hope` with its
+    siblings under the package name `name`, without running the folder's `__init__.py`: two versions of the layer
+    live side by side in one process (single-file versions of the layer load the same way)."""
+    package = types.ModuleType(name)
+    package.__path__ = [os.path.dirname(os.path.abspath(path))]
+    sys.modules[name] = package  # the relative imports and dataclasses look their modules up here
+    return importlib.import_module(f"{name}.memory_hope")
 
 
 def baseline_source(args) -> tuple[str, str]:
-    """(path of the baseline memory_hope.py, its label)."""
+    """(path of the baseline memory_hope.py, next to the files it imports; its label)."""
     if args.baseline_file:
         return args.baseline_file, args.baseline_file
     try:
-        text = subprocess.run(["git", "show", f"{args.baseline}:hope_hf/memory_hope.py"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout
+        archive = subprocess.run(["git", "archive", args.baseline, "hope_hf"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as err:
-        raise SystemExit(f"--baseline {args.baseline!r}: cannot read hope_hf/memory_hope.py from git ({err})")
-    handle = tempfile.NamedTemporaryFile("w", suffix="_memory_hope.py", delete=False)
-    with handle:
-        handle.write(text)
-    return handle.name, args.baseline
+        raise SystemExit(f"--baseline {args.baseline!r}: cannot read hope_hf/ from git ({err})")
+    folder = tempfile.mkdtemp(prefix="hope_baseline_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return os.path.join(folder, "hope_hf", "memory_hope.py"), args.baseline
 
 
 def step_times(layer, x, position_ids=None) -> tuple[float, float]:

@@ -6,8 +6,8 @@
                          eval_results=[{"task_type": "text-generation", "dataset_type": "...", "dataset_name": "...",
                                         "metric_type": "perplexity", "metric_value": 12.3}])
 
-Steps: write the folder (`model.save_pretrained`, which also writes `configuration_hope.py`, `modeling_hope.py`,
-`memory_hope.py`, `cache_hope.py` and the `auto_map`; `tokenizer.save_pretrained`; `README.md` from
+Steps: write the folder (`model.save_pretrained`, which also writes the model's code files, `MODEL_CODE_FILES`, and
+the `auto_map`; `tokenizer.save_pretrained`; `README.md` from
 `hope_hf.cards.build_model_card`), check it, then `create_repo(exist_ok=True)` and one `upload_folder` commit.
 `dry_run=True` stops after writing the folder. Offline (`HF_HUB_OFFLINE=1`), or when the Hub cannot be reached, it
 raises `HubPublishError` before anything is uploaded.
@@ -21,6 +21,7 @@ Not model code: the modeling files never import this module.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +37,20 @@ from .modeling_hope import HOPE_AUTO_MAP
 
 __all__ = ["MODEL_CODE_FILES", "HubPublishError", "PublishResult", "push_to_hub", "save_for_hub"]
 
-# What `save_pretrained` of a HOPE model writes next to the weights (DESIGN §1: the flat model modules).
-MODEL_CODE_FILES = ("configuration_hope.py", "modeling_hope.py", "memory_hope.py", "cache_hope.py")
+def model_code_files() -> tuple[str, ...]:
+    """The code files `save_pretrained` of a HOPE model writes next to the weights: `modeling_hope.py`,
+    `configuration_hope.py` and, recursively, every flat sibling they import with `from .x import y` (what
+    Transformers copies for `trust_remote_code`), sorted."""
+    root, todo, seen = Path(__file__).parent, ["modeling_hope", "configuration_hope"], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += re.findall(r"^\s*from \.(\w+) import", (root / f"{name}.py").read_text(encoding="utf-8"), re.M)
+    return tuple(sorted(f"{name}.py" for name in seen))
+
+
+MODEL_CODE_FILES = model_code_files()
 CARD_FILE = "README.md"
 
 

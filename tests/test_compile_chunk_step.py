@@ -15,7 +15,7 @@ import torch
 import torch._dynamo.utils
 
 from hope_hf import HopeConfig, HopeForCausalLM
-from hope_hf import memory_hope
+from hope_hf import memory_chunk, memory_graphs
 
 from conftest import small_config
 
@@ -35,12 +35,12 @@ def compile_backend(monkeypatch):
 
     def use(backend):
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: original(fn, **{"backend": backend, **kw}))
-        memory_hope.chunk_functions.cache_clear()
+        memory_chunk.chunk_functions.cache_clear()
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
 
     yield use
-    memory_hope.chunk_functions.cache_clear()
+    memory_chunk.chunk_functions.cache_clear()
     torch._dynamo.reset()
 
 
@@ -112,12 +112,12 @@ def test_the_cuda_graphs_computation_does_not_recompile(compile_backend, monkeyp
     def record(self, layer, q, u, layout):  # on a CPU no graph is made: keep what a GPU would capture
         scans.append((layer, q, u, layout))
 
-    monkeypatch.setattr(memory_hope._ScanGraphs, "get", record)
+    monkeypatch.setattr(memory_graphs.ScanGraphs, "get", record)
     train_steps([compiled], "cpu", steps=1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert len(scans) == 2
     for layer, q, u, layout in scans:
-        graph = memory_hope._ScanGraph(layer, q, u, layout)
+        graph = memory_graphs.ScanGraph(layer, q, u, layout)
         outputs = graph.forward()
         graph.backward(outputs, [g + 1 for g in graph.zero_grad_outputs(outputs)])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

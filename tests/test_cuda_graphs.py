@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hope_hf import HopeConfig, HopeForCausalLM
-from hope_hf import memory_hope
+from hope_hf import memory_graphs, memory_layout
 from hope_hf.memory_hope import HopeSelfModifyingTitans
 
 from conftest import small_config
@@ -55,13 +55,13 @@ def assert_same_grads(eager, graphed, atol=1e-5):
 def count_replays(monkeypatch):
     """How many times the graphed scan ran."""
     calls = []
-    original = memory_hope._GraphedScan.apply
+    original = memory_graphs.GraphedScan.apply
 
     def apply(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(memory_hope._GraphedScan, "apply", apply)
+    monkeypatch.setattr(memory_graphs.GraphedScan, "apply", apply)
     return calls
 
 
@@ -88,23 +88,23 @@ def test_activation_checkpointing_is_detected():
     seen = []
 
     def layer(x):
-        seen.append(memory_hope._under_checkpointing())
+        seen.append(memory_graphs.under_checkpointing())
         return x.sin()
 
     x = torch.randn(3, requires_grad=True)
-    assert not memory_hope._under_checkpointing()
+    assert not memory_graphs.under_checkpointing()
     checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert seen == [True, True]  # the forward and its recomputation
     seen.clear()
     checkpoint(layer, x, use_reentrant=True).sum().backward()
     assert seen == [False, True]  # the forward (no gradients: eager anyway), the recomputation in backward
     with torch.autograd.graph.save_on_cpu():
-        assert memory_hope._under_checkpointing()
+        assert memory_graphs.under_checkpointing()
 
 
 def test_graphs_are_kept_for_a_few_shapes_and_dropped_when_the_parameters_move(caplog):
-    memory_hope.logger.warning_once.cache_clear()  # warned at most once per process
-    graphs = memory_hope._ScanGraphs()
+    memory_graphs.logger.warning_once.cache_clear()  # warned at most once per process
+    graphs = memory_graphs.ScanGraphs()
     storage = ((1, True), (2, True))
     for length in range(graphs.MAX_SHAPES):
         key = (("training", (2, 4, 16 * (length + 1), 8)), storage)
@@ -143,12 +143,12 @@ def test_graphs_without_gradients_come_on_the_second_use_and_apart_from_training
     the limit run eagerly without a warning; inference mode keeps graphs of its own (its buffers are inference
     tensors)."""
     monkeypatch.setattr(memory_hope, "_ScanGraph", RecordedGraph)
-    memory_hope.logger.warning_once.cache_clear()
+    memory_graphs.logger.warning_once.cache_clear()
     _, graphed = twin_models("cpu")
     layer = titans_layers(graphed)[0]
     graphs = layer._scan_graphs
     real = torch.ones(2, 32, dtype=torch.bool)
-    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    layout = memory_layout.Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
 
     def get(length, requires_grad=False):
         x = cuda_like(length, requires_grad)
@@ -188,8 +188,8 @@ def test_the_captured_computation_without_gradients_gives_the_layers_reads(overr
     q = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64)
     u = torch.randn(2, 4, 14, 16, generator=g, dtype=torch.float64)  # the key and value streams side by side
     real = torch.ones(2, 14, dtype=torch.bool)
-    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
-    graph = memory_hope._ScanGraph(layer, q, u, layout, inference=True)
+    layout = memory_layout.Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    graph = memory_graphs.ScanGraph(layer, q, u, layout, inference=True)
     assert set(graph.aliases) == {name for name, _ in layer.fast_init.named_parameters()}
     assert not any(t.requires_grad for t in (graph.q, graph.u, *graph.aliases.values()))
     with torch.no_grad():
@@ -232,8 +232,8 @@ def test_a_compiled_decoding_step_does_not_look_for_graphs(monkeypatch):
     """`torch.compile(model.forward)` (the README's decoding recipe) traces the one-token step itself: the graphs'
     bookkeeping (storage addresses, a capture) must stay out of the traced code."""
     calls = []
-    original = memory_hope._ScanGraphs.get_token
-    monkeypatch.setattr(memory_hope._ScanGraphs, "get_token", lambda self, *a: calls.append(1) or original(self, *a))
+    original = memory_graphs.ScanGraphs.get_token
+    monkeypatch.setattr(memory_graphs.ScanGraphs, "get_token", lambda self, *a: calls.append(1) or original(self, *a))
     torch.manual_seed(0)
     model = HopeForCausalLM(small_config("linear", memory_cuda_graphs=True)).eval()
     ids = torch.randint(1, 61, (1, 6))
@@ -260,7 +260,7 @@ def test_the_captured_decoding_step_gives_the_eager_steps():
     starts[1, 6] = True
     _, state = layer.forward_with_state(torch.randn(2, 5, 32, generator=g, dtype=torch.float64))  # mid-chunk
     with torch.no_grad():
-        graph = memory_hope._TokenGraph(layer, x[:, :1], real[:, 0], starts[:, 0], state)
+        graph = memory_graphs.TokenGraph(layer, x[:, :1], real[:, 0], starts[:, 0], state)
         graph.outputs = graph.run()
         graph.graph = SimpleNamespace(replay=lambda: [o.copy_(n) for o, n in zip(graph.outputs, graph.run())])
         eager = replayed = state
@@ -302,11 +302,11 @@ def test_a_capture_warms_up_twice_then_records(cuda_capture_on_the_cpu, monkeypa
     layer.init_memory_weights()
     q, u = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 16, requires_grad=True)
     real = torch.ones(2, 8, dtype=torch.bool)
-    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    layout = memory_layout.Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
     passes = []
-    scan = memory_hope._ScanGraph.forward
-    monkeypatch.setattr(memory_hope._ScanGraph, "forward", lambda self: passes.append(1) or scan(self))
-    graph = memory_hope._ScanGraph(layer, q, u, layout, inference=inference).capture()
+    scan = memory_graphs.ScanGraph.forward
+    monkeypatch.setattr(memory_graphs.ScanGraph, "forward", lambda self: passes.append(1) or scan(self))
+    graph = memory_graphs.ScanGraph(layer, q, u, layout, inference=inference).capture()
     assert len(passes) == 3  # two warm-ups, one recorded
     assert cuda_capture_on_the_cpu == ([False] if inference else [True, True])
     assert graph.outputs[0].shape == (2, 4, 8, 8) and not any(t.requires_grad for t in graph.outputs)
@@ -320,7 +320,7 @@ def test_a_decoding_capture_warms_up_twice_then_records(cuda_capture_on_the_cpu,
     token_step = layer._token_step
     monkeypatch.setattr(layer, "_token_step", lambda *a: steps.append(1) or token_step(*a))
     with torch.no_grad():
-        graph = memory_hope._TokenGraph(layer, torch.randn(2, 1, 32), torch.ones(2, dtype=torch.bool), None,
+        graph = memory_graphs.TokenGraph(layer, torch.randn(2, 1, 32), torch.ones(2, dtype=torch.bool), None,
                                         layer.initial_state(2)).capture()
     assert len(steps) == 3 and cuda_capture_on_the_cpu == [False]
     expected = token_step(*(t for t in graph.inputs[:2]), None, layer.initial_state(2))
@@ -354,7 +354,7 @@ def test_replays_copy_in_and_out_and_guard_their_buffers():
     steps = [(torch.tensor([1.0, 0.0, 2.0]), torch.full((3,), 0.5)), (torch.tensor([3.0, 1.0, 1.0]), torch.ones(3))]
     for q, u in steps:  # two micro-batches: the parameter's gradient must add up, not alias a buffer
         q.requires_grad_()
-        (o,) = memory_hope._GraphedScan.apply(graph, q, u, w)
+        (o,) = memory_graphs.GraphedScan.apply(graph, q, u, w)
         assert graph.pending() is not None  # the replay's backward is due
         graph.outputs[0].zero_()  # a later replay rewrites the buffer: what the caller holds stays
         torch.testing.assert_close(o, q.detach() * w.detach() + u)
@@ -364,11 +364,11 @@ def test_replays_copy_in_and_out_and_guard_their_buffers():
     torch.testing.assert_close(w.grad, steps[0][0] + steps[1][0])
 
     q = torch.ones(3, requires_grad=True)
-    (o,) = memory_hope._GraphedScan.apply(graph, q, torch.zeros(3), w)
+    (o,) = memory_graphs.GraphedScan.apply(graph, q, torch.zeros(3), w)
     o.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="can run once"):  # its activations may be gone from the buffers
         o.sum().backward()
-    (o,) = memory_hope._GraphedScan.apply(graph, q, torch.zeros(3), w)
+    (o,) = memory_graphs.GraphedScan.apply(graph, q, torch.zeros(3), w)
     w.data = w.data.clone()  # what parameter sharding does between forward and backward
     with pytest.raises(RuntimeError, match="moved to other storage"):
         o.sum().backward()
@@ -399,8 +399,8 @@ def test_the_captured_computation_gives_the_layers_reads_and_gradients(overrides
     q = torch.randn(2, 4, 14, 8, generator=g, dtype=torch.float64, requires_grad=True)  # 4 chunks, the last partial
     u = torch.randn(2, 4, 14, 16, generator=g, dtype=torch.float64, requires_grad=True)  # key and value streams
     real = torch.ones(2, 14, dtype=torch.bool)
-    layout = memory_hope._Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
-    graph = memory_hope._ScanGraph(layer, q, u, layout)
+    layout = memory_layout.Layout(real, torch.zeros_like(real), torch.zeros(2, dtype=torch.long), 4, 4)
+    graph = memory_graphs.ScanGraph(layer, q, u, layout)
     with torch.no_grad():
         graph.q.copy_(q)
         graph.u.copy_(u)
@@ -542,8 +542,8 @@ def test_evaluation_and_prompts_replay_graphs_with_the_eager_numbers(monkeypatch
     the eager logits and tokens, also after training steps have changed the weights in place; the training graphs and
     the evaluation graphs live side by side."""
     replays = []
-    original = memory_hope._ScanGraph.replay
-    monkeypatch.setattr(memory_hope._ScanGraph, "replay", lambda self, q, u: replays.append(1) or original(self, q, u))
+    original = memory_graphs.ScanGraph.replay
+    monkeypatch.setattr(memory_graphs.ScanGraph, "replay", lambda self, q, u: replays.append(1) or original(self, q, u))
     eager, graphed = twin_models("cuda")
     layers = titans_layers(graphed)
     ids = ids_batch("cuda")
@@ -577,8 +577,8 @@ def test_evaluation_and_prompts_replay_graphs_with_the_eager_numbers(monkeypatch
 @cuda
 def test_decoding_replays_graphs_with_the_eager_tokens_and_scores(monkeypatch):
     replays = []
-    original = memory_hope._TokenGraph.replay
-    monkeypatch.setattr(memory_hope._TokenGraph, "replay", lambda self, *a: replays.append(1) or original(self, *a))
+    original = memory_graphs.TokenGraph.replay
+    monkeypatch.setattr(memory_graphs.TokenGraph, "replay", lambda self, *a: replays.append(1) or original(self, *a))
     eager, graphed = twin_models("cuda")
     prompts = ids_batch("cuda", length=7)
     mask = torch.ones_like(prompts)

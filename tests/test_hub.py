@@ -25,7 +25,7 @@ from hope_hf.cards import (
     preset_card_filename,
     write_preset_cards,
 )
-from hope_hf.hub import HubPublishError, push_to_hub
+from hope_hf.hub import MODEL_CODE_FILES, HubPublishError, push_to_hub
 from hope_hf.modeling_hope import HOPE_AUTO_MAP
 from hope_hf.presets import available_presets, get_preset
 
@@ -34,10 +34,7 @@ from conftest import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CARDS = REPO / "model_cards"
-MODEL_FILES = [
-    "cache_hope.py", "config.json", "configuration_hope.py", "generation_config.json", "memory_hope.py",
-    "model.safetensors", "modeling_hope.py",
-]
+MODEL_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *MODEL_CODE_FILES])
 EVAL = {
     "task_type": "text-generation",
     "dataset_type": "hope-stdlib",

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hope_hf.configuration_hope import HopeConfig
-from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, _document_starts, _Layout, memory_boxes
-from reference_memory import reference_titans
+from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, memory_boxes
+from hope_hf.memory_layout import Layout, document_starts
+from hope_hf.memory_naive import reference_titans
 
 
 SWITCHES = ["self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init", "detach_self_targets"]
@@ -218,7 +219,7 @@ def test_packed_documents_reset_memories():
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_pieces_of_unequal_length_cost_their_own_chunks_and_equal_pieces_alone(recompute):
-    """Frame rows whose pieces end early are not computed further (`_Layout.rows_with_tokens`): a packed row of a
+    """Frame rows whose pieces end early are not computed further (`Layout.rows_with_tokens`): a packed row of a
     long and several short documents, and a left-padded row that continues a state, give the outputs, final states
     and gradients of every piece fed alone, with recomputed segments that some pieces end inside."""
     layer = make_layer(recompute_memory_states=recompute)
@@ -229,7 +230,7 @@ def test_pieces_of_unequal_length_cost_their_own_chunks_and_equal_pieces_alone(r
     mask[1, :8] = 0  # 17 tokens from chunk position 1: one chunk fewer than the long document
     _, prior = layer.forward_with_state(torch.randn(2, 7, 8, dtype=torch.float64))  # rows start mid-chunk
     prior = prior.map(lambda t: t.detach())
-    layout = _Layout(mask.bool(), _document_starts(pos, mask.bool()), prior.chunk_pos, 3, 4)
+    layout = Layout(mask.bool(), document_starts(pos, mask.bool()), prior.chunk_pos, 3, 4)
     counts = [layout.rows_with_tokens(c) for c in range(len(layout.chunk_bounds))]
     assert counts[0] == 4 and counts[-1] == 1 and counts == sorted(counts, reverse=True)
     out, state = layer.forward_with_state(x, attention_mask=mask, position_ids=pos, state=prior)
@@ -259,7 +260,7 @@ def test_a_short_padded_batch_costs_its_tokens_not_a_whole_chunk():
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :3] = 0
     real = mask.bool()
-    layout = _Layout(real, _document_starts(None, real), torch.zeros(2, dtype=torch.long), 64, 4)
+    layout = Layout(real, document_starts(None, real), torch.zeros(2, dtype=torch.long), 64, 4)
     assert layout.frame_len == 20 and layout.chunk_bounds == [(0, 20)]
     out, state = layer.forward_with_state(x, attention_mask=mask)
     for b in range(2):
@@ -486,7 +487,7 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot)
     every input the scan passes: reads, keys, values, gates, snapshot and current weights, anchors; pad positions
     in the write mask; distinct snapshot and current weights (a chunk that a previous call began), or the snapshot
     passed as None because it is the current weights (autograd's reference gets them twice)."""
-    from hope_hf.memory_hope import ChunkStep, chunk_forward
+    from hope_hf.memory_chunk import ChunkStep, chunk_forward
 
     layer = make_layer(chunk_size=5, **switches)
     spec = layer.chunk_spec
@@ -544,7 +545,8 @@ def test_hand_written_generation_backward_equals_autograd(switches, length, snap
     the reads, the snapshot and current weights, the anchors and every parameter of the generation (static
     projections, readouts, biases), with a pad position, and distinct snapshot and current weights or the snapshot
     passed as None (it is the current weights)."""
-    from hope_hf.memory_hope import ChunkStep, chunk_forward, generate
+    from hope_hf.memory_chunk import ChunkStep, chunk_forward
+    from hope_hf.memory_generate import generate
 
     layer = make_layer(chunk_size=5, **switches)
     spec, gen_spec = layer.chunk_spec, layer._generate_spec

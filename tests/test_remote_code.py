@@ -21,13 +21,17 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, pipeline
 
 import hope_hf
 from hope_hf import HopeConfig, HopeForCausalLM, HopeModel
+from hope_hf.hub import MODEL_CODE_FILES
 from hope_hf.modeling_hope import HOPE_AUTO_MAP
 
 from conftest import small_config
 
 
 PACKAGE_DIR = Path(hope_hf.__file__).resolve().parent
-MODEL_FILES = ["cache_hope.py", "configuration_hope.py", "memory_hope.py", "modeling_hope.py"]
+# the model's code: modeling_hope.py, configuration_hope.py and every flat sibling they import (derived from the
+# imports by the package; pinned here by its size and its members' names)
+MODEL_FILES = list(MODEL_CODE_FILES)
+assert len(MODEL_FILES) == 11 and {"memory_hope.py", "memory_chunk.py", "cache_hope.py"} <= set(MODEL_FILES)
 SAVED_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *MODEL_FILES])
 
 BLOCKER = '''

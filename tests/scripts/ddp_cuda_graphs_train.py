@@ -25,11 +25,11 @@ ROWS = 4
 
 def main(out_dir: str) -> None:
     from _training_utils import tiny_model
-    from hope_hf import memory_hope
+    from hope_hf import memory_graphs
 
     replays = []
-    apply = memory_hope._GraphedScan.apply
-    memory_hope._GraphedScan.apply = lambda *a: replays.append(1) or apply(*a)
+    apply = memory_graphs.GraphedScan.apply
+    memory_graphs.GraphedScan.apply = lambda *a: replays.append(1) or apply(*a)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,7 +1,9 @@
 """Token-by-token reference of the self-modifying Titans layer (docs/design.md §6a), written for clarity, not speed.
 
-Independent of the fast path in `hope_hf/memory_hope.py`: plain per-row, per-token, per-head, per-memory loops over
-explicit matrices W1 (d x m) and W2 (m x d), in the notation of the paper. Tests only.
+Independent of the fast path (`memory_hope.py` and the `memory_*` ops): plain per-row, per-token, per-head,
+per-memory loops over explicit matrices W1 (d x m) and W2 (m x d), in the notation of the paper. Used by the tests
+(`tests/test_memory.py`) and by anyone changing the rule: change it here first, then the chunk-parallel ops until
+they agree. Not model code (the model never imports it).
 """
 
 import torch

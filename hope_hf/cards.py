@@ -3,7 +3,8 @@
 
 * `build_model_card(config, model_name=..., training=...)`: the card of one model: Hub metadata (license,
   `library_name`, tags, datasets, evaluation results as `model-index`), the exact HOPE configuration (layers, CMS levels
-  and periods, chunk size, ...), how it was trained, intended use, limitations and the paper citation.
+  and periods, chunk size, ...), how it was trained, intended use, limitations and the paper citation. `hope-hf train`
+  writes the card of the model it trains with it.
 * `preset_card(name)`: the card of a preset (`hope_hf.presets`), an untrained configuration.
 * `python -m hope_hf.cards [--check] [--output-dir DIR]` writes (or checks) `model_cards/hope-<preset>.md` for every
   preset; `tests/test_hub.py` keeps the checked-in cards equal to what this produces.
@@ -213,6 +214,20 @@ def _eval_results(results: Sequence[EvalResult | Mapping[str, Any]] | None) -> l
     return out
 
 
+def _eval_rows(results: Sequence[EvalResult]) -> list[dict[str, Any]]:
+    """The rows of the card's evaluation table."""
+    return [
+        {
+            "task": r.task_name or r.task_type,
+            "dataset": r.dataset_name if r.dataset_name == r.dataset_type else f"{r.dataset_name} (`{r.dataset_type}`)",
+            "split": r.dataset_split or "",
+            "metric": r.metric_name or r.metric_type,
+            "value": f"{r.metric_value:.4g}" if isinstance(r.metric_value, float) else r.metric_value,
+        }
+        for r in results
+    ]
+
+
 def _training_text(training: str | Mapping[str, Any] | None) -> str:
     if isinstance(training, Mapping):
         lines = [f"- **{key}**: {value}" for key, value in training.items() if value not in (None, "")]
@@ -229,15 +244,25 @@ def _training_text(training: str | Mapping[str, Any] | None) -> str:
     return text
 
 
-def build_model_card(
+def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
+    """``metrics`` as a Markdown table (strings as given, so that the caller chooses the precision; floats to 4
+    significant digits); empty without metrics."""
+    if not metrics:
+        return ""
+    rows = [f"| {name} | {f'{value:.4g}' if isinstance(value, float) else value} |" for name, value in metrics.items()]
+    return "\n".join(["", "", "| metric | value |", "|---|---|", *rows])
+
+
+def build_model_card(  # over 60 lines: one keyword per card field, each documented below
     config: HopeConfig,
     *,
     model_name: str,
     training: str | Mapping[str, Any],
+    training_metrics: Mapping[str, Any] | None = None,
     summary: str | None = None,
     repo_id: str | None = None,
     preset: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = "apache-2.0",
     language: str | list[str] | None = "en",
     datasets: str | list[str] | None = None,
     eval_results: Sequence[EvalResult | Mapping[str, Any]] | None = None,
@@ -249,10 +274,13 @@ def build_model_card(
 ) -> ModelCard:
     """The model card of a HOPE model with configuration `config`.
 
-    `training` (required): how the model was trained, as Markdown or a dict rendered as a list. `eval_results`:
-    `huggingface_hub.EvalResult`s or dicts of their fields; they go into the metadata as `model-index` and into a
-    table. `repo_id` is used in the loading example; without it, `preset` gives an example that builds the preset.
-    `tags` are added to `DEFAULT_TAGS`; `limitations` is added to `DEFAULT_LIMITATIONS`.
+    `training` (required): how the model was trained, as Markdown or a dict rendered as a list. `training_metrics`:
+    what the training run measured (e.g. train and eval loss), a dict of name -> value shown as a table under
+    `training` (string values as given, floats to 4 significant digits); unlike `eval_results` they stay out of the
+    metadata. `eval_results`: `huggingface_hub.EvalResult`s or dicts of their fields; they go into the metadata as
+    `model-index` and into a table. `repo_id` is used in the loading example (a local folder works too); without it,
+    `preset` gives an example that builds the preset. `license=None` leaves the license out of the metadata. `tags`
+    are added to `DEFAULT_TAGS`; `limitations` is added to `DEFAULT_LIMITATIONS`.
     """
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
@@ -273,16 +301,6 @@ def build_model_card(
         model_name=model_name,
         eval_results=results or None,
     )
-    eval_rows = [
-        {
-            "task": r.task_name or r.task_type,
-            "dataset": r.dataset_name if r.dataset_name == r.dataset_type else f"{r.dataset_name} (`{r.dataset_type}`)",
-            "split": r.dataset_split or "",
-            "metric": r.metric_name or r.metric_type,
-            "value": f"{r.metric_value:.4g}" if isinstance(r.metric_value, float) else r.metric_value,
-        }
-        for r in results
-    ]
     extra_limitations = (limitations or "").strip()
     template_vars = dict(
         model_name=model_name,
@@ -290,8 +308,8 @@ def build_model_card(
         hope_hf_version=__version__,
         repo_id=repo_id if repo_id is not None else ("" if preset else f"./{model_name}"),
         preset=preset or "",
-        training=_training_text(training),
-        eval_rows=eval_rows,
+        training=_training_text(training) + _metrics_table(training_metrics),
+        eval_rows=_eval_rows(results),
         intended_use=(intended_use or DEFAULT_INTENDED_USE).strip(),
         limitations=(extra_limitations + "\n" if extra_limitations else "") + DEFAULT_LIMITATIONS,
         citation=PAPER_CITATION,

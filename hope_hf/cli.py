@@ -20,24 +20,28 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+from ._cli_common import (
+    CliError,
+    check_model_folder,
+    check_output_dir_is_a_folder,
+    check_tokenizer_folder,
+    for_option,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    log,
+    same_or_nested,
+)
 from .training.arguments import HopeTrainingArguments
 
-__all__ = ["HopeTrainingArguments", "evaluate_perplexity", "main", "unigram_baseline"]
+__all__ = ["HopeTrainingArguments", "main"]
 
-COMMANDS = {
-    "train": "train a HOPE model (a preset from scratch, or continue a saved model) with Trainer",
-    "eval": "perplexity of a saved model on held-out data (through the shipped `evaluate` metric); with --task, "
-            "the long-context suite (hope-hf eval --task passkey --help)",
-    "generate": "generate text from a saved model",
-    "convert": "convert a Llama-family checkpoint into a HOPE model (attention variant)",
-}
-
-
-class CliError(ValueError):
-    """A usage error: the message names the option and what it accepts."""
+_DTYPES = ("float32", "bfloat16", "float16")  # the --dtype values of `convert` (torch dtypes of these names)
 
 
 # ============================================================================================ arguments
@@ -93,6 +97,31 @@ class ModelArguments:
                           "(ContinuumOptimizer, docs/training.md). --no_continuum steps every parameter every step."},
     )
 
+    def __post_init__(self):  # checks of these fields alone, so that nothing is written before they pass
+        overrides = self.overrides
+        if self.model_name_or_path:
+            if self.config_overrides:
+                raise CliError("--config_overrides applies to a fresh --preset, not to --model_name_or_path")
+            return
+        from .presets import available_presets, get_preset
+        from .tokenizer import _MIN_VOCAB
+
+        if self.preset.strip().lower() not in available_presets():
+            raise CliError(f"--preset: unknown preset {self.preset!r}; allowed presets: "
+                           f"{', '.join(available_presets())}")
+        if not self.tokenizer_name_or_path and self.vocab_size < _MIN_VOCAB:
+            raise CliError(f"--vocab_size must be >= {_MIN_VOCAB} (256 bytes + 2 special tokens), "
+                           f"got {self.vocab_size}")
+        try:  # the config is built (and checked) before a tokenizer is trained or anything is written
+            get_preset(self.preset, **{"vocab_size": max(self.vocab_size, _MIN_VOCAB), **overrides})
+        except (KeyError, TypeError, ValueError) as err:
+            raise CliError(f"--config_overrides {self.config_overrides!r}: {err}") from err
+
+    @property
+    def overrides(self) -> dict:
+        """The config fields of --config_overrides, parsed."""
+        return _parse_overrides(self.config_overrides)
+
 
 @dataclass
 class DataArguments:
@@ -124,6 +153,16 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=64, metadata={"help": "Evaluate on at most this many packed sequences (the first ones)."}
     )
+
+    def __post_init__(self):
+        from .data import check_seq_len
+
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise CliError("--max_eval_samples must be >= 1 (or left out: every sequence), got "
+                           f"{self.max_eval_samples}")
+        if self.eval_every < 2:
+            raise CliError(f"--eval_every must be >= 2, got {self.eval_every}")
+        for_option("--seq_len", check_seq_len, self.seq_len)
 
 
 @dataclass
@@ -168,6 +207,17 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."})
     output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
 
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise CliError("--model_name_or_path is required")
+        if self.split not in ("heldout", "all"):
+            raise CliError(f"--split must be 'heldout' or 'all', got {self.split!r}")
+        if self.batch_size < 1:
+            raise CliError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise CliError("--max_eval_samples must be >= 1 (or left out: every sequence), got "
+                           f"{self.max_eval_samples}")
+
 
 @dataclass
 class GenerateArguments:
@@ -182,6 +232,20 @@ class GenerateArguments:
     num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
     seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise CliError("--model_name_or_path is required")
+        if self.max_new_tokens < 1:
+            raise CliError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise CliError(f"--temperature must be > 0 with --do_sample, got {self.temperature}")
+        if self.num_beams < 1:
+            raise CliError(f"--num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            raise CliError(f"--top_p must be in (0, 1] with --do_sample, got {self.top_p}")
+        if self.do_sample and self.top_k < 0:
+            raise CliError(f"--top_k must be >= 0 with --do_sample (0: no top-k), got {self.top_k}")
 
 
 @dataclass
@@ -204,62 +268,63 @@ class ConvertArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
     dtype: str = field(default="float32", metadata={"help": "Dtype to load and save in: float32, bfloat16, float16."})
 
-
-ARGUMENT_CLASSES = {
-    "train": (ModelArguments, DataArguments, RunArguments, HopeTrainingArguments),
-    "eval": (EvalArguments,),
-    "generate": (GenerateArguments,),
-    "convert": (ConvertArguments,),
-}
+    def __post_init__(self):
+        if not self.llama_model or not self.output_dir:
+            raise CliError("--llama_model and --output_dir are required")
+        if self.dtype not in _DTYPES:
+            raise CliError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _parse_extra_levels(self.extra_levels)
+        if self.base_period < 0:
+            raise CliError(f"--base_period must be >= 0 (0 = frozen), got {self.base_period}")
 
 
 def build_parser(command: str):
     """The `HfArgumentParser` of one command (its `--help` explains every option)."""
     from transformers import HfArgumentParser
 
-    description = COMMANDS[command] + "."
+    description = COMMANDS[command].help + "."
     if command == "train":
         description += (" Every `TrainingArguments` option is accepted as well; defaults are sized for the tiny "
                         "preset on CPU. Runs unchanged under `accelerate launch` / `torchrun`.")
-    return HfArgumentParser(ARGUMENT_CLASSES[command], prog=f"hope-hf {command}", description=description)
+    return HfArgumentParser(COMMANDS[command].arguments, prog=f"hope-hf {command}", description=description)
 
 
 def _parse(command: str, argv: list[str]) -> tuple:
-    """The argument dataclasses of ``command``; an unknown option is a usage error naming it (and its closest
-    valid spelling), not a traceback."""
+    """The argument dataclasses of ``command`` (each checks its own fields as it is built); an unknown option is a
+    usage error naming it (and its closest valid spelling), not a traceback, and it is reported first."""
+    parser = build_parser(command)
+    remaining = parser.parse_known_args(argv)[1]
+    if remaining:
+        raise _unrecognized(command, parser, remaining)
+    return tuple(parser.parse_args_into_dataclasses(args=argv))
+
+
+def _unrecognized(command: str, parser, remaining: list[str]) -> CliError:
+    """The error for the unknown options in ``remaining``, each with its closest valid spelling."""
     import difflib
 
-    parser = build_parser(command)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if remaining:
-        actions = list(parser._actions)
-        more = ""
-        if command == "eval":  # a mistyped --task lands here, in the perplexity evaluation: suggest the suite's options
-            from .evaluation.cli import build_suite_parser
+    actions = list(parser._actions)
+    more = ""
+    if command == "eval":  # a mistyped --task lands here, in the perplexity evaluation: suggest the suite's options
+        from .evaluation.cli import build_suite_parser
 
-            actions += build_suite_parser()._actions
-            more = " (the long-context suite's, with --task: `hope-hf eval --task all --help`)"
-        options = sorted({s for action in actions for s in action.option_strings if s.startswith("--")})
-        unknown = [r for r in remaining if r.startswith("-")] or remaining
-        hints = []
-        for item in unknown:
-            name = item.split("=", 1)[0]
-            close = difflib.get_close_matches(name, options, n=1)
-            if close and close[0] == name:  # valid for the suite only
-                hints.append(f"{item} (an option of the long-context suite, which --task selects)")
-            else:
-                hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
-        raise CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf {command} --help` lists every "
-                       f"option{more}")
-    return tuple(parsed)
+        actions += build_suite_parser()._actions
+        more = " (the long-context suite's, with --task: `hope-hf eval --task all --help`)"
+    options = sorted({s for action in actions for s in action.option_strings if s.startswith("--")})
+    unknown = [r for r in remaining if r.startswith("-")] or remaining
+    hints = []
+    for item in unknown:
+        name = item.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1)
+        if close and close[0] == name:  # valid for the suite only
+            hints.append(f"{item} (an option of the long-context suite, which --task selects)")
+        else:
+            hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
+    return CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf {command} --help` lists every "
+                    f"option{more}")
 
 
 # ============================================================================================ helpers
-def _log(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
-
-
 def _barrier(args) -> None:
     if args.world_size > 1:
         import torch.distributed as dist
@@ -288,16 +353,6 @@ def _top_level_items(text: str) -> list[str]:
     return items
 
 
-def _for_option(option: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, its `DataError` a CLI error that names ``option``."""
-    from .data import DataError
-
-    try:
-        return fn(*args, **kwargs)
-    except DataError as err:
-        raise CliError(f"{option}: {err}") from err
-
-
 def _parse_overrides(text: str | None) -> dict:
     if not text:
         return {}
@@ -315,93 +370,18 @@ def _parse_overrides(text: str | None) -> dict:
     return out
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _parse_extra_levels(text: str | None) -> list:
+    """The CMS levels of `convert --extra_levels` (a JSON list), ``[]`` without it."""
+    if not text:
+        return []
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CliError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {name!r}: no CUDA device is available here; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise CliError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
-    return device
-
-
-def _same_or_nested(a: str, b: str) -> bool:
-    """Whether paths ``a`` and ``b`` are the same folder or one lies inside the other."""
-    ra, rb = Path(a).resolve(), Path(b).resolve()
-    return ra == rb or ra in rb.parents or rb in ra.parents
-
-
-def _check_output_dir_is_a_folder(path: str, option: str = "--output_dir") -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CliError(f"{option} {path!r} is an existing file, not a folder; choose a folder")
-
-
-def _check_model_folder(path: str, option: str = "--model_name_or_path") -> None:
-    """A saved HOPE model folder (checked from its config, without loading the weights)."""
-    from transformers import AutoConfig
-
-    from hope_hf import HopeConfig  # importing hope_hf registers the HOPE auto classes
-
-    if not os.path.isdir(path):
-        raise CliError(f"{option} {path!r} is not a folder (a model saved with save_pretrained)")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CliError(f"{option} {path!r} has no config.json: not a saved model folder")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != HopeConfig.model_type:
-        raise CliError(
-            f"{option} {path!r} holds a {config.model_type!r} model, not a HOPE model "
-            f"({HopeConfig.model_type!r}); convert Llama models with `hope-hf convert`"
-        )
-
-
-def _check_tokenizer_folder(path: str, option: str) -> None:
-    if not os.path.isdir(path) or not any(
-        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
-
-
-def _load_model(path: str, device=None):
-    from hope_hf import HopeForCausalLM  # importing hope_hf registers the HOPE auto classes
-
-    _check_model_folder(path)
-    model = HopeForCausalLM.from_pretrained(path)
-    if device is not None:
-        model.to(device)
-    return model
-
-
-def _load_tokenizer(path: str, option: str):
-    from transformers import AutoTokenizer
-
-    _check_tokenizer_folder(path, option)
-    return AutoTokenizer.from_pretrained(path)
-
-
-def unigram_baseline(train_ids, eval_ids, vocab_size: int) -> float:
-    """Perplexity on ``eval_ids`` (predicted positions: all but the first of each sequence) of the add-one-smoothed
-    unigram distribution of ``train_ids``; both are lists of token-id sequences."""
-    import numpy as np
-
-    counts = np.zeros(vocab_size, dtype=np.float64)
-    for seq in train_ids:
-        counts += np.bincount(np.asarray(seq[1:], dtype=np.int64), minlength=vocab_size)[:vocab_size]
-    logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
-    nll, n = 0.0, 0
-    for seq in eval_ids:
-        tgt = np.asarray(seq[1:], dtype=np.int64)
-        nll -= float(logp[tgt].sum())
-        n += tgt.size
-    return math.exp(nll / n)
+        extra = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CliError(f"--extra_levels must be a JSON list of periods or {{'period', 'intermediate_size'}} "
+                       f"dicts: {err}") from err
+    if not isinstance(extra, list):
+        raise CliError(f"--extra_levels must be a JSON list, got {text!r}")
+    return extra
 
 
 # What `train` writes into --output_dir before its first checkpoint: the tokenizer it trains, saved at once. A folder
@@ -458,7 +438,7 @@ def _check_checkpoint_matches(checkpoint: str, config) -> None:
 
 
 def _clear_folder(path: str) -> None:
-    _log(f"--overwrite_output_dir: deleting the contents of {path}")
+    log(f"--overwrite_output_dir: deleting the contents of {path}")
     for entry in os.listdir(path):
         full = os.path.join(path, entry)
         shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
@@ -473,11 +453,11 @@ def _check_inputs_outside(output_dir: str, model_args, data_args, resume: str | 
     if overwrite:  # without it a checkpoint inside --output_dir is the run being resumed
         folders.append(("--resume_from_checkpoint", resume))
     for option, path in folders:
-        if path and _same_or_nested(path, output_dir):
+        if path and same_or_nested(path, output_dir):
             raise CliError(f"--output_dir {output_dir!r} and {option} {path!r} are the same folder or one holds the "
                            "other; the run would overwrite its own input: choose another --output_dir")
     for option, source in (("--data", data_args.data), ("--eval_data", data_args.eval_data)):
-        files = _for_option(option, _expand_local, source) if source not in (None, "stdlib") else None
+        files = for_option(option, _expand_local, source) if source not in (None, "stdlib") else None
         out = Path(output_dir).resolve()
         inside = [f for f in files or [] if out in Path(f).resolve().parents]
         if inside:
@@ -485,58 +465,34 @@ def _check_inputs_outside(output_dir: str, model_args, data_args, resume: str | 
                            "which the run writes; move the data or choose another --output_dir")
 
 
-def _write_model_card(output_dir: str, *, origin: str, data: str, metrics: dict, config, num_params: int,
-                      eval_data: str | None = None, resumed: bool = False) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
+def _save_model_card(output_dir: str, *, origin: str, data: str, metrics: dict, config, num_params: int,
+                     eval_data: str | None = None, resumed: bool = False) -> None:
+    """``README.md`` of a trained model: the card of `hope_hf.cards.build_model_card`, with the run's data, steps and
+    losses next to the unigram baseline."""
+    from .cards import build_model_card
 
     data_name = "python-stdlib-source" if data == "stdlib" else data
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["hope", "nested-learning", "continuum-memory-system", "custom_code"],
-        model_name=os.path.basename(os.path.abspath(output_dir)),
-    )
-    ppl = metrics.get("eval_perplexity")
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {card_data.model_name}",
-        "",
-        "A HOPE model (Nested Learning, NeurIPS 2025: self-modifying Titans mixer + Continuum Memory System), "
-        f"{origin}, {num_params:,} parameters, trained with `hope-hf train` on `{data_name}`.",
-        "",
-        "## Training",
-        "",
-        f"- data: `{data_name}`; sequences of {metrics.get('seq_len')} tokens; {metrics.get('train_tokens', 0):,} "
+    training = "\n".join([
+        f"- data: `{data_name}`; sequences of {metrics['seq_len']} tokens; {metrics['train_tokens']:,} "
         "training tokens seen",
-        f"- CMS levels (period in tokens, 0 = frozen): {[lvl['period'] for lvl in getattr(config, 'cms_levels', [])]}",
-        f"- steps: {metrics.get('global_step')}, wall time {metrics.get('train_runtime', 0):.0f} s",
-        "",
-        "## Evaluation (" + ("held-out documents of the same data" if eval_data is None else f"`{eval_data}`") + ")",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| train loss (mean over the {'resumed part of the ' if resumed else ''}run) | "
-        f"{metrics.get('train_loss', float('nan')):.4f} |",
-        f"| eval loss | {metrics.get('eval_loss', float('nan')):.4f} |",
-        f"| eval perplexity | {ppl if ppl is None else f'{ppl:.2f}'} |",
-        f"| unigram baseline perplexity | {metrics.get('unigram_perplexity', float('nan')):.2f} |",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import hope_hf",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{output_dir}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{output_dir}")',
-        "```",
-        "",
-        "A tiny demonstration model: it knows some Python syntax, nothing more.",
-        "",
-    ]
-    ModelCard("\n".join(lines)).save(os.path.join(output_dir, "README.md"))
+        f"- CMS levels (period in tokens, 0 = frozen): {[lvl['period'] for lvl in config.cms_levels]}",
+        f"- steps: {metrics['global_step']}, wall time {metrics['train_runtime']:.0f} s",
+        "- evaluation: " + ("held-out documents of the same data" if eval_data is None else f"`{eval_data}`"),
+    ])
+    measured = {
+        f"train loss (mean over the {'resumed part of the ' if resumed else ''}run)": f"{metrics['train_loss']:.4f}",
+        "eval loss": f"{metrics['eval_loss']:.4f}",
+        "eval perplexity": f"{metrics['eval_perplexity']:.2f}",
+        "unigram baseline perplexity": f"{metrics.get('unigram_perplexity', float('nan')):.2f}",
+    }
+    card = build_model_card(
+        config, model_name=os.path.basename(os.path.abspath(output_dir)), repo_id=output_dir,
+        summary="A HOPE model (Nested Learning, NeurIPS 2025: self-modifying Titans mixer + Continuum Memory System), "
+                f"{origin}, {num_params:,} parameters, trained with `hope-hf train` on `{data_name}`.",
+        training=training, training_metrics=measured, license=None, language=None,
+        limitations="- A tiny demonstration model: it knows some Python syntax, nothing more.",
+    )
+    card.save(os.path.join(output_dir, "README.md"))
 
 
 def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwargs) -> str:
@@ -562,12 +518,33 @@ def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwa
 
 # ============================================================================================ train
 def cmd_train(argv: list[str]) -> dict:
-    import torch
+    """`hope-hf train`: check every input, then tokenizer, model, data, Trainer run, saved model and report."""
     from transformers import set_seed
 
-    from .data import build_lm_datasets, check_seq_len, load_documents, split_documents
-    from .tokenizer import _MIN_VOCAB, check_tokenizer_matches, train_tokenizer
-    from .training import HopeTrainer
+    from .evaluation.perplexity import unigram_baseline
+
+    model_args, data_args, run_args, args = _parse_train_arguments(argv)
+    # every argument is checked before anything is written or deleted
+    resume, clear_output_dir = _check_train_inputs(model_args, data_args, run_args, args)
+    set_seed(args.seed)
+    tokenizer, tokenizer_trained = _load_or_train_tokenizer(model_args, data_args, args, resume, clear_output_dir)
+    model, n_params = _build_model(model_args, data_args, args, tokenizer, resume)
+    train_ds, eval_ds = _load_datasets(data_args, args, tokenizer, model.config)
+    # only now, with every input loaded and checked, is --output_dir cleared (--overwrite_output_dir) and written
+    _start_output_dir(args, clear_output_dir, tokenizer if tokenizer_trained else None)
+    trainer, result, wall = _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume)
+    metrics = _final_metrics(trainer, result, wall, data_args.seq_len, n_params)
+    if not data_args.streaming:
+        metrics["unigram_perplexity"] = unigram_baseline(train_ds["input_ids"], eval_ds["input_ids"], len(tokenizer))
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        _save_run(trainer, tokenizer, metrics, model_args, data_args, run_args, model.config, resumed=bool(resume))
+    return metrics
+
+
+def _parse_train_arguments(argv: list[str]) -> tuple:
+    """The four argument dataclasses of `train`, with the defaults that depend on the machine or on what was given."""
+    import torch
 
     # Under a multi-process launcher on a machine without GPU, Trainer must be told to use the CPU (gloo); without
     # it every rank would silently train its own copy.
@@ -581,256 +558,249 @@ def cmd_train(argv: list[str]) -> dict:
         args.max_steps = -1  # epochs asked for: the default step count would silently override them
     if args.include_num_input_tokens_seen in ("no", False):
         args.include_num_input_tokens_seen = "all"  # the tokens trained on, for the results and the model card
+    return model_args, data_args, run_args, args
 
-    # ---- every argument is checked before anything is written or deleted
+
+def _check_train_inputs(model_args, data_args, run_args, args) -> tuple[str | None, bool]:
+    """The checks of `train` that span several argument groups or read the file system (each group checked its own
+    fields when parsed). Returns the checkpoint to resume from (or None) and whether --output_dir is to be cleared."""
     if not args.output_dir:
         raise CliError("--output_dir is required (where checkpoints, the model, tokenizer and model card go)")
-    _check_output_dir_is_a_folder(args.output_dir)
+    check_output_dir_is_a_folder(args.output_dir)
     if args.max_steps == 0 or args.max_steps < -1:
         raise CliError(f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {args.max_steps}")
     if data_args.streaming and args.max_steps <= 0:
         raise CliError("--streaming needs --max_steps > 0 (a stream has no length to count epochs by)")
-    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
-        raise CliError("--max_eval_samples must be >= 1 (or left out: every sequence), got "
-                       f"{data_args.max_eval_samples}")
-    if data_args.eval_every < 2:
-        raise CliError(f"--eval_every must be >= 2, got {data_args.eval_every}")
-    _for_option("--seq_len", check_seq_len, data_args.seq_len)
-    overrides = _parse_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
-        if model_args.config_overrides:
-            raise CliError("--config_overrides applies to a fresh --preset, not to --model_name_or_path")
-        _check_model_folder(model_args.model_name_or_path)
-    else:
-        from .presets import available_presets, get_preset
-
-        if model_args.preset.strip().lower() not in available_presets():
-            raise CliError(f"--preset: unknown preset {model_args.preset!r}; allowed presets: "
-                           f"{', '.join(available_presets())}")
-        if not model_args.tokenizer_name_or_path and model_args.vocab_size < _MIN_VOCAB:
-            raise CliError(f"--vocab_size must be >= {_MIN_VOCAB} (256 bytes + 2 special tokens), "
-                           f"got {model_args.vocab_size}")
-        try:  # the config is built (and checked) before a tokenizer is trained or anything is written
-            get_preset(model_args.preset, **{"vocab_size": max(model_args.vocab_size, _MIN_VOCAB), **overrides})
-        except (KeyError, TypeError, ValueError) as err:
-            raise CliError(f"--config_overrides {model_args.config_overrides!r}: {err}") from err
+        check_model_folder(model_args.model_name_or_path)
     if model_args.tokenizer_name_or_path:
-        _check_tokenizer_folder(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
+        check_tokenizer_folder(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
     resume = args.resume_from_checkpoint
     if resume is not None and not os.path.isdir(resume):
         raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
     _check_inputs_outside(args.output_dir, model_args, data_args, resume, run_args.overwrite_output_dir)
     resume, clear_output_dir = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, resume)
     if resume:
-        _log(f"Resuming the interrupted run from {resume}")
-    is_main = args.process_index == 0
-    set_seed(args.seed)
+        log(f"Resuming the interrupted run from {resume}")
+    return resume, clear_output_dir
 
-    # ---- tokenizer: given, the model's, saved by the run being resumed, or trained on the training data
+
+def _load_or_train_tokenizer(model_args, data_args, args, resume: str | None, clear_output_dir: bool) -> tuple:
+    """(The tokenizer, whether it was trained here): the given one, the model's, the one saved by the run being
+    resumed, or one trained on the training data."""
     with args.main_process_first(desc="tokenizer"):
         saved = [d for d in (resume, None if clear_output_dir else args.output_dir)
                  if d and os.path.exists(os.path.join(d, "tokenizer.json"))]
-        tokenizer_trained = False
         if model_args.tokenizer_name_or_path:
-            tokenizer = _load_tokenizer(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
-        elif model_args.model_name_or_path:
-            tokenizer = _load_tokenizer(model_args.model_name_or_path, "--model_name_or_path")
-        elif saved:
-            tokenizer = _load_tokenizer(saved[0], "--resume_from_checkpoint" if saved[0] == resume else "--output_dir")
-        else:
-            t0 = time.time()
-            docs = load_documents(
-                data_args.data, text_column=data_args.text_column, streaming=data_args.streaming,
-                max_chars=data_args.max_corpus_chars,
-            )
-            if data_args.eval_data is None:
-                docs = split_documents(docs, data_args.eval_every)[0]
-            if data_args.streaming:
-                docs = docs.take(20_000)
-            tokenizer = train_tokenizer(docs, model_args.vocab_size)
-            tokenizer_trained = True
-            _log(f"Trained a byte-level BPE tokenizer of {len(tokenizer)} tokens in {time.time() - t0:.1f} s")
+            return load_tokenizer(model_args.tokenizer_name_or_path, "--tokenizer_name_or_path"), False
+        if model_args.model_name_or_path:
+            return load_tokenizer(model_args.model_name_or_path, "--model_name_or_path"), False
+        if saved:
+            return load_tokenizer(saved[0], "--resume_from_checkpoint" if saved[0] == resume else "--output_dir"), False
+        return _train_tokenizer(model_args, data_args), True
 
-    # ---- model
+
+def _train_tokenizer(model_args, data_args):
+    """A byte-level BPE tokenizer of --vocab_size entries, trained on the training documents."""
+    from .data import load_documents, split_documents
+    from .tokenizer import train_tokenizer
+
+    t0 = time.time()
+    docs = load_documents(
+        data_args.data, text_column=data_args.text_column, streaming=data_args.streaming,
+        max_chars=data_args.max_corpus_chars,
+    )
+    if data_args.eval_data is None:
+        docs = split_documents(docs, data_args.eval_every)[0]
+    if data_args.streaming:
+        docs = docs.take(20_000)
+    tokenizer = train_tokenizer(docs, model_args.vocab_size)
+    log(f"Trained a byte-level BPE tokenizer of {len(tokenizer)} tokens in {time.time() - t0:.1f} s")
+    return tokenizer
+
+
+def _build_model(model_args, data_args, args, tokenizer, resume: str | None) -> tuple:
+    """(The model to train, its parameter count): the saved one, or the preset sized to the tokenizer; checked
+    against the tokenizer, --seq_len and the checkpoint to resume."""
+    from .data import check_seq_len
+    from .tokenizer import check_tokenizer_matches
+
     if model_args.model_name_or_path:
-        model = _load_model(model_args.model_name_or_path)
+        model = load_model(model_args.model_name_or_path)
     else:
         from hope_hf import HopeForCausalLM
+
+        from .presets import get_preset
 
         config = get_preset(model_args.preset, **{
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
-            **overrides,
+            **model_args.overrides,
         })
         model = HopeForCausalLM(config)
     check_tokenizer_matches(tokenizer, model.config)
-    _for_option("--seq_len", check_seq_len, data_args.seq_len, model.config)
+    for_option("--seq_len", check_seq_len, data_args.seq_len, model.config)
     if resume:
         _check_checkpoint_matches(resume, model.config)
     if args.device.type == "cuda":
-        # sharded parameters move between the forward and the backward pass: the captured graphs cannot follow
-        sharded = bool(args.fsdp) or bool(args.deepspeed) or any(
-            os.environ.get(name, "").lower() in ("1", "true")
-            for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-        model.config.memory_cuda_graphs = model_args.cuda_graphs and not sharded
-        model.config.compile_chunk_step = model_args.compile_chunk_step
-        _log("Titans memory scans: " + ("CUDA graphs" if model.config.memory_cuda_graphs else
-                                        "eager (FSDP / DeepSpeed)" if sharded else "eager (--no_cuda_graphs)")
-             + ", chunk step " + ("compiled (the first step compiles it)" if model_args.compile_chunk_step
-                                  else "eager (--no_compile_chunk_step)"))
+        _configure_cuda_memory(model.config, model_args, args)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"Model: {n_params:,} parameters; layer types {model.config.layer_types}; "
-         f"CMS periods {[lvl['period'] for lvl in model.config.cms_levels]}")
+    log(f"Model: {n_params:,} parameters; layer types {model.config.layer_types}; "
+        f"CMS periods {[lvl['period'] for lvl in model.config.cms_levels]}")
+    return model, n_params
 
-    # ---- data
+
+def _configure_cuda_memory(config, model_args, args) -> None:
+    """--cuda_graphs / --compile_chunk_step into the config (graphs off for sharded parameters)."""
+    # sharded parameters move between the forward and the backward pass: the captured graphs cannot follow
+    sharded = bool(args.fsdp) or bool(args.deepspeed) or any(
+        os.environ.get(name, "").lower() in ("1", "true")
+        for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    config.memory_cuda_graphs = model_args.cuda_graphs and not sharded
+    config.compile_chunk_step = model_args.compile_chunk_step
+    log("Titans memory scans: " + ("CUDA graphs" if config.memory_cuda_graphs else
+                                   "eager (FSDP / DeepSpeed)" if sharded else "eager (--no_cuda_graphs)")
+        + ", chunk step " + ("compiled (the first step compiles it)" if model_args.compile_chunk_step
+                             else "eager (--no_compile_chunk_step)"))
+
+
+def _load_datasets(data_args, args, tokenizer, config) -> tuple:
+    """(Training, evaluation) datasets of packed sequences; at most --max_eval_samples evaluation sequences."""
+    from .data import build_lm_datasets
+
     with args.main_process_first(desc="packing the data"):
         datasets = build_lm_datasets(
             tokenizer, data_args.seq_len, data_args.data, eval_source=data_args.eval_data,
             text_column=data_args.text_column, streaming=data_args.streaming,
-            max_chars=data_args.max_corpus_chars, eval_every=data_args.eval_every, config=model.config,
+            max_chars=data_args.max_corpus_chars, eval_every=data_args.eval_every, config=config,
         )
     train_ds, eval_ds = datasets["train"], datasets["eval"]
     if data_args.max_eval_samples is not None:
         eval_ds = eval_ds.take(data_args.max_eval_samples) if data_args.streaming else eval_ds.select(
             range(min(data_args.max_eval_samples, len(eval_ds))))
     if not data_args.streaming:
-        _log(f"Data: {len(train_ds)} training and {len(eval_ds)} evaluation sequences of {data_args.seq_len} tokens")
+        log(f"Data: {len(train_ds)} training and {len(eval_ds)} evaluation sequences of {data_args.seq_len} tokens")
+    return train_ds, eval_ds
 
-    # ---- only now, with every input loaded and checked, is --output_dir cleared (--overwrite_output_dir) and written
+
+def _start_output_dir(args, clear: bool, trained_tokenizer=None) -> None:
+    """Clear --output_dir if asked, create it, and save the tokenizer trained here at once (an interrupted run finds
+    it when the same command runs again); on the main process, the others waiting."""
     with args.main_process_first(desc="output dir"):
-        if is_main:
-            if clear_output_dir:
+        if args.process_index == 0:
+            if clear:
                 _clear_folder(args.output_dir)
             os.makedirs(args.output_dir, exist_ok=True)
-            if tokenizer_trained:  # saved at once: an interrupted run finds it when the same command runs again
-                tokenizer.save_pretrained(args.output_dir)
+            if trained_tokenizer is not None:
+                trained_tokenizer.save_pretrained(args.output_dir)
     _barrier(args)
 
-    # ---- train
-    trainer_cls = HopeTrainer if model_args.continuum else __import__("transformers").Trainer
+
+def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: str | None) -> tuple:
+    """(The trainer, its `train` result, the wall time of training in seconds)."""
+    from transformers import Trainer
+
+    from .training import HopeTrainer
+
+    trainer_cls = HopeTrainer if model_args.continuum else Trainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    wall = time.time() - t0
-    last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+    return trainer, result, time.time() - t0
+
+
+def _final_metrics(trainer, result, wall: float, seq_len: int, n_params: int) -> dict:
+    """Train and eval loss of the run; the eval loss is of the weights that are saved."""
+    state = trainer.state
+    last_eval = [h for h in state.log_history if "eval_loss" in h]
     # with --load_best_model_at_end the saved weights are the best checkpoint's, not the last step's: evaluate them
-    if last_eval and last_eval[-1].get("step") == trainer.state.global_step and not args.load_best_model_at_end:
+    if last_eval and last_eval[-1].get("step") == state.global_step and not trainer.args.load_best_model_at_end:
         eval_metrics = last_eval[-1]  # the run ended with an evaluation of the final weights
     else:
         eval_metrics = trainer.evaluate()
     metrics = {
         "train_loss": result.training_loss,
         "train_runtime": wall,
-        "global_step": trainer.state.global_step,
-        "seq_len": data_args.seq_len,
-        "train_tokens": int(trainer.state.num_input_tokens_seen),  # every process's, a short last batch as it was
+        "global_step": state.global_step,
+        "seq_len": seq_len,
+        "train_tokens": int(state.num_input_tokens_seen),  # every process's, a short last batch as it was
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(eval_metrics["eval_loss"]),
         "num_parameters": n_params,
     }
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h["loss"] for h in state.log_history if "loss" in h]
     if logged:
         metrics["first_logged_train_loss"], metrics["last_logged_train_loss"] = logged[0], logged[-1]
-    if not data_args.streaming:
-        metrics["unigram_perplexity"] = unigram_baseline(train_ds["input_ids"], eval_ds["input_ids"], len(tokenizer))
-
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        _write_model_card(
-            args.output_dir, data=data_args.data, metrics=metrics, config=model.config, num_params=n_params,
-            origin=(f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
-                    else f"preset `{model_args.preset}`"),
-            eval_data=data_args.eval_data, resumed=bool(resume),
-        )
-        sample = None
-        if run_args.sample_max_new_tokens > 0:
-            gen = {"do_sample": False}
-            if run_args.sample_temperature > 0:
-                torch.manual_seed(args.seed)
-                gen = {"do_sample": True, "temperature": run_args.sample_temperature, "top_k": 50}
-            sample = _generate_text(trainer.model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens,
-                                    **gen)
-            metrics["sample"] = sample
-        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        _log("")
-        _log(f"train loss  {metrics['train_loss']:.4f} "
-             + ("(mean over the steps since the resumed checkpoint)" if resume else "(mean over the run)")
-             + (f"; first logged {logged[0]:.4f}, last logged {logged[-1]:.4f}" if logged else ""))
-        _log(f"train perplexity of the last logged loss  {math.exp(logged[-1]) if logged else float('nan'):.2f}")
-        _log(f"eval loss   {metrics['eval_loss']:.4f}   eval perplexity {metrics['eval_perplexity']:.2f}")
-        if "unigram_perplexity" in metrics:
-            _log(f"unigram baseline perplexity of the same data  {metrics['unigram_perplexity']:.2f}")
-        _log(f"wall time of training  {wall:.0f} s; saved model, tokenizer and model card to {args.output_dir}")
-        if sample is not None:
-            _log(f"sample ({run_args.sample_prompt!r} ->):\n{sample}")
     return metrics
 
 
-# ============================================================================================ eval
-def evaluate_perplexity(model, tokenizer, dataset, batch_size: int = 8, progress: bool = True) -> dict:
-    """Perplexity of ``model`` on a packed dataset (``input_ids``/``labels``), through the shipped metric module."""
+def _save_run(trainer, tokenizer, metrics: dict, model_args, data_args, run_args, config, resumed: bool) -> None:
+    """On the main process, after the model is saved: the tokenizer, the model card, the sample generation and
+    ``all_results.json`` into --output_dir, and the summary printed."""
+    output_dir = trainer.args.output_dir
+    tokenizer.save_pretrained(output_dir)
+    _save_model_card(
+        output_dir, data=data_args.data, metrics=metrics, config=config, num_params=metrics["num_parameters"],
+        origin=(f"continued from `{model_args.model_name_or_path}`" if model_args.model_name_or_path
+                else f"preset `{model_args.preset}`"),
+        eval_data=data_args.eval_data, resumed=resumed,
+    )
+    sample = _sample_generation(trainer.model, tokenizer, run_args, trainer.args.seed)
+    if sample is not None:
+        metrics["sample"] = sample
+    with open(os.path.join(output_dir, "all_results.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    _log_summary(metrics, resumed, output_dir)
+    if sample is not None:
+        log(f"sample ({run_args.sample_prompt!r} ->):\n{sample}")
+
+
+def _sample_generation(model, tokenizer, run_args, seed: int) -> str | None:
+    """The sample printed after training (--sample_*), None with --sample_max_new_tokens 0."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from .metrics import load_perplexity_metric
-
-    metric = load_perplexity_metric()
-    device = next(model.parameters()).device
-    model.eval()
-    n = len(dataset)
-    for start in tqdm(range(0, n, batch_size), desc="Evaluating", disable=not progress, unit="batch"):
-        rows = dataset[start : start + batch_size]
-        input_ids = torch.tensor(rows["input_ids"], device=device)
-        labels = torch.tensor(rows["labels"], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-        ).sum(dim=1)
-        counts = (labels[:, 1:] != -100).sum(dim=1)
-        metric.add_batch(nll_sum=nll.tolist(), num_tokens=counts.tolist())
-    return metric.compute()
+    if run_args.sample_max_new_tokens <= 0:
+        return None
+    gen = {"do_sample": False}
+    if run_args.sample_temperature > 0:
+        torch.manual_seed(seed)
+        gen = {"do_sample": True, "temperature": run_args.sample_temperature, "top_k": 50}
+    return _generate_text(model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens, **gen)
 
 
+def _log_summary(metrics: dict, resumed: bool, output_dir: str) -> None:
+    first, last = metrics.get("first_logged_train_loss"), metrics.get("last_logged_train_loss")
+    log("")
+    log(f"train loss  {metrics['train_loss']:.4f} "
+        + ("(mean over the steps since the resumed checkpoint)" if resumed else "(mean over the run)")
+        + (f"; first logged {first:.4f}, last logged {last:.4f}" if last is not None else ""))
+    log(f"train perplexity of the last logged loss  {math.exp(last) if last is not None else float('nan'):.2f}")
+    log(f"eval loss   {metrics['eval_loss']:.4f}   eval perplexity {metrics['eval_perplexity']:.2f}")
+    if "unigram_perplexity" in metrics:
+        log(f"unigram baseline perplexity of the same data  {metrics['unigram_perplexity']:.2f}")
+    log(f"wall time of training  {metrics['train_runtime']:.0f} s; saved model, tokenizer and model card to "
+        f"{output_dir}")
+
+
+# ============================================================================================ eval
 def cmd_eval(argv: list[str]) -> dict:
     from .evaluation.cli import cmd_eval_suite, wants_suite
 
     if wants_suite(argv):  # the long-context suite (hope_hf.evaluation): `hope-hf eval --task passkey --help`
         return cmd_eval_suite(argv)
-    from .data import build_lm_datasets, load_documents, pack_dataset, check_seq_len
-    from .tokenizer import check_tokenizer_matches
+    from .data import check_seq_len
+    from .evaluation.perplexity import evaluate_perplexity
 
     (a,) = _parse("eval", argv)
-    if not a.model_name_or_path:
-        raise CliError("--model_name_or_path is required")
-    if a.split not in ("heldout", "all"):
-        raise CliError(f"--split must be 'heldout' or 'all', got {a.split!r}")
-    if a.batch_size < 1:
-        raise CliError(f"--batch_size must be >= 1, got {a.batch_size}")
-    if a.max_eval_samples is not None and a.max_eval_samples < 1:
-        raise CliError(f"--max_eval_samples must be >= 1 (or left out: every sequence), got {a.max_eval_samples}")
     if a.output_file and os.path.isdir(a.output_file):
         raise CliError(f"--output_file {a.output_file!r} is a folder; name a JSON file")
-    model = _load_model(a.model_name_or_path, _device(a.device))
-    tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
-                                "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
-    check_tokenizer_matches(tokenizer, model.config)
-    _for_option("--seq_len", check_seq_len, a.seq_len, model.config)
-    if a.split == "heldout":
-        ds = build_lm_datasets(tokenizer, a.seq_len, a.data, text_column=a.text_column, max_chars=a.max_corpus_chars,
-                               eval_every=a.eval_every, config=model.config)["eval"]
-    else:
-        docs = load_documents(a.data, text_column=a.text_column, max_chars=a.max_corpus_chars)
-        ds = pack_dataset(docs, tokenizer, a.seq_len)
-    if a.max_eval_samples is not None:
-        ds = ds.select(range(min(a.max_eval_samples, len(ds))))
+    model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
+    for_option("--seq_len", check_seq_len, a.seq_len, model.config)
+    ds = _eval_dataset(a, tokenizer, model.config)
     result = evaluate_perplexity(model, tokenizer, ds, a.batch_size)
     result = {"model": a.model_name_or_path, "data": a.data, "split": a.split, "seq_len": a.seq_len,
               "sequences": len(ds), **result}
@@ -840,30 +810,28 @@ def cmd_eval(argv: list[str]) -> dict:
     return result
 
 
+def _eval_dataset(a: EvalArguments, tokenizer, config):
+    """The packed sequences `eval` scores: --split of --data, at most --max_eval_samples of them."""
+    from .data import build_lm_datasets, load_documents, pack_dataset
+
+    if a.split == "heldout":
+        ds = build_lm_datasets(tokenizer, a.seq_len, a.data, text_column=a.text_column, max_chars=a.max_corpus_chars,
+                               eval_every=a.eval_every, config=config)["eval"]
+    else:
+        docs = load_documents(a.data, text_column=a.text_column, max_chars=a.max_corpus_chars)
+        ds = pack_dataset(docs, tokenizer, a.seq_len)
+    if a.max_eval_samples is not None:
+        ds = ds.select(range(min(a.max_eval_samples, len(ds))))
+    return ds
+
+
 # ============================================================================================ generate
 def cmd_generate(argv: list[str]) -> str:
     import torch
     from transformers import TextStreamer
 
-    from .tokenizer import check_tokenizer_matches
-
     (a,) = _parse("generate", argv)
-    if not a.model_name_or_path:
-        raise CliError("--model_name_or_path is required")
-    if a.max_new_tokens < 1:
-        raise CliError(f"--max_new_tokens must be >= 1, got {a.max_new_tokens}")
-    if a.do_sample and a.temperature <= 0:
-        raise CliError(f"--temperature must be > 0 with --do_sample, got {a.temperature}")
-    if a.num_beams < 1:
-        raise CliError(f"--num_beams must be >= 1, got {a.num_beams}")
-    if a.do_sample and not 0 < a.top_p <= 1:
-        raise CliError(f"--top_p must be in (0, 1] with --do_sample, got {a.top_p}")
-    if a.do_sample and a.top_k < 0:
-        raise CliError(f"--top_k must be >= 0 with --do_sample (0: no top-k), got {a.top_k}")
-    model = _load_model(a.model_name_or_path, _device(a.device))
-    tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
-                                "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
-    check_tokenizer_matches(tokenizer, model.config)
+    model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     torch.manual_seed(a.seed)
     kwargs = {"do_sample": a.do_sample, "num_beams": a.num_beams}
     if a.do_sample:
@@ -878,36 +846,39 @@ def cmd_generate(argv: list[str]) -> str:
 
 # ============================================================================================ convert
 def cmd_convert(argv: list[str]) -> str:
-    import torch
-    from transformers import AutoTokenizer
-
     (a,) = _parse("convert", argv)
-    if not a.llama_model or not a.output_dir:
-        raise CliError("--llama_model and --output_dir are required")
+    replace = _check_convert_folders(a)
+    hope, tokenizer = _convert_checkpoint(a)
+    if replace:  # every argument checked and the source converted: only now is the old output deleted
+        log(f"--overwrite_output_dir: deleting the contents of {a.output_dir}")
+        shutil.rmtree(a.output_dir)
+    hope.save_pretrained(a.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(a.output_dir)
+    else:
+        log("(no tokenizer found next to the Llama checkpoint; saved the model only)")
+    log(f"Converted {a.llama_model} -> {a.output_dir} ({sum(p.numel() for p in hope.parameters()):,} parameters)")
+    return a.output_dir
+
+
+def _check_convert_folders(a: ConvertArguments) -> bool:
+    """Check --llama_model and --output_dir on disk; returns whether --output_dir holds something to replace."""
     if not os.path.isdir(a.llama_model):
         raise CliError(f"--llama_model {a.llama_model!r} is not a local folder")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if a.dtype not in dtypes:
-        raise CliError(f"--dtype must be one of {sorted(dtypes)}, got {a.dtype!r}")
-    _check_output_dir_is_a_folder(a.output_dir)
-    if _same_or_nested(a.output_dir, a.llama_model):
+    check_output_dir_is_a_folder(a.output_dir)
+    if same_or_nested(a.output_dir, a.llama_model):
         raise CliError(f"--output_dir {a.output_dir!r} and --llama_model {a.llama_model!r} are the same folder or one "
                        "holds the other; the conversion would overwrite its source: choose another --output_dir")
     replace = os.path.isdir(a.output_dir) and bool(os.listdir(a.output_dir))
     if replace and not a.overwrite_output_dir:
         raise CliError(f"--output_dir {a.output_dir!r} is not empty; choose another or pass --overwrite_output_dir")
-    extra = []
-    if a.extra_levels:
-        try:
-            extra = json.loads(a.extra_levels)
-        except json.JSONDecodeError as err:
-            raise CliError(f"--extra_levels must be a JSON list of periods or {{'period', 'intermediate_size'}} "
-                           f"dicts: {err}") from err
-        if not isinstance(extra, list):
-            raise CliError(f"--extra_levels must be a JSON list, got {a.extra_levels!r}")
-    if a.base_period < 0:
-        raise CliError(f"--base_period must be >= 0 (0 = frozen), got {a.base_period}")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return replace
+
+
+def _convert_checkpoint(a: ConvertArguments) -> tuple:
+    """(The HOPE model converted from --llama_model, the checkpoint's tokenizer or None)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .convert import SUPPORTED_SOURCE_MODEL_TYPES, convert_llama_to_hope
 
@@ -917,31 +888,47 @@ def cmd_convert(argv: list[str]) -> str:
     if model_type not in SUPPORTED_SOURCE_MODEL_TYPES:
         raise CliError(f"--llama_model holds a {model_type!r} model; supported: "
                        f"{', '.join(SUPPORTED_SOURCE_MODEL_TYPES)}")
-    llama = AutoModelForCausalLM.from_pretrained(a.llama_model, dtype=dtypes[a.dtype])
+    llama = AutoModelForCausalLM.from_pretrained(a.llama_model, dtype=getattr(torch, a.dtype))
     try:
-        hope = convert_llama_to_hope(llama, extra_cms_levels=extra, base_period=a.base_period)
+        hope = convert_llama_to_hope(llama, extra_cms_levels=_parse_extra_levels(a.extra_levels),
+                                     base_period=a.base_period)
     except ValueError as err:
         raise CliError(f"--llama_model / --extra_levels: {err}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(a.llama_model)
     except (OSError, ValueError):
         tokenizer = None
-    if replace:  # every argument checked and the source converted: only now is the old output deleted
-        _log(f"--overwrite_output_dir: deleting the contents of {a.output_dir}")
-        shutil.rmtree(a.output_dir)
-    hope.save_pretrained(a.output_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(a.output_dir)
-    else:
-        _log("(no tokenizer found next to the Llama checkpoint; saved the model only)")
-    _log(f"Converted {a.llama_model} -> {a.output_dir} ({sum(p.numel() for p in hope.parameters()):,} parameters)")
-    return a.output_dir
+    return hope, tokenizer
 
 
 # ============================================================================================ main
+class Command(NamedTuple):
+    name: str
+    run: Callable[[list[str]], object]
+    help: str  # one line, in the usage text and as the description of `hope-hf NAME --help`
+    arguments: tuple  # the argument dataclasses of its parser
+
+
+# The commands of `hope-hf`: the usage text, the parsers and the dispatch of `main` are all made from this table.
+COMMANDS: dict[str, Command] = {command.name: command for command in (
+    Command("train", cmd_train,
+            "train a HOPE model (a preset from scratch, or continue a saved model) with Trainer",
+            (ModelArguments, DataArguments, RunArguments, HopeTrainingArguments)),
+    Command("eval", cmd_eval,
+            "perplexity of a saved model on held-out data (through the shipped `evaluate` metric); with --task, "
+            "the long-context suite (hope-hf eval --task passkey --help)",
+            (EvalArguments,)),
+    Command("generate", cmd_generate, "generate text from a saved model", (GenerateArguments,)),
+    Command("convert", cmd_convert, "convert a Llama-family checkpoint into a HOPE model (attention variant)",
+            (ConvertArguments,)),
+)}
+
+ARGUMENT_CLASSES = {name: command.arguments for name, command in COMMANDS.items()}
+
+
 def _usage() -> str:
     lines = ["usage: hope-hf COMMAND [options]   (hope-hf COMMAND --help explains every option)", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<9} {command.help}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -951,21 +938,15 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert}
-    if command not in handlers:
-        print(f"hope-hf: unknown command {command!r}; choose one of {', '.join(handlers)}\n\n{_usage()}", file=sys.stderr)
+    if command not in COMMANDS:
+        print(f"hope-hf: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n\n{_usage()}",
+              file=sys.stderr)
         return 2
     from .data import DataError
     from .tokenizer import TokenizerMismatchError
 
-    handler = handlers[command]
-    if command == "eval":
-        from .evaluation.cli import cmd_eval_suite, wants_suite
-
-        if wants_suite(rest):  # `hope-hf eval --task ...`: the long-context suite (hope_hf.evaluation)
-            handler = cmd_eval_suite
     try:
-        handler(rest)
+        COMMANDS[command].run(rest)
     except (CliError, DataError, TokenizerMismatchError) as err:
         print(f"hope-hf {command}: error: {err}", file=sys.stderr)
         return 2

@@ -8,10 +8,10 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from hope_hf.cli import unigram_baseline
 from hope_hf.data import (
     DataError, build_lm_datasets, check_seq_len, load_documents, pack_dataset, split_documents, stdlib_source_files,
 )
+from hope_hf.evaluation.perplexity import unigram_baseline
 from hope_hf.metrics import load_perplexity_metric, perplexity_metric_path
 from hope_hf.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerMismatchError, check_tokenizer_matches, train_tokenizer
 

@@ -1,4 +1,7 @@
-"""``hope-hf eval --task ...``: the long-context suite from the command line (dispatched by ``hope_hf.cli``)."""
+"""``hope-hf eval --task ...``: the long-context suite from the command line (dispatched by ``hope_hf.cli``).
+
+Shares its helpers with ``hope_hf.cli`` through ``hope_hf._cli_common``; it never imports ``hope_hf.cli``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import importlib.util
 import json
 import os
 
+from .._cli_common import CliError, load_model_and_tokenizer
 from .tasks import TASKS, TaskError, parse_depths, parse_lengths
 
 __all__ = ["build_suite_parser", "cmd_eval_suite", "wants_suite"]
@@ -53,8 +57,6 @@ def build_suite_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval_suite(argv: list[str]) -> dict:
-    from ..cli import CliError, _device, _load_model, _load_tokenizer
-    from ..tokenizer import check_tokenizer_matches
     from .runner import run_suite
 
     a = build_suite_parser().parse_args(argv)
@@ -77,10 +79,7 @@ def cmd_eval_suite(argv: list[str]) -> dict:
     if os.path.exists(os.path.join(a.output_dir, "results.json")) and not a.overwrite_output_dir:
         raise CliError(f"--output_dir {a.output_dir!r} already holds a results.json; choose another --output_dir or "
                        "pass --overwrite_output_dir to replace it")
-    model = _load_model(a.model_name_or_path, _device(a.device))
-    tokenizer = _load_tokenizer(a.tokenizer_name_or_path or a.model_name_or_path,
-                                "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path")
-    check_tokenizer_matches(tokenizer, model.config)
+    model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     learner = {"lr": a.learn_lr, "chunk_size": a.learn_chunk} if a.stream_learning else None
     task_kwargs = {"num_pairs": a.num_pairs, "num_facts": a.num_facts, "corpus": a.corpus,
                    "max_corpus_chars": a.max_corpus_chars}

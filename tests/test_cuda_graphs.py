@@ -142,7 +142,7 @@ def test_graphs_without_gradients_come_on_the_second_use_and_apart_from_training
     comes again, such graphs are counted apart from the training graphs (neither evicts the other) and shapes beyond
     the limit run eagerly without a warning; inference mode keeps graphs of its own (its buffers are inference
     tensors)."""
-    monkeypatch.setattr(memory_hope, "_ScanGraph", RecordedGraph)
+    monkeypatch.setattr(memory_graphs, "ScanGraph", RecordedGraph)
     memory_graphs.logger.warning_once.cache_clear()
     _, graphed = twin_models("cpu")
     layer = titans_layers(graphed)[0]
@@ -203,7 +203,7 @@ def test_the_captured_computation_without_gradients_gives_the_layers_reads(overr
 
 
 def test_decoding_graphs_come_on_the_second_token_without_gradients(monkeypatch):
-    monkeypatch.setattr(memory_hope, "_TokenGraph", lambda *args: RecordedGraph(*args[:4]))
+    monkeypatch.setattr(memory_graphs, "TokenGraph", lambda *args: RecordedGraph(*args[:4]))
     _, graphed = twin_models("cpu")
     layer = titans_layers(graphed)[0]
     state = layer.initial_state(2)

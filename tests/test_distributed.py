@@ -71,11 +71,15 @@ def test_two_process_ddp_with_accelerate_launch_matches_one_process(tmp_path):
     w_ddp = torch.load(ddp / "weights.pt", weights_only=True)
     w_ref = torch.load(single / "weights.pt", weights_only=True)
     assert w_ddp.keys() == w_ref.keys()
+    loose = 0
     for k in w_ref:
         # float32 sums in another order (per-rank halves, then the all-reduce): gradients agree to ~1e-7, and Adam's
-        # normalised steps can turn that into ~1e-6 on near-zero gradient entries; 4 steps of lr 1e-2 move the
-        # weights by up to 4e-2, so 1e-5 is 0.025% of the movement.
-        torch.testing.assert_close(w_ddp[k], w_ref[k], rtol=0, atol=1e-5, msg=k)
+        # normalised steps can turn that into ~1e-5 on near-zero gradient entries (2 of ~40K elements reach
+        # 1.2e-5 and 2.5e-5); 4 steps of lr 1e-2 move the weights by up to 4e-2, and a sharding or token-count
+        # error by ~1e-2 per step, so every element within 1e-4 and nearly all within 1e-5 pins the result.
+        torch.testing.assert_close(w_ddp[k], w_ref[k], rtol=0, atol=1e-4, msg=k)
+        loose += int(((w_ddp[k] - w_ref[k]).abs() > 1e-5).sum())
+    assert loose <= 1e-3 * sum(w.numel() for w in w_ref.values()), loose
 
 
 def test_fsdp2_trains_and_its_saved_checkpoint_loads(tmp_path):

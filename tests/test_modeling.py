@@ -264,7 +264,17 @@ def test_save_and_load_give_identical_logits(layout, tmp_path):
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
 
-def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
+def _initial_out_is_exact(fast):
+    """Linear memories start as the identity map (B = 0) for k, v, eta, alpha and the zero map (B = -I) for the
+    output memory."""
+    out = fast.init_out
+    expected = torch.zeros_like(out)
+    expected[:, -1] = -torch.eye(out.shape[-1])
+    return torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("memory_depth", [1, 2], ids=["linear", "mlp"])
+def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path, memory_depth):
     """Transformers skips a module whose own parameters were all loaded: a Titans layer's only one is its output
     norm, so its fast_init and convolutions must be initialised module by module when a checkpoint lacks them
     (they were left as `torch.empty` memory)."""
@@ -276,7 +286,7 @@ def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
         return torch.equal(bias[:, -1], torch.full_like(bias[:, -1], ETA_BIAS_INIT)) and torch.equal(
             bias[:, :-1], torch.full_like(bias[:, :-1], AUX_ETA_BIAS_INIT))
 
-    model = HopeForCausalLM(small_config("linear", retention=False))
+    model = HopeForCausalLM(small_config("linear", retention=False, memory_depth=memory_depth))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)  # loaded values differ from any initial value
@@ -291,21 +301,28 @@ def test_memory_parameters_missing_from_a_checkpoint_are_initialised(tmp_path):
         fast = layer.titans.fast_init
         assert torch.equal(fast.alpha_bias, torch.full_like(fast.alpha_bias, ALPHA_BIAS_INIT))
         assert fast.alpha_readout.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
-        assert fast.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+        if memory_depth == 2:
+            assert fast.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+        else:
+            assert _initial_out_is_exact(fast)
         assert initial_eta_bias(fast.eta_bias)
         assert torch.equal(layer.titans.q_proj.weight, saved.titans.q_proj.weight)  # loaded, not re-initialised
 
     # keys deleted from the checkpoint
     path = tmp_path / "model.safetensors"
     state = load_file(path)
-    dropped = ["model.layers.0.titans.fast_init.init_in", "model.layers.0.titans.fast_init.eta_bias",
+    first = "init_in" if memory_depth == 2 else "init_out"
+    dropped = [f"model.layers.0.titans.fast_init.{first}", "model.layers.0.titans.fast_init.eta_bias",
                "model.layers.0.titans.q_conv.weight"]
     for name in dropped:
         del state[name]
     save_file(state, path, metadata={"format": "pt"})
     reloaded = HopeForCausalLM.from_pretrained(tmp_path)
     titans = reloaded.model.layers[0].titans
-    assert titans.fast_init.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+    if memory_depth == 2:
+        assert titans.fast_init.init_in.std().item() == pytest.approx(head_dim**-0.5, rel=0.3)
+    else:
+        assert _initial_out_is_exact(titans.fast_init)
     assert initial_eta_bias(titans.fast_init.eta_bias)
     assert (titans.q_conv.weight[..., -1] - 1).abs().max() < 0.5  # the identity tap plus noise
     params = dict(reloaded.named_parameters())

@@ -281,7 +281,7 @@ def main(argv=None):
                 for r in results:
                     print(f"{r['model']:<22} {r['width']:>5} {r['length']:>6} {r['pairs']:>5} {r['parameters']:>9} "
                           f"{r['test_accuracy']:>8.3f} {r['test_loss']:>7.3f} {r['seconds']:>7.0f}", flush=True)
-    save_report(args, results=results)
+                save_report(args, results=results)  # after every model: a long run stopped early keeps its results
     return results
 
 

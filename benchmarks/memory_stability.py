@@ -1,4 +1,6 @@
-"""Stability of the self-modifying memories over a very long stream (default: 1M tokens), DESIGN §2.2.
+"""Stability of the self-modifying memories over a very long stream (default: 1M tokens).
+
+What it checks and why: docs/design.md §6a, "Stability on long streams".
 
 The tiny preset with every learning rate saturated at eta_max (the config's default unless --eta-max) reads three
 token streams at once, one per batch row: i.i.d. tokens, a cycle of 37 tokens, and one constant token. The stream
@@ -34,7 +36,7 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/results/memory_stability.json", help="where to write results")
     parser.add_argument("--overrides", default="{}",
                         help='JSON of other config fields for the tiny preset, e.g. \'{"dgd": false}\' or '
-                             '\'{"retention": false}\' (the ablations DESIGN §2.2 asks to document)')
+                             '\'{"retention": false}\' (the ablations of docs/design.md §6a)')
     parser.add_argument("--quick", action="store_true", help="4096 tokens: a smoke run")
     args = parser.parse_args(argv)
     try:

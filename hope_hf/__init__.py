@@ -19,7 +19,7 @@ AutoModel.register(HopeConfig, HopeModel, exist_ok=True)
 AutoModelForCausalLM.register(HopeConfig, HopeForCausalLM, exist_ok=True)
 
 # Saved folders carry the flat model files and an `auto_map`, so they also load with `trust_remote_code=True`
-# where hope-hf is not installed (DESIGN §1).
+# where hope-hf is not installed (docs/design.md §1, §13).
 HopeConfig.register_for_auto_class()
 HopeModel.register_for_auto_class("AutoModel")
 HopeForCausalLM.register_for_auto_class("AutoModelForCausalLM")

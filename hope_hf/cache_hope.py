@@ -1,4 +1,4 @@
-"""HopeCache: the recurrent cache of a HOPE model (DESIGN §3).
+"""HopeCache: the recurrent cache of a HOPE model (docs/design.md §6b).
 
 Per layer it holds what the next token needs and nothing that grows with the context for recurrent layers:
 - self-modifying Titans layers: the snapshot and current fast weights of every memory, the position inside the

@@ -1,4 +1,4 @@
-"""The inference-time stream learner of the Continuum Memory System (DESIGN §2.3, paper Eq. 30-31).
+"""The inference-time stream learner of the Continuum Memory System (paper Eq. 30-31; docs/design.md §12).
 
 A HOPE model keeps learning after training: :class:`StreamLearner` feeds a token stream of any length through the
 recurrent cache (``HopeCache``) piece by piece, takes the next-token loss of every piece, and updates CMS level ``l``

@@ -4,7 +4,7 @@ Paper arXiv 2512.24695 §7.3 ("ad-hoc level stacking"): every CMS level may star
 Llama MLP of each layer (with its `post_attention_layernorm`) becomes CMS level 1; extra levels start with a zero
 down-projection, so they add exactly nothing until they are trained, and the converted model computes the same
 logits as the original. Attention layers keep their weights ("full_attention", or "sliding_attention" where a
-Mistral source uses a sliding window), and `generate` keeps the source's generation config. DESIGN §2.1, invariant 4.
+Mistral source uses a sliding window), and `generate` keeps the source's generation config. Design: docs/design.md §10.
 
 Not model code: the modeling files never import this module.
 """

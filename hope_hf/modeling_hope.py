@@ -1,4 +1,4 @@
-"""HOPE as a Transformers 5 causal language model (paper arXiv 2512.24695 §8; DESIGN §2.1).
+"""HOPE as a Transformers 5 causal language model (paper arXiv 2512.24695 §8; docs/design.md §4).
 
 `embed -> [HopeDecoderLayer] x N -> RMSNorm -> lm_head`. A decoder layer is a pre-norm mixer residual followed by the
 Continuum Memory System (CMS):
@@ -273,7 +273,7 @@ class HopeMLP(nn.Module):
 
 
 class HopeCMS(nn.Module):
-    """Continuum Memory System: K SwiGLU levels, each with its own pre-norm (paper Eq. 70-74; DESIGN §2.3).
+    """Continuum Memory System: K SwiGLU levels, each with its own pre-norm (paper Eq. 70-74; docs/design.md §4).
 
     The forward pass is the same for every period; the period of level l (`config.cms_levels[l]["period"]`) only
     decides how often its parameters are updated (by the training / stream-learning code, not here).
@@ -306,7 +306,7 @@ class HopeCMS(nn.Module):
 
 
 class HopeDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm mixer residual, then the CMS chain (DESIGN §2.1)."""
+    """Pre-norm mixer residual, then the CMS chain (paper Eq. 94-97; docs/design.md §4)."""
 
     def __init__(self, config: HopeConfig, layer_idx: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Streaming prefill: feed a long input through a HOPE model's recurrent cache, piece by piece (DESIGN §3)."""
+"""Streaming prefill: feed a long input through a HOPE model's recurrent cache, piece by piece (docs/design.md §6b)."""
 
 from __future__ import annotations
 

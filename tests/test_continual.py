@@ -1,4 +1,4 @@
-"""The inference-time stream learner (hope_hf.continual, DESIGN §2.3): the per-level update rule, exactly.
+"""The inference-time stream learner (hope_hf.continual, docs/design.md §12): the per-level update rule, exactly.
 
 The reference below recomputes every update independently: it loads the expected weights into a deep copy of the
 model, runs its own cache, takes the summed next-token loss of each piece with plain autograd and applies

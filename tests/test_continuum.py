@@ -1,4 +1,4 @@
-"""ContinuumOptimizer: the CMS training rule (DESIGN §2.3).
+"""ContinuumOptimizer: the CMS training rule (paper Eq. 31; docs/training.md).
 
 Level l of every layer steps only when the tokens counted since its last step reach its period, on the SUM of the
 gradients collected since; period 0 is frozen; everything else steps every time. Checked against a shadow optimizer

@@ -1,4 +1,4 @@
-"""Recurrent decoding with HopeCache: cached == uncached, padding, pieces, beams, constant cache size (DESIGN §3)."""
+"""Recurrent decoding with HopeCache: cached == uncached, padding, pieces, beams, constant cache size (docs/design.md §6b)."""
 
 import copy
 

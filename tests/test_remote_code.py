@@ -1,5 +1,5 @@
 """Hub custom code: a saved HOPE folder carries its model code and loads with `trust_remote_code=True` in a process
-where `hope_hf` cannot be imported (DESIGN §1, §4 invariant 7; docs/design.md "Hub custom code").
+where `hope_hf` cannot be imported (docs/design.md §1 and §13 "Hub custom code"; invariant 7 of docs/design.md §14).
 
 The fresh process runs with a `sitecustomize` that puts an import blocker for `hope_hf` first on `sys.meta_path`
 (before the editable-install finder and the path finder), with `HF_MODULES_CACHE` in a tmp dir and the network off.

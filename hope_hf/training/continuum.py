@@ -1,4 +1,4 @@
-"""The Continuum Memory System's training rule (DESIGN §2.3, paper Eq. 30-31).
+"""The Continuum Memory System's training rule (paper Eq. 30-31; docs/training.md).
 
 CMS level ``l`` of every decoder layer has a period ``C_l`` in tokens (``config.cms_levels[l]["period"]``). Its
 parameters change only when the tokens seen since the level's last change reach ``C_l``, and then by one step of the

@@ -47,7 +47,7 @@ def _unwrap_optimizer(optimizer):
 
 
 class HopeTrainer(Trainer):
-    """A ``Trainer`` that steps each CMS level at its own period (DESIGN §2.3); otherwise ``Trainer`` unchanged.
+    """A ``Trainer`` that steps each CMS level at its own period (paper Eq. 31; docs/training.md); otherwise ``Trainer`` unchanged.
 
     A user optimizer passed as ``optimizers=(optimizer, scheduler)`` is wrapped as well.
     """

@@ -334,7 +334,7 @@ def print_table(ratios):
 
 
 def targets(ratios):
-    """Target 6 of the performance issue, judged on every measured length (and, for titans, both configurations)."""
+    """Target 6 of docs/performance.md, judged on every measured length (and, for titans, both configurations)."""
     out = {}
     for (comparison, need), variant in itertools.product((("titans", 1.0), ("nested_learning", 10.0)),
                                                          ("", "_compiled")):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 7 study: retrieval at long context and continual learning of changing facts, on one CPU in about an hour.
+"""Long-context study: retrieval at long context and continual learning of changing facts, on one CPU in about an hour.
 
 What it does, deterministically for ``--seed``:
 
@@ -51,7 +51,7 @@ TASKS = ("passkey", "number", "word", "mqar", "babilong")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Issue 7 study: train tiny HOPE, HOPE without self-modification, HOPE with one CMS level and a "
+        description="Long-context study: train tiny HOPE, HOPE without self-modification, HOPE with one CMS level and a "
                     "same-size Llama on a 1K retrieval curriculum; evaluate from 1K to 64K; continual learning of "
                     "changing facts with two CMS levels against one. Deterministic for --seed.")
     p.add_argument("--output_dir", required=True, help="where study.json and the plots go (created)")

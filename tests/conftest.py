@@ -1,6 +1,6 @@
 """Shared fixtures: small HOPE configs that run in milliseconds on a CPU.
 
-Every model test is parametrized over the four mixer layouts of the issue: the default (all self-modifying Titans,
+Every model test is parametrized over the four mixer layouts: the default (all self-modifying Titans,
 "linear_attention"), all full attention, all sliding-window attention, and a Titans + sliding hybrid.
 """
 

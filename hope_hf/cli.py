@@ -205,7 +205,14 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Score at most this many sequences."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA if available), 'cpu' or 'cuda[:N]'."})
-    output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "Also write the metrics to this JSON file (a new file: an existing one is refused unless "
+                          "--overwrite_output_file)."},
+    )
+    overwrite_output_file: bool = field(
+        default=False, metadata={"help": "Replace --output_file if it exists (without it an existing file is an error)."}
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -796,8 +803,8 @@ def cmd_eval(argv: list[str]) -> dict:
     from .evaluation.perplexity import evaluate_perplexity
 
     (a,) = _parse("eval", argv)
-    if a.output_file and os.path.isdir(a.output_file):
-        raise CliError(f"--output_file {a.output_file!r} is a folder; name a JSON file")
+    if a.output_file:
+        _check_output_file(a.output_file, a.overwrite_output_file)
     model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     for_option("--seq_len", check_seq_len, a.seq_len, model.config)
     ds = _eval_dataset(a, tokenizer, model.config)
@@ -806,8 +813,23 @@ def cmd_eval(argv: list[str]) -> dict:
               "sequences": len(ds), **result}
     print(json.dumps(result, indent=2))
     if a.output_file:
+        Path(a.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output_file).write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_output_file(path: str, overwrite: bool) -> None:
+    """Before any work: --output_file must be a file that can be written, and a new one unless asked to replace."""
+    if os.path.isdir(path):
+        raise CliError(f"--output_file {path!r} is a folder; name a JSON file")
+    if os.path.exists(path) and not overwrite:
+        raise CliError(f"--output_file {path!r} already exists; choose another file or pass --overwrite_output_file "
+                       "to replace it")
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"--output_file {path!r}: {str(parent)!r} is a file, not a folder")
 
 
 def _eval_dataset(a: EvalArguments, tokenizer, config):

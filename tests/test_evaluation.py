@@ -27,6 +27,7 @@ from hope_hf.evaluation import (
     run_example,
     run_suite,
 )
+from hope_hf._outputs import MANIFEST_NAME, SUITE_COMMAND, record_outputs
 from hope_hf.evaluation.tasks import BABILONG_PREFIX, NIAH_PREFIX, NOISE_SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,12 +246,14 @@ def test_the_suite_checks_every_task_and_length_first_and_keeps_results(tmp_path
             "--output_dir", str(out), "--piece_size", "125", "--no_plots", "--no_progress", "--device", "cpu"]
     assert cli_main(args) == 2
     assert "results.json" in capsys.readouterr().err and json.loads((out / "results.json").read_text()) == {"mine": 1}
-    for stale in ("accuracy_by_length.png", "depth_word.png"):  # an earlier run's plots
+    for stale in ("accuracy_by_length.png", "depth_word.png"):  # an earlier run's plots, recorded as its own
         (out / stale).write_bytes(b"\x89PNG")
+    record_outputs(str(out), SUITE_COMMAND, ["accuracy_by_length.png", "depth_word.png"])
     (out / "notes.txt").write_text("mine")
     assert cli_main([*args, "--overwrite_output_dir"]) == 0
     assert "passkey" in json.loads((out / "results.json").read_text())["tasks"]
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]  # no plot of another run is left
+    # no plot of another run is left; the user's file is
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "notes.txt", "results.json"]
 
 
 def test_missing_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):

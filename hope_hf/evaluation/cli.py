@@ -11,6 +11,7 @@ import json
 import os
 
 from .._cli_common import CliError, load_model_and_tokenizer
+from .._outputs import MANIFEST_NAME, SUITE_COMMAND, is_run_of
 from .tasks import TASKS, TaskError, parse_depths, parse_lengths
 
 __all__ = ["build_suite_parser", "cmd_eval_suite", "wants_suite"]
@@ -51,9 +52,29 @@ def build_suite_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     p.add_argument("--no_plots", action="store_true", help="write results.json only")
     p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="replace the results.json (and plots) of an earlier run in --output_dir")
+                   help="write into a non-empty --output_dir, replacing its results.json and plots (files of those "
+                        "names); nothing else there is removed, and a plot is removed only if an earlier run of the "
+                        "suite wrote it and it is unchanged")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse an --output_dir whose files this run could overwrite, unless --overwrite_output_dir: one that holds a
+    results.json (an earlier run's or not), or any other non-empty folder that is not an earlier run of the suite."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--output_dir {path!r} is an existing file, not a folder; choose a folder")
+    entries = sorted(e for e in os.listdir(path) if e != MANIFEST_NAME) if os.path.isdir(path) else []
+    if not entries or overwrite:
+        return
+    if "results.json" in entries:
+        raise CliError(f"--output_dir {path!r} already holds a results.json; choose another --output_dir or pass "
+                       "--overwrite_output_dir to replace it")
+    if not is_run_of(path, SUITE_COMMAND):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CliError(f"--output_dir {path!r} is not empty ({shown}) and is not an earlier run of `hope-hf eval "
+                       "--task`; choose a new or empty folder, or pass --overwrite_output_dir (results.json and the "
+                       "plots are then written there, replacing files of the same names; nothing else is removed)")
 
 
 def cmd_eval_suite(argv: list[str]) -> dict:
@@ -74,11 +95,7 @@ def cmd_eval_suite(argv: list[str]) -> dict:
     if not a.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise CliError("the plots need matplotlib, which is not installed: pip install 'hope-hf[eval]' (from a "
                        "checkout: pip install -e '.[eval]'), or pass --no_plots")
-    if os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
-        raise CliError(f"--output_dir {a.output_dir!r} is an existing file, not a folder; choose a folder")
-    if os.path.exists(os.path.join(a.output_dir, "results.json")) and not a.overwrite_output_dir:
-        raise CliError(f"--output_dir {a.output_dir!r} already holds a results.json; choose another --output_dir or "
-                       "pass --overwrite_output_dir to replace it")
+    _check_output_dir(a.output_dir, a.overwrite_output_dir)
     model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     learner = {"lr": a.learn_lr, "chunk_size": a.learn_chunk} if a.stream_learning else None
     task_kwargs = {"num_pairs": a.num_pairs, "num_facts": a.num_facts, "corpus": a.corpus,

@@ -225,7 +225,9 @@ def run_task(model, tokenizer, task: str, lengths: Sequence[int], *, depths=DEFA
 def run_suite(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], *, output_dir: str | None = None,
               plots: bool = True, settings: Mapping[str, Any] | None = None, **kwargs) -> dict[str, Any]:
     """Run every task of ``tasks`` (see :func:`run_task` for ``kwargs``); write ``results.json`` and the plots to
-    ``output_dir`` when given. Returns the results dict."""
+    ``output_dir`` when given, with the record of what was written (``hope-hf-outputs.json``): a plot of an earlier
+    suite run that this one did not redraw is removed only if that record lists it unchanged, no other file is ever
+    removed. Returns the results dict."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
@@ -250,14 +252,15 @@ def run_suite(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], *,
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2, default=list)
+        from .._outputs import SUITE_COMMAND, record_outputs, remove_own_files
         from .plots import plot_files, plot_results
 
         written = []
         if plots:
             written = results["plots"] = plot_results(results, output_dir)
-        # plots an earlier run wrote here (--overwrite_output_dir) no longer match results.json
-        for name in plot_files(TASKS):
-            path = os.path.join(output_dir, name)
-            if path not in written and os.path.isfile(path):
-                os.remove(path)
+        names = ["results.json"] + [os.path.basename(p) for p in written]
+        # plots an earlier run of the suite wrote here no longer match results.json: remove those, and only those
+        # that the record lists as written by it and unchanged since (a file of the user's is never touched)
+        remove_own_files(output_dir, SUITE_COMMAND, [n for n in plot_files(TASKS) if n not in names])
+        record_outputs(output_dir, SUITE_COMMAND, names, replace=True)
     return results

@@ -78,18 +78,17 @@ class ModelArguments:
     cuda_graphs: bool = field(
         default=True,
         metadata={"help": "On a CUDA device, run the Titans memory scans from CUDA graphs (config "
-                          "`memory_cuda_graphs`; same numbers, 5-12x faster training steps measured on an H100, "
-                          "6-9x faster evaluation on an H200; "
-                          "recorded in the saved config). --no_cuda_graphs runs them eagerly. No effect on a CPU, "
-                          "nor under FSDP or DeepSpeed (sharded parameters: always eager)."},
+                          "`memory_cuda_graphs`; the same numbers, faster training and evaluation: "
+                          "docs/performance.md; recorded in the saved config). --no_cuda_graphs runs them eagerly. "
+                          "No effect on a CPU, nor under FSDP or DeepSpeed (sharded parameters: always eager)."},
     )
     compile_chunk_step: bool = field(
         default=True,
         metadata={"help": "On a CUDA device, compile the Titans memory's chunk step with torch.compile (config "
-                          "`compile_chunk_step`: fewer, fused kernels; 1.7x faster steps with --cuda_graphs on an "
-                          "H100, after about a minute of compiling in the first step). --no_compile_chunk_step "
-                          "runs it eagerly. Recorded in the saved config. On a CPU `train` leaves it as the config "
-                          "has it (--config_overrides compile_chunk_step=true: 1.15-1.5x faster memory layers there)."},
+                          "`compile_chunk_step`: fewer, fused kernels, compiled in the first step; speed-ups in "
+                          "docs/performance.md). --no_compile_chunk_step runs it eagerly. Recorded in the saved "
+                          "config. On a CPU `train` leaves it as the config has it (--config_overrides "
+                          "compile_chunk_step=true turns it on there)."},
     )
     continuum: bool = field(
         default=True,

@@ -38,9 +38,9 @@ def warm_up(step):
 class ScanGraph:
     """One layer's memory scan of fresh sequences (`_fresh_scan`) captured as CUDA graphs for one input shape
     (`capture`): for training its forward and its backward, for a pass without gradients (`inference`: evaluation)
-    its forward alone. A step on a GPU is launch-bound (~560 small kernels per chunk and layer in training); a
-    replay launches the whole scan at once. Inputs are copied into the captured buffers and results copied out, so
-    nothing a caller holds is ever overwritten by a later replay."""
+    its forward alone. An eager step on a GPU is launch-bound (hundreds of small kernels per chunk and layer;
+    docs/performance.md); a replay launches the whole scan at once. Inputs are copied into the captured buffers and
+    results copied out, so nothing a caller holds is ever overwritten by a later replay."""
 
     def __init__(self, layer: "HopeSelfModifyingTitans", q, u, layout: "Layout", inference: bool = False):
         # weakly: the layer holds this graph (a cycle would keep the graphs' memory until a garbage collection)

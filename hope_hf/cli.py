@@ -169,8 +169,9 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Delete what --output_dir holds and start a fresh run. Without it, a folder with "
-                          "checkpoints is resumed from its last checkpoint and any other non-empty folder is an "
-                          "error: nothing is ever overwritten silently."},
+                          "checkpoints is resumed from its last complete checkpoint (one interrupted while it was "
+                          "saved is skipped, with a warning), a run stopped before its first checkpoint is run "
+                          "again, and any other non-empty folder is an error: nothing is ever overwritten silently."},
     )
     sample_prompt: str = field(
         default="def", metadata={"help": "Prompt of the sample generation printed after training."}
@@ -390,39 +391,79 @@ def _parse_extra_levels(text: str | None) -> list:
     return extra
 
 
-# What `train` writes into --output_dir before its first checkpoint: the tokenizer it trains, saved at once. A folder
-# holding nothing but these files is therefore a run that stopped before its first checkpoint (an error after the
-# tokenizer was trained, or an interruption): re-running the same command reuses that tokenizer and trains, instead of
-# refusing the folder. Nothing is overwritten: the reused tokenizer is the one saved there. Any other entry (a user's
-# file, a model, a finished run) still blocks the folder unless --overwrite_output_dir.
-_EARLY_RUN_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                              "chat_template.jinja"})
+# What `train` writes into --output_dir before its first checkpoint: the tokenizer it trains, saved at once, and the
+# record of what it wrote (hope-hf-outputs.json, hope_hf._outputs). A folder holding that record is a run of `train`
+# that stopped before its first complete checkpoint (an error after the tokenizer was trained, an interruption):
+# re-running the same command reuses that tokenizer and trains, instead of refusing the folder. The same files without
+# the record (a user's tokenizer) block the folder, like any other content, unless --overwrite_output_dir.
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json", "adapter_model.safetensors")
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` is not a complete Trainer checkpoint (None if it is one). The Trainer writes
+    ``trainer_state.json`` last: a checkpoint without it, or with a truncated one, was interrupted while saving."""
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "it has no trainer_state.json (the Trainer writes it last: the save was interrupted)"
+    try:
+        json.loads(Path(state).read_text())
+    except (OSError, ValueError) as err:
+        return f"its trainer_state.json cannot be read ({err}; the save was interrupted)"
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in _CHECKPOINT_WEIGHTS):
+        return f"it holds no weights ({' / '.join(_CHECKPOINT_WEIGHTS[:2])})"
+    return None
+
+
+def _checkpoints(path: str) -> list[tuple[int, str, str | None]]:
+    """(step, folder, problem or None) of every ``checkpoint-N`` folder of ``path``, by step."""
+    import re
+
+    found = []
+    for entry in os.listdir(path):
+        match = re.fullmatch(r"checkpoint-(\d+)", entry)
+        full = os.path.join(path, entry)
+        if match and os.path.isdir(full):
+            found.append((int(match.group(1)), full, checkpoint_problem(full)))
+    return sorted(found)
 
 
 def _prepare_output_dir(path: str, overwrite: bool, resume: str | None = None) -> tuple[str | None, bool]:
     """(The checkpoint to resume from or None, whether the folder's contents are to be deleted first); refuse to
-    overwrite anything silently. Deletes nothing: the caller clears the folder once every input has been checked."""
-    from transformers.trainer_utils import get_last_checkpoint
+    overwrite anything silently. Deletes nothing: the caller clears the folder once every input has been checked.
 
-    entries = os.listdir(path) if os.path.isdir(path) else []
+    A non-empty folder is used only when it is a run of `train` to continue: one with a complete checkpoint (the
+    last complete one is resumed; a later, incomplete one, interrupted while it was saved, is skipped with a
+    warning) or one holding the record of a run stopped before its first checkpoint."""
+    from ._outputs import MANIFEST_NAME, TRAIN_COMMAND, is_run_of
+
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if not entries:
         return resume, False
     if overwrite:
         return resume, True
-    if set(entries) <= _EARLY_RUN_FILES:
-        return resume, False
     if os.path.exists(os.path.join(path, "all_results.json")):
         raise CliError(
             f"--output_dir {path!r} already holds a finished run (all_results.json); choose another --output_dir "
             "or pass --overwrite_output_dir to replace it"
         )
-    last = get_last_checkpoint(path)
-    if last is None:
-        raise CliError(
-            f"--output_dir {path!r} exists, is not empty and holds no checkpoint to resume; choose another "
-            "--output_dir or pass --overwrite_output_dir to replace its contents"
-        )
-    return resume or last, False
+    checkpoints = _checkpoints(path)
+    complete = [folder for _, folder, problem in checkpoints if problem is None]
+    ours = is_run_of(path, TRAIN_COMMAND)
+    if complete or ours:
+        last = complete[-1] if complete else None
+        for step, folder, problem in checkpoints:
+            if problem is not None and (last is None or step > int(last.rsplit("-", 1)[1])):
+                log(f"warning: skipping the incomplete checkpoint {folder}: {problem}; "
+                    + (f"resuming from {last}" if last else "starting from the first step"))
+        return resume or last, False
+    shown = ", ".join(e for e in entries[:5] if e != MANIFEST_NAME) + (", ..." if len(entries) > 5 else "")
+    incomplete = [f"{os.path.basename(folder)} ({problem})" for _, folder, problem in checkpoints]
+    raise CliError(
+        f"--output_dir {path!r} is not empty ({shown}) and is not a run of `hope-hf train` to continue (no complete "
+        "checkpoint" + (f": {'; '.join(incomplete)}" if incomplete else "") + f", no {MANIFEST_NAME}); choose "
+        "another --output_dir or pass --overwrite_output_dir to replace its contents"
+    )
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -532,6 +573,7 @@ def cmd_train(argv: list[str]) -> dict:
     model_args, data_args, run_args, args = _parse_train_arguments(argv)
     # every argument is checked before anything is written or deleted
     resume, clear_output_dir = _check_train_inputs(model_args, data_args, run_args, args)
+    foreign = _foreign_files(args.output_dir, clear_output_dir)
     set_seed(args.seed)
     tokenizer, tokenizer_trained = _load_or_train_tokenizer(model_args, data_args, args, resume, clear_output_dir)
     model, n_params = _build_model(model_args, data_args, args, tokenizer, resume)
@@ -544,7 +586,8 @@ def cmd_train(argv: list[str]) -> dict:
         metrics["unigram_perplexity"] = unigram_baseline(train_ds["input_ids"], eval_ds["input_ids"], len(tokenizer))
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        _save_run(trainer, tokenizer, metrics, model_args, data_args, run_args, model.config, resumed=bool(resume))
+        _save_run(trainer, tokenizer, metrics, model_args, data_args, run_args, model.config, resumed=bool(resume),
+                  foreign=foreign)
     return metrics
 
 
@@ -584,6 +627,9 @@ def _check_train_inputs(model_args, data_args, run_args, args) -> tuple[str | No
     resume = args.resume_from_checkpoint
     if resume is not None and not os.path.isdir(resume):
         raise CliError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    if resume is not None and checkpoint_problem(resume):
+        raise CliError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint: {checkpoint_problem(resume)}"
+                       "; pass an earlier checkpoint")
     _check_inputs_outside(args.output_dir, model_args, data_args, resume, run_args.overwrite_output_dir)
     resume, clear_output_dir = _prepare_output_dir(args.output_dir, run_args.overwrite_output_dir, resume)
     if resume:
@@ -694,13 +740,19 @@ def _load_datasets(data_args, args, tokenizer, config) -> tuple:
 def _start_output_dir(args, clear: bool, trained_tokenizer=None) -> None:
     """Clear --output_dir if asked, create it, and save the tokenizer trained here at once (an interrupted run finds
     it when the same command runs again); on the main process, the others waiting."""
+    from ._outputs import TRAIN_COMMAND, record_outputs
+
     with args.main_process_first(desc="output dir"):
         if args.process_index == 0:
             if clear:
                 _clear_folder(args.output_dir)
             os.makedirs(args.output_dir, exist_ok=True)
+            written = []
             if trained_tokenizer is not None:
-                trained_tokenizer.save_pretrained(args.output_dir)
+                written = [os.path.relpath(f, args.output_dir) for f in trained_tokenizer.save_pretrained(
+                    args.output_dir) if os.path.dirname(os.path.abspath(f)) == os.path.abspath(args.output_dir)]
+            # the folder is marked as a run of `train` (re-run after an interruption: resumed, not refused)
+            record_outputs(args.output_dir, TRAIN_COMMAND, written)
     _barrier(args)
 
 
@@ -744,7 +796,8 @@ def _final_metrics(trainer, result, wall: float, seq_len: int, n_params: int) ->
     return metrics
 
 
-def _save_run(trainer, tokenizer, metrics: dict, model_args, data_args, run_args, config, resumed: bool) -> None:
+def _save_run(trainer, tokenizer, metrics: dict, model_args, data_args, run_args, config, resumed: bool,
+              foreign: set = frozenset()) -> None:
     """On the main process, after the model is saved: the tokenizer, the model card, the sample generation and
     ``all_results.json`` into --output_dir, and the summary printed."""
     output_dir = trainer.args.output_dir
@@ -760,9 +813,30 @@ def _save_run(trainer, tokenizer, metrics: dict, model_args, data_args, run_args
         metrics["sample"] = sample
     with open(os.path.join(output_dir, "all_results.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    _record_run_files(output_dir, foreign)
     _log_summary(metrics, resumed, output_dir)
     if sample is not None:
         log(f"sample ({run_args.sample_prompt!r} ->):\n{sample}")
+
+
+def _record_run_files(output_dir: str, foreign: set) -> None:
+    """Add the files the finished run wrote next to its checkpoints (model, tokenizer, card, results) to the record
+    of the folder: every file there but ``foreign``, those that were there, unrecorded, before the run began."""
+    from ._outputs import MANIFEST_NAME, TRAIN_COMMAND, record_outputs
+
+    names = [name for name in os.listdir(output_dir) if os.path.isfile(os.path.join(output_dir, name))
+             and name not in foreign and not name.startswith(MANIFEST_NAME)]
+    record_outputs(output_dir, TRAIN_COMMAND, names)
+
+
+def _foreign_files(output_dir: str, clear: bool) -> set:
+    """Files in --output_dir before the run that no run of `train` recorded (kept out of the record)."""
+    from ._outputs import read_manifest
+
+    if clear or not os.path.isdir(output_dir):
+        return set()
+    recorded = set((read_manifest(output_dir) or {"files": {}})["files"])
+    return set(os.listdir(output_dir)) - recorded
 
 
 def _sample_generation(model, tokenizer, run_args, seed: int) -> str | None:

@@ -248,11 +248,15 @@ def test_resume_from_checkpoint_keeps_user_files_and_uses_the_checkpoints_tokeni
 
 
 def test_a_run_stopped_before_its_first_checkpoint_runs_again_with_the_same_command(run_dir, tmp_path, capsys):
-    """What `train` leaves when stopped before its first checkpoint (its tokenizer) does not block the re-run."""
+    """What `train` leaves when stopped before its first checkpoint (its tokenizer and the record of what it wrote)
+    does not block the re-run."""
+    from hope_hf._outputs import TRAIN_COMMAND, record_outputs
+
     out = tmp_path / "early"
     out.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(run_dir / name, out / name)
+    record_outputs(str(out), TRAIN_COMMAND, ["tokenizer.json", "tokenizer_config.json"])
     assert _train(out, steps=2) == 0
     assert (out / "all_results.json").exists()
     # a user's file next to them still blocks the folder

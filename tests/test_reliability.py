@@ -91,3 +91,90 @@ def test_eval_output_file_is_not_replaced_without_a_flag(model_dir, tmp_path, ca
     # a new file in a folder not yet there is written (the folder made)
     new = tmp_path / "sub" / "new.json"
     assert main([*args[:-1], str(new)]) == 0 and "perplexity" in json.loads(new.read_text())
+
+
+# ============================================================================ 2. a partial last checkpoint
+def _train(out, *extra, steps):
+    from test_cli import TINY
+
+    return main(["train", "--output_dir", str(out), *TINY, "--max_steps", str(steps), "--eval_steps", str(steps),
+                 "--save_steps", str(max(1, steps // 2)), "--sample_max_new_tokens", "0", *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert _train(out, steps=4) == 0
+    return out
+
+
+def _interrupted_while_saving(full_run, part, step=4):
+    """What a run killed while it saved checkpoint-`step` leaves: its weights written, no trainer_state.json yet, and
+    nothing of the finished run."""
+    shutil.copytree(full_run, part)
+    (part / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    for f in part.iterdir():
+        if f.is_file() and not f.name.startswith("tokenizer") and f.name != MANIFEST_NAME:
+            f.unlink()
+
+
+def test_resume_skips_a_partial_last_checkpoint_with_a_warning(full_run, tmp_path, capsys):
+    part = tmp_path / "part"
+    _interrupted_while_saving(full_run, part)
+    capsys.readouterr()
+    assert _train(part, steps=4) == 0
+    out = capsys.readouterr().out
+    assert "skipping the incomplete checkpoint" in out and "checkpoint-4" in out and "trainer_state.json" in out
+    assert f"Resuming the interrupted run from {part / 'checkpoint-2'}" in out
+    assert json.loads((part / "all_results.json").read_text())["global_step"] == 4
+    a, b = HopeForCausalLM.from_pretrained(full_run), HopeForCausalLM.from_pretrained(part)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
+
+
+def test_resume_from_an_incomplete_checkpoint_named_explicitly_is_refused(full_run, tmp_path, capsys):
+    part = tmp_path / "part"
+    _interrupted_while_saving(full_run, part)
+    capsys.readouterr()
+    assert _train(tmp_path / "new", "--resume_from_checkpoint", str(part / "checkpoint-4"), steps=4) == 2
+    err = capsys.readouterr().err
+    assert "--resume_from_checkpoint" in err and "not a complete checkpoint" in err and "trainer_state.json" in err
+    assert not (tmp_path / "new").exists()
+
+
+# ============================================================================ 4. non-empty folders refused
+def test_a_folder_holding_only_a_users_tokenizer_is_refused(full_run, tmp_path, capsys):
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(full_run / name, user / name)
+    before = _snapshot(user)
+    capsys.readouterr()
+    assert _train(user, steps=2) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite_output_dir" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(user) == before
+
+
+def test_a_users_checkpoint_named_folder_is_not_taken_for_a_checkpoint(tmp_path, capsys):
+    user = tmp_path / "user"
+    (user / "checkpoint-5").mkdir(parents=True)
+    (user / "checkpoint-5" / "notes.txt").write_text("mine")
+    before = _snapshot(user)
+    capsys.readouterr()
+    assert _train(user, steps=2) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-5 (it has no trainer_state.json" in err and "--overwrite_output_dir" in err
+    assert _snapshot(user) == before and sorted(p.name for p in (user / "checkpoint-5").iterdir()) == ["notes.txt"]
+    # named as the checkpoint to resume: refused too, nothing written into it
+    assert _train(tmp_path / "new", "--resume_from_checkpoint", str(user / "checkpoint-5"), steps=2) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err and _snapshot(user) == before
+
+
+def test_a_finished_run_records_what_it_wrote(full_run):
+    from hope_hf._outputs import read_manifest
+
+    manifest = read_manifest(str(full_run))
+    assert manifest["command"] == "train"
+    for name in ("tokenizer.json", "model.safetensors", "config.json", "README.md", "all_results.json"):
+        assert name in manifest["files"], name

@@ -7,11 +7,14 @@ import each other in a circle.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 __all__ = [
     "CliError",
+    "CliFailure",
+    "describe_exception",
     "check_model_folder",
     "check_output_dir_is_a_folder",
     "check_tokenizer_folder",
@@ -26,7 +29,60 @@ __all__ = [
 
 
 class CliError(ValueError):
-    """A usage error: the message names the option and what it accepts."""
+    """A usage error: the message names the option and what it accepts (exit status 2)."""
+
+    exit_code = 2
+
+
+class CliFailure(CliError):
+    """A failure that is not a usage error: a file named by the message cannot be used (damaged, not finite, not
+    matching its config) or the work itself failed (exit status 1)."""
+
+    exit_code = 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line or type(err).__name__
+
+
+def _one_line(err: BaseException, most: int = 300) -> str:
+    """The whole message of ``err`` on one line (its lines joined), cut at ``most`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+# local variable names under which loaders hold the file they read (torch.load's `f`, Transformers' loaders, ...)
+_FILE_LOCALS = ("f", "file", "filename", "path", "checkpoint_file", "resolved_archive_file", "weights_file",
+                "safe_weights_file", "rng_file", "config_file", "json_file", "tokenizer_file", "vocab_file",
+                "data_file", "fp")
+
+
+def _file_being_read(err: BaseException) -> str | None:
+    """The file that was being read where ``err`` was raised, found in the frames of its traceback (innermost
+    first), or None."""
+    tb, frames = err.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in _FILE_LOCALS:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                return os.fspath(value)
+            value = getattr(value, "name", None)  # an open file object
+            if isinstance(value, str) and os.path.isfile(value):
+                return value
+    return None
+
+
+def describe_exception(err: BaseException) -> str:
+    """One line for an unexpected error: the file being read when it happened (if any), the error's type and the
+    first line of its message."""
+    cause = err.__cause__ or err.__context__
+    where = _file_being_read(err) or (_file_being_read(cause) if cause is not None else None)
+    return (f"{where}: " if where else "") + f"{type(err).__name__}: {_first_line(err)}"
 
 
 def log(msg: str) -> None:
@@ -86,7 +142,19 @@ def check_model_folder(path: str, option: str = "--model_name_or_path") -> None:
         raise CliError(f"{option} {path!r} is not a folder (a model saved with save_pretrained)")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CliError(f"{option} {path!r} has no config.json: not a saved model folder")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        saved_type = json.loads(Path(path, "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CliFailure(f"{option} {path!r}: config.json is not a valid JSON object ({_first_line(err)})") from err
+    if saved_type not in (None, HopeConfig.model_type):
+        raise CliError(
+            f"{option} {path!r} holds a {saved_type!r} model, not a HOPE model "
+            f"({HopeConfig.model_type!r}); convert Llama models with `hope-hf convert`"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # a wrong type or value of a field: the config's own error names the field
+        raise CliFailure(f"{option} {path!r}: config.json is not a valid HOPE config: {_one_line(err)}") from err
     if config.model_type != HopeConfig.model_type:
         raise CliError(
             f"{option} {path!r} holds a {config.model_type!r} model, not a HOPE model "
@@ -101,11 +169,60 @@ def check_tokenizer_folder(path: str, option: str) -> None:
         raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
-def load_model(path: str, device=None):
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _weights_file(path: str) -> str:
+    """The name of the weights file of a saved model folder (the first that exists), for messages."""
+    return next((name for name in _WEIGHT_FILES if os.path.exists(os.path.join(path, name))), "model.safetensors")
+
+
+def _list_names(names, most: int = 3) -> str:
+    names = sorted(str(n) for n in names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_model(path: str, device=None, option: str = "--model_name_or_path"):
+    """The saved HOPE model of ``path``, refused with one line naming the file when its config or weights cannot be
+    loaded, when a weight is missing, unexpected or of another shape than the config says, or when a weight is not
+    finite (a model whose outputs would be NaN)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
     from hope_hf import HopeForCausalLM  # importing hope_hf registers the HOPE auto classes
 
-    check_model_folder(path)
-    model = HopeForCausalLM.from_pretrained(path)
+    check_model_folder(path, option)
+    weights = _weights_file(path)
+    if not any(os.path.exists(os.path.join(path, name)) for name in _WEIGHT_FILES):
+        raise CliError(f"{option} {path!r} holds no weights ({' / '.join(_WEIGHT_FILES[:3])})")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report is replaced by the error below
+    try:
+        model, info = HopeForCausalLM.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as err:  # a damaged, truncated or crafted weights file
+        where = _file_being_read(err)
+        name = os.path.basename(where) if where else weights
+        raise CliFailure(f"{option} {path!r}: {name} cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+                         "it is damaged or not a weights file: save or download the model again") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing {_list_names(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"not in this model: {_list_names(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        shown = [f"{name} {tuple(saved)} in the file, {tuple(built)} for config.json"
+                 for name, saved, built in sorted(info["mismatched_keys"])[:2]]
+        more = len(info["mismatched_keys"]) - len(shown)
+        problems.append("of another shape: " + "; ".join(shown) + (f" and {more} more" if more > 0 else ""))
+    if problems:
+        raise CliFailure(f"{option} {path!r}: the weights in {weights} do not match its config.json ("
+                         + "; ".join(problems) + "); save the model again, or fix config.json")
+    not_finite = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not_finite:
+        raise CliFailure(f"{option} {path!r}: {weights} holds weights that are not finite (NaN or inf): "
+                         f"{_list_names(not_finite)}; the model's outputs would be NaN (a diverged training run?)")
     if device is not None:
         model.to(device)
     return model
@@ -115,7 +232,14 @@ def load_tokenizer(path: str, option: str):
     from transformers import AutoTokenizer
 
     check_tokenizer_folder(path, option)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a truncated or damaged tokenizer.json, a config naming an unknown class, ...
+        where = _file_being_read(err)
+        name = os.path.basename(where) if where else next(
+            f for f in ("tokenizer.json", "tokenizer_config.json") if os.path.exists(os.path.join(path, f)))
+        raise CliFailure(f"{option} {path!r}: the tokenizer cannot be loaded from {name} ({type(err).__name__}: "
+                         f"{_first_line(err)}); it is damaged: save or download it again") from err
 
 
 def load_model_and_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str | None, device: str):

@@ -27,6 +27,9 @@ from typing import NamedTuple
 
 from ._cli_common import (
     CliError,
+    CliFailure,
+    _file_being_read,
+    describe_exception,
     check_model_folder,
     check_output_dir_is_a_folder,
     check_tokenizer_folder,
@@ -767,7 +770,15 @@ def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: 
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as err:
+        where = _file_being_read(err)
+        if resume and where and same_or_nested(where, resume):  # a damaged file of the checkpoint being resumed
+            raise CliFailure(f"cannot resume from {resume!r}: {os.path.basename(where)} cannot be loaded "
+                             f"({describe_exception(err).split(': ', 1)[1]}); resume from an earlier checkpoint "
+                             "(--resume_from_checkpoint) or pass --overwrite_output_dir to start afresh") from err
+        raise
     return trainer, result, time.time() - t0
 
 
@@ -1022,13 +1033,22 @@ ARGUMENT_CLASSES = {name: command.arguments for name, command in COMMANDS.items(
 
 
 def _usage() -> str:
-    lines = ["usage: hope-hf COMMAND [options]   (hope-hf COMMAND --help explains every option)", "", "commands:"]
+    lines = ["usage: hope-hf [--debug] COMMAND [options]   (hope-hf COMMAND --help explains every option)", "",
+             "commands:"]
     lines += [f"  {name:<9} {command.help}" for name, command in COMMANDS.items()]
+    lines += ["", "--debug (or HOPE_HF_DEBUG=1): show the traceback of a failure instead of its one-line message"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error is one line on stderr, ``hope-hf COMMAND: error: ...``, naming the option or the
+    file and the problem: exit status 2 for a usage error (a bad option, a missing or unsuitable file or folder), 1
+    for a failure (a damaged or non-finite checkpoint, an error while working). ``hope-hf --debug COMMAND ...`` (or
+    ``HOPE_HF_DEBUG=1``) shows the traceback of a failure instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("HOPE_HF_DEBUG", "").lower() in ("1", "true", "yes")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
@@ -1043,8 +1063,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[command].run(rest)
     except (CliError, DataError, TokenizerMismatchError) as err:
+        if debug and isinstance(err, CliFailure):
+            raise
         print(f"hope-hf {command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"hope-hf {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else: one line naming the file being read, if any; the traceback on --debug
+        if debug:
+            raise
+        print(f"hope-hf {command}: error: {describe_exception(err)} (`hope-hf --debug {command} ...` shows where)",
+              file=sys.stderr)
+        return 1
     finally:
         _end_process_group()
     return 0

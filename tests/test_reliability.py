@@ -178,3 +178,103 @@ def test_a_finished_run_records_what_it_wrote(full_run):
     assert manifest["command"] == "train"
     for name in ("tokenizer.json", "model.safetensors", "config.json", "README.md", "all_results.json"):
         assert name in manifest["files"], name
+
+
+# ============================================================================ 5. one line, not a traceback
+class _Evil:
+    """A pickle that would run a shell command when loaded without `weights_only`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _damage(folder: Path, how: str, tmp_path: Path) -> str:
+    """Damage a copy of a saved model as the audit did; returns the file the error must name."""
+    weights = folder / "model.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "weights cut short at the end":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "empty weights":
+        weights.write_bytes(b"")
+    elif how == "garbage weights":
+        weights.write_bytes(b"x" * 5000)
+    elif how == "crafted pickle":
+        weights.unlink()
+        torch.save(_Evil(tmp_path / "pwned"), folder / "pytorch_model.bin")
+        return "pytorch_model.bin"
+    elif how == "truncated tokenizer":
+        (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text()[:100])
+        return "tokenizer.json"
+    elif how == "config not json":
+        (folder / "config.json").write_text('{"hidden_size":')
+        return "config.json"
+    elif how == "config field of the wrong type":
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+        return "config.json"
+    elif how == "width that does not match the weights":
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "head_dim": 16}))
+    return "model.safetensors"
+
+
+DAMAGES = ["truncated weights", "weights cut short at the end", "empty weights", "garbage weights", "crafted pickle",
+           "truncated tokenizer", "config not json", "config field of the wrong type",
+           "width that does not match the weights"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(model_dir, tmp_path, capsys, how, command):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    name = _damage(folder, how, tmp_path)
+    argv = {"generate": ["generate", "--max_new_tokens", "2"],
+            "eval": ["eval", "--seq_len", "16", "--max_corpus_chars", "20000", "--eval_every", "2"]}[command]
+    capsys.readouterr()
+    assert main([*argv, "--model_name_or_path", str(folder), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert line.startswith(f"hope-hf {command}: error: --model_name_or_path") and name in line, line
+    if how == "config field of the wrong type":
+        assert "hidden_size" in line
+    if how == "width that does not match the weights":
+        assert "do not match" in line and "(70, 32) in the file, (70, 64) for config.json" in line
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_debug_shows_the_traceback(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    _damage(folder, "empty weights", tmp_path)
+    with pytest.raises(Exception, match="model.safetensors"):
+        main(["--debug", "generate", "--model_name_or_path", str(folder), "--device", "cpu"])
+
+
+def test_an_unexpected_error_is_one_line_with_exit_status_1(model_dir, capsys, monkeypatch):
+    import hope_hf.cli as cli
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something broke\nwith a second line")
+
+    monkeypatch.setattr(cli, "_generate_text", boom)
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(model_dir), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "second line" not in err
+    assert "hope-hf generate: error: RuntimeError: something broke" in err and "--debug" in err
+
+
+def test_a_crafted_file_in_the_checkpoint_to_resume_is_named(full_run, tmp_path, capsys):
+    part = tmp_path / "part"
+    _interrupted_while_saving(full_run, part)
+    torch.save(_Evil(tmp_path / "pwned"), part / "checkpoint-2" / "rng_state.pth")
+    capsys.readouterr()
+    assert _train(part, steps=4) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "pwned").exists()
+    assert "cannot resume from" in err and "checkpoint-2" in err and "rng_state.pth" in err

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -29,6 +29,11 @@ CMS_LEVEL_KEYS = ("period", "intermediate_size")
 # allowed value (MLP memories blow up above 2 on a constant token stream with saturated gates; docs/design.md).
 DEFAULT_ETA_MAX = {1: 4.0, 2: 2.0}
 MAX_ETA_MAX = {1: 16.0, 2: 2.0}
+
+# Settings of how a model runs on this machine, not of the model: set at load time
+# (`from_pretrained(path, memory_cuda_graphs=True)`) or on `model.config`, never written to `config.json` (a model
+# trained with CUDA graphs must not ship with them on), and ignored where an older `config.json` holds them.
+RUNTIME_SWITCHES = ("memory_cuda_graphs", "compile_chunk_step")
 
 # Default CMS periods in tokens: paper Fig. 3 ("Hope in Nested Learning"): 16, 1M (2**20) and 16M (2**24).
 DEFAULT_CMS_PERIODS = (16, 2**20, 2**24)
@@ -48,7 +53,7 @@ class HopeConfigError(StrictDataclassError, ValueError):
 
 
 def _value_errors(cls):
-    """Make construction and `validate()` raise `HopeConfigError` (a ValueError) where `@strict` raises its own
+    """Make construction, assignment and `validate()` raise `HopeConfigError` (a ValueError) where `@strict` raises its own
     errors, which are not ValueErrors (`StrictDataclassFieldValidationError` for a wrong type,
     `StrictDataclassClassValidationError` for a failed `validate_*`)."""
 
@@ -65,6 +70,7 @@ def _value_errors(cls):
         return wrapper
 
     cls.__init__ = converting(cls.__init__)
+    cls.__setattr__ = converting(cls.__setattr__)  # `config.chunk_size = 0` is refused as at construction
     validate = converting(cls.validate)
     validate.__is_defined_by_strict_decorator__ = True  # lets `@strict` subclasses replace it, as it allows
     cls.validate = validate
@@ -77,6 +83,58 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------------------ field checks
+# Declared on the fields (`validated_field`): `@strict` runs them at construction and on every assignment, and its
+# error names the field ("Validation error for field 'chunk_size': ValueError: must be ...").
+def _int_field(default, minimum: int = 1, optional: bool = False):
+    def check(value):
+        if value is None and optional:
+            return
+        if not _is_int(value) or value < minimum:
+            allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+            raise ValueError(f"must be {allowed}, got {value!r}.")
+
+    return validated_field(check, default=default)
+
+
+def _bool_field(default: bool):
+    def check(value):
+        if not isinstance(value, bool):
+            raise ValueError(f"must be True or False, got {value!r}.")
+
+    return validated_field(check, default=default)
+
+
+def _number_field(default, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = True):
+    def check(value):
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not _is_number(value) or not (above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"must be a number in {interval}, got {value!r}.")
+
+    return validated_field(check, default=default)
+
+
+def _choice_field(default, choices: tuple):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"must be one of {choices}, got {value!r}.")
+
+    return validated_field(check, default=default)
+
+
+def _token_id_field(default, allow_list: bool = False):
+    def check(value):
+        if value is None or _is_int(value):
+            return
+        if allow_list and isinstance(value, list) and all(_is_int(v) for v in value):
+            return
+        raise ValueError(f"must be an integer{', a list of integers' if allow_list else ''} or None, got {value!r}.")
+
+    return validated_field(check, default=default)
 
 
 @_value_errors
@@ -129,20 +187,19 @@ class HopeConfig(PreTrainedConfig):
         recompute_memory_states (`bool`, defaults to `True`): when training, keep the fast weights of the Titans
             memories only every ~sqrt(#chunks) chunks and recompute the others in the backward pass (activation
             checkpointing inside the layer). Same numbers; much less memory for a little more compute.
-        memory_cuda_graphs (`bool`, defaults to `False`): on a CUDA device, run each Titans layer's memory scan
-            from CUDA graphs instead of launching its ~560 small kernels per chunk one by one: in training (captured
-            on the first step of each input shape, forward and backward), in passes without gradients such as
-            evaluation (forward, captured when an input shape comes the second time) and in decoding (each
-            one-token step, from a batch shape's second token on). Same numbers; the scans of batches with padding
-            or document starts run eagerly; costs the graphs' memory, one set per input shape and layer (at most 4
-            shapes of each kind). Ignored elsewhere.
-        compile_chunk_step (`bool`, defaults to `False`): in training mode (`model.train()`), run the Titans
-            memory's chunk step (its forward and written-out backward, and the generation of keys, values and
-            gates) compiled by `torch.compile` (Inductor): fused kernels, fewer of them. Compiles in the first step
-            (about a minute); the same math, numbers equal up to float32 rounding. Measured: 1.7x faster graphed
-            steps on an H100 (with `memory_cuda_graphs`), 1.15-1.5x faster layer steps on a CPU at head sizes 32 and
-            64. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode (evaluation,
-            `generate`) stays eager: prompts of new lengths would compile again.
+        memory_cuda_graphs (`bool`, defaults to `False`): runtime switch (set at load time or on `model.config`,
+            never saved in `config.json`). On a CUDA device, run each Titans layer's memory scan from CUDA graphs
+            instead of launching its many small kernels one by one: in training (captured on the first step of each
+            input shape, forward and backward), in passes without gradients such as evaluation (captured when an
+            input shape comes the second time) and in decoding (from a batch shape's second token on). Same
+            numbers; scans of batches with padding or document starts run eagerly; costs the graphs' memory, one
+            set per input shape and layer (at most 4 shapes of each kind). Ignored elsewhere. Speed:
+            docs/performance.md.
+        compile_chunk_step (`bool`, defaults to `False`): runtime switch (not saved). In training mode, run the
+            Titans memory's chunk step (forward, written-out backward, generation of keys, values and gates)
+            compiled by `torch.compile` (Inductor). Compiles in the first step; numbers equal up to float32
+            rounding. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode stays
+            eager. Speed: docs/performance.md.
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.
@@ -163,47 +220,47 @@ class HopeConfig(PreTrainedConfig):
     model_type = "nested_hope"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
-    vocab_size: int = 32000
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    vocab_size: int = _int_field(32000)
+    hidden_size: int = _int_field(1024)
+    num_hidden_layers: int = _int_field(24)
+    num_attention_heads: int = _int_field(16)
+    num_key_value_heads: int | None = _int_field(None, optional=True)
+    head_dim: int | None = _int_field(None, optional=True)
     layer_types: list[str] | None = None
-    sliding_window: int | None = None
-    max_position_embeddings: int = 4096
+    sliding_window: int | None = _int_field(None, optional=True)
+    max_position_embeddings: int = _int_field(4096)
     # self-modifying Titans
-    chunk_size: int = 16
-    memory_depth: int = 1
-    memory_expansion: int = 2
-    eta_max: float | int | None = None
-    conv_kernel_size: int = 4
-    self_modifying: bool = True
-    adaptive_k: bool = True
-    adaptive_v: bool = True
-    dgd: bool = True
-    retention: bool = True
-    retain_toward_init: bool = True
-    detach_self_targets: bool = False
-    recompute_memory_states: bool = True
-    memory_cuda_graphs: bool = False
-    compile_chunk_step: bool = False
+    chunk_size: int = _int_field(16)
+    memory_depth: int = _choice_field(1, (1, 2))
+    memory_expansion: int = _int_field(2)
+    eta_max: float | int | None = None  # its range depends on memory_depth: checked in validate_architecture
+    conv_kernel_size: int = _int_field(4)
+    self_modifying: bool = _bool_field(True)
+    adaptive_k: bool = _bool_field(True)
+    adaptive_v: bool = _bool_field(True)
+    dgd: bool = _bool_field(True)
+    retention: bool = _bool_field(True)
+    retain_toward_init: bool = _bool_field(True)
+    detach_self_targets: bool = _bool_field(False)
+    recompute_memory_states: bool = _bool_field(True)
+    memory_cuda_graphs: bool = _bool_field(False)  # runtime switches: never saved (RUNTIME_SWITCHES)
+    compile_chunk_step: bool = _bool_field(False)
     # continuum memory system
     cms_levels: list[dict] | None = None
-    cms_variant: str = "sequential"
+    cms_variant: str = _choice_field("sequential", CMS_VARIANTS)
     # attention
-    rope_theta: float | int = 10000.0
+    rope_theta: float | int = _number_field(10000.0, 0.0)
     rope_parameters: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float | int = 0.0
+    attention_bias: bool = _bool_field(False)
+    attention_dropout: float | int = _number_field(0.0, 0.0, 1.0, low_open=False)
     # common
-    rms_norm_eps: float | int = 1e-6
-    initializer_range: float | int = 0.02
-    tie_word_embeddings: bool = True
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    rms_norm_eps: float | int = _number_field(1e-6, 0.0)
+    initializer_range: float | int = _number_field(0.02, 0.0, low_open=False)
+    tie_word_embeddings: bool = _bool_field(True)
+    use_cache: bool = _bool_field(True)
+    pad_token_id: int | None = _token_id_field(None)
+    bos_token_id: int | None = _token_id_field(None)
+    eos_token_id: int | list[int] | None = _token_id_field(None, allow_list=True)
 
     def __post_init__(self, **kwargs):
         # fields the base class iterates over before the validators run: reject wrong types here
@@ -265,54 +322,24 @@ class HopeConfig(PreTrainedConfig):
     # order; `validate_architecture` therefore runs before the library's generic `validate_layer_type`, so users see
     # HOPE's own messages (with HOPE's allowed values).
     def validate_architecture(self):
-        """All HOPE-specific checks. Each error names the field and what it allows."""
+        """HOPE's checks across fields (single fields are checked where they are declared). Each error names the
+        field and what it allows."""
 
-        def positive_int(name, minimum=1):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                     "num_key_value_heads", "max_position_embeddings", "chunk_size", "memory_expansion",
-                     "conv_kernel_size"):
-            positive_int(name)
-        for name in ("self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
-                     "detach_self_targets", "recompute_memory_states", "memory_cuda_graphs", "compile_chunk_step",
-                     "attention_bias",
-                     "tie_word_embeddings", "use_cache"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        for name in ("pad_token_id", "bos_token_id"):
-            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
-                raise ValueError(f"`{name}` must be an integer or None, got {getattr(self, name)!r}.")
         pad = self.pad_token_id
         if pad is not None and not -self.vocab_size <= pad < self.vocab_size:
             raise ValueError(
                 f"`pad_token_id` must be None or a token id below `vocab_size` ({self.vocab_size}), got {pad!r}."
             )
-        eos = self.eos_token_id
-        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(e) for e in eos)):
-            raise ValueError(f"`eos_token_id` must be an integer, a list of integers or None, got {eos!r}.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
 
-        if self.memory_depth not in (1, 2) or isinstance(self.memory_depth, bool):
-            raise ValueError(f"`memory_depth` must be 1 (linear memories) or 2 (residual MLPs), got {self.memory_depth!r}.")
         limit = MAX_ETA_MAX[self.memory_depth]
         if not _is_number(self.eta_max) or not (0.0 < self.eta_max <= limit):
             kind = "linear memories" if self.memory_depth == 1 else "MLP memories (memory_depth=2)"
             raise ValueError(f"`eta_max` must be a number in (0, {limit:g}] for {kind}, got {self.eta_max!r}.")
-        if not _is_number(self.rms_norm_eps) or not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be a number > 0, got {self.rms_norm_eps!r}.")
-        if not _is_number(self.initializer_range) or not 0 <= self.initializer_range < math.inf:
-            raise ValueError(f"`initializer_range` must be a finite number >= 0, got {self.initializer_range!r}.")
-        if not _is_number(self.attention_dropout) or not (0.0 <= self.attention_dropout < 1.0):
-            raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {self.attention_dropout!r}.")
-        if not _is_number(self.rope_theta) or not self.rope_theta > 0:
-            raise ValueError(f"`rope_theta` must be a number > 0, got {self.rope_theta!r}.")
         if self.memory_depth == 1 and not self.dgd:
             raise ValueError(
                 "`dgd`=False removes the erase on the first layer of residual MLP memories; linear memories "
@@ -339,11 +366,7 @@ class HopeConfig(PreTrainedConfig):
                     "`sliding_window` must be an integer >= 1 when `layer_types` contains 'sliding_attention', "
                     f"got {self.sliding_window!r}."
                 )
-        elif self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
-            raise ValueError(f"`sliding_window` must be None or an integer >= 1, got {self.sliding_window!r}.")
 
-        if self.cms_variant not in CMS_VARIANTS:
-            raise ValueError(f"`cms_variant` must be one of {CMS_VARIANTS}, got {self.cms_variant!r}.")
         levels = self.cms_levels
         if not isinstance(levels, list) or len(levels) == 0:
             raise ValueError(
@@ -404,7 +427,8 @@ class HopeConfig(PreTrainedConfig):
         first layers' types, as loading the first layers' weights does."""
         own = {f.name for f in dataclasses.fields(cls)} & set(HopeConfig.__annotations__)
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
-        config_dict = {**config_dict, **overrides}
+        saved = {key: value for key, value in config_dict.items() if key not in RUNTIME_SWITCHES}
+        config_dict = {**saved, **overrides}
         saved_types = config_dict.get("layer_types")
         layers = overrides.get("num_hidden_layers")
         if "layer_types" not in overrides and _is_int(layers) and isinstance(saved_types, list):
@@ -417,6 +441,13 @@ class HopeConfig(PreTrainedConfig):
                     f"{len(saved_types)} layers (the first ones are kept)."
                 )
         return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved: every field but the runtime switches (`RUNTIME_SWITCHES`)."""
+        output = super().to_dict()
+        for key in RUNTIME_SWITCHES:
+            output.pop(key, None)
+        return output
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property

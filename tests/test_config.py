@@ -274,3 +274,27 @@ def test_an_odd_head_size_is_refused_only_where_rope_is_used():
     with pytest.raises(ValueError, match="head_dim"):
         HopeConfig(hidden_size=36, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
                    layer_types=["linear_attention", "full_attention"])
+
+
+def test_runtime_switches_are_not_saved_and_come_only_from_the_caller(tmp_path):
+    """`memory_cuda_graphs` / `compile_chunk_step` describe how a model runs here, not the model: never written to
+    config.json, ignored in an older config.json that holds them, taken from `from_pretrained` keywords."""
+    config = HopeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        memory_cuda_graphs=True, compile_chunk_step=True)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "memory_cuda_graphs" not in saved and "compile_chunk_step" not in saved
+    saved.update(memory_cuda_graphs=True, compile_chunk_step=True)  # as configs saved before this rule hold them
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = HopeConfig.from_pretrained(tmp_path)
+    assert not loaded.memory_cuda_graphs and not loaded.compile_chunk_step
+    asked = HopeConfig.from_pretrained(tmp_path, memory_cuda_graphs=True)
+    assert asked.memory_cuda_graphs and not asked.compile_chunk_step
+
+
+@pytest.mark.parametrize("field,value", [("chunk_size", 0), ("memory_depth", 3), ("cms_variant", "parallel"),
+                                         ("dgd", 1), ("attention_dropout", 1.0), ("eos_token_id", "2")])
+def test_field_checks_run_on_assignment_too(field, value):
+    config = HopeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(HopeConfigError, match=f"'{field}'"):
+        setattr(config, field, value)

@@ -118,7 +118,8 @@ def stream_million(args):
     model = HopeForCausalLM(cfg).eval()
     total, piece = args.stream_tokens, args.stream_piece
     gen = torch.Generator().manual_seed(0)
-    pieces = (torch.randint(0, cfg.vocab_size, (1, min(piece, total - lo)), generator=gen) for lo in range(0, total, piece))
+    pieces = (torch.randint(0, cfg.vocab_size, (1, min(piece, total - lo)), generator=gen)
+              for lo in range(0, total, piece))
     rss_before = peak_rss_mib()
     start = time.perf_counter()
     cache, logits = stream_prefill(model, pieces, progress=not args.no_progress, total=total)

@@ -543,7 +543,7 @@ def section_evaluation(args, device, clock, runs):
             def step():
                 with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                                                      enabled=device.type == "cuda"):
-                    return model(input_ids=ids).logits
+                    return model(input_ids=ids).logits  # noqa: F821 (`del model` comes after its last step)
 
             first = []
             for _ in range(2):  # eager, then (graphs) the capture

@@ -87,7 +87,8 @@ def measure(args):
             print(
                 f"C={chunk:>3} T={length:>5}  hope fwd {row['hope_fwd_tok_s']:>9.0f} tok/s  fwd+bwd "
                 f"{row['hope_fwd_bwd_tok_s']:>9.0f} tok/s ({row['hope_fwd_bwd_us_per_token']:7.1f} us/tok) | llama fwd "
-                f"{row['llama_fwd_tok_s']:>9.0f}  fwd+bwd {row['llama_fwd_bwd_tok_s']:>9.0f} | ratio {row['fwd_bwd_ratio_vs_llama']:.2f}x",
+                f"{row['llama_fwd_tok_s']:>9.0f}  fwd+bwd {row['llama_fwd_bwd_tok_s']:>9.0f} | "
+                f"ratio {row['fwd_bwd_ratio_vs_llama']:.2f}x",
                 flush=True,
             )
     return rows

@@ -73,13 +73,15 @@ def main(argv=None):
     for lo in range(0, args.tokens, args.piece):
         n = min(args.piece, args.tokens - lo)
         pos = torch.arange(lo, lo + n)
-        ids = torch.stack([torch.randint(0, cfg.vocab_size, (n,), generator=gen), pos % 37, torch.zeros(n, dtype=torch.long)])
+        ids = torch.stack([torch.randint(0, cfg.vocab_size, (n,), generator=gen), pos % 37,
+                           torch.zeros(n, dtype=torch.long)])
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         seen = lo + n
         if seen >= next_report or seen == args.tokens:
             while next_report <= seen:
                 next_report *= 2
-            row = {"tokens": seen, "seconds": time.perf_counter() - start, "logits_finite": bool(torch.isfinite(out.logits).all())}
+            row = {"tokens": seen, "seconds": time.perf_counter() - start,
+                   "logits_finite": bool(torch.isfinite(out.logits).all())}
             layers = [(idx, layer.titans) for idx, layer in enumerate(model.model.layers) if hasattr(layer, "titans")]
             parts = [f"{seen:>8} tok {row['seconds']:7.1f}s"]
             finite = row["logits_finite"]

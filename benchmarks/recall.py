@@ -168,8 +168,8 @@ def train_one(model, train, test, args, progress=None) -> dict:
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
             test_loss, test_acc = evaluate(model, *test, args.batch_size)
-            curve.append({"step": done, "train_loss": float(loss.detach()), "test_loss": test_loss, "test_accuracy": test_acc,
-                          "seconds": time.perf_counter() - start})
+            curve.append({"step": done, "train_loss": float(loss.detach()), "test_loss": test_loss,
+                          "test_accuracy": test_acc, "seconds": time.perf_counter() - start})
             if progress is not None:
                 progress(curve[-1])
             if not math.isfinite(test_loss):

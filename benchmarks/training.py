@@ -129,7 +129,8 @@ def measure(args) -> list[dict]:
             else:
                 row["speed_ratio"] = hope["tokens_per_second"] / llama["tokens_per_second"]
                 row["memory_ratio"] = hope["peak_memory_mib"] / llama["peak_memory_mib"]
-                print(f"{preset:>6} {length:>6} | {hope['tokens_per_second']:>10.0f} {llama['tokens_per_second']:>11.0f} "
+                print(f"{preset:>6} {length:>6} | {hope['tokens_per_second']:>10.0f} "
+                      f"{llama['tokens_per_second']:>11.0f} "
                       f"{row['speed_ratio']:>5.2f}x | {hope['peak_memory_mib']:>9.0f} {llama['peak_memory_mib']:>9.0f} "
                       f"{row['memory_ratio']:>5.2f}x")
                 if args.mixer_breakdown:

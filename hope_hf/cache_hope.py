@@ -105,7 +105,8 @@ class HopeCache(Cache):
     def _titans_layer(self, layer_idx: int) -> HopeTitansCacheLayer:
         layer = self.layers[layer_idx]
         if not isinstance(layer, HopeTitansCacheLayer):
-            raise ValueError(f"layer {layer_idx} of this cache is an attention layer, not a self-modifying Titans layer")
+            raise ValueError(f"layer {layer_idx} of this cache is an attention layer, "
+                             "not a self-modifying Titans layer")
         return layer
 
     def get_titans_state(self, layer_idx: int) -> TitansState | None:

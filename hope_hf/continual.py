@@ -126,11 +126,13 @@ def _as_stream(ids, device) -> torch.Tensor:
     if ids.dim() == 2:
         if ids.shape[0] != 1:
             raise StreamLearnerError(
-                f"the stream learner follows one stream; got a batch of {ids.shape[0]} rows (run one learner per stream)"
+                f"the stream learner follows one stream; got a batch of {ids.shape[0]} rows "
+                "(run one learner per stream)"
             )
         ids = ids[0]
     if ids.dim() != 1:
-        raise StreamLearnerError(f"expected a 1-D sequence of token ids (or shape (1, T)), got shape {tuple(ids.shape)}")
+        raise StreamLearnerError(
+            f"expected a 1-D sequence of token ids (or shape (1, T)), got shape {tuple(ids.shape)}")
     return ids
 
 
@@ -192,7 +194,8 @@ class StreamLearner:
                 continue
             level = int(match.group(1))
             if level >= num_levels:
-                raise StreamLearnerError(f"parameter {name!r} belongs to CMS level {level}, the config has {num_levels}")
+                raise StreamLearnerError(
+                    f"parameter {name!r} belongs to CMS level {level}, the config has {num_levels}")
             if periods[level] == 0:
                 continue
             self.param_level[name] = level
@@ -234,7 +237,8 @@ class StreamLearner:
         elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
             out = {level: float(lr) for level in self.levels}
         else:
-            raise StreamLearnerError(f"lr must be a float, a list of floats per level or a dict {{level: lr}}, got {lr!r}")
+            raise StreamLearnerError(
+                f"lr must be a float, a list of floats per level or a dict {{level: lr}}, got {lr!r}")
         missing = [level for level in self.levels if level not in out]
         if missing:
             raise StreamLearnerError(f"lr gives no learning rate for CMS level(s) {missing} (periods > 0)")
@@ -434,6 +438,6 @@ class StreamLearner:
 
     def __repr__(self) -> str:
         levels = ", ".join(
-            f"level {l}: period {self.periods[l]}, lr {self.level_lr.get(l, 0.0):g}" for l in range(len(self.periods))
+            f"level {i}: period {self.periods[i]}, lr {self.level_lr.get(i, 0.0):g}" for i in range(len(self.periods))
         )
         return f"StreamLearner({levels}; {self.tokens_learned} tokens learned)"

@@ -3,8 +3,8 @@
 Sources (``source`` argument of :func:`load_documents` / :func:`build_lm_datasets`):
 
 * ``"stdlib"`` (the default): the embedded corpus, the Python standard library's own ``.py`` source found through
-  ``sysconfig`` (tests, ``idlelib``, ``lib2to3``, ``ensurepip`` and ``site-packages`` left out). It needs no download, so
-  every example and test runs anywhere.
+  ``sysconfig`` (tests, ``idlelib``, ``lib2to3``, ``ensurepip`` and ``site-packages`` left out). It needs no download,
+  so every example and test runs anywhere.
 * a local file, a directory, a glob, or a list of files, each read by its suffix: ``.txt``/``.text`` (one paragraph
   per document), ``.json``/``.jsonl`` (the ``text_column`` field of each record), any other suffix such as ``.py`` or
   ``.md`` (one file per document). A directory or glob contributes only files with a known text suffix (those, plus
@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 EMBEDDED_CORPUS = "stdlib"
-_EXCLUDED_STDLIB_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+_EXCLUDED_STDLIB_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "site-packages", "dist-packages",
+                          "__pycache__", "turtledemo"}
 _READER_VERSION = 1  # part of the cache key of local files read into a Dataset: raise it when the readers change
 _TEXT_SUFFIXES = {".txt", ".text"}
 _JSON_SUFFIXES = {".json", ".jsonl"}
@@ -158,7 +159,8 @@ def _read_json(paths: list[str], text_column: str) -> Iterator[dict[str, str]]:
 # --------------------------------------------------------------------------------------------- loading
 def _looks_like_a_path(item: str) -> bool:
     """A missing local path rather than a dataset name ("name" or "org/name")."""
-    if item.startswith((os.sep, ".", "~")) or Path(item).suffix.lower() in _TEXT_SUFFIXES | _JSON_SUFFIXES | {".py", ".md"}:
+    suffixes = _TEXT_SUFFIXES | _JSON_SUFFIXES | {".py", ".md"}
+    if item.startswith((os.sep, ".", "~")) or Path(item).suffix.lower() in suffixes:
         return True
     parent = os.path.dirname(item)
     return bool(parent) and (os.path.isdir(parent) or item.count("/") > 1)
@@ -289,7 +291,8 @@ def load_documents(
         try:
             ds = load_dataset(name, config or None, split=split, streaming=streaming)
         except Exception as err:  # noqa: BLE001 - re-raised with the name of the argument
-            raise DataError(f"could not load dataset {source!r} (split {split!r}) with datasets.load_dataset: {err}") from err
+            raise DataError(
+                f"could not load dataset {source!r} (split {split!r}) with datasets.load_dataset: {err}") from err
     else:
         ds = _load_local_files(files, text_column, streaming)
         text_column = "text"
@@ -375,7 +378,8 @@ def pack_dataset(
         return docs.map(_pack_batch, **kwargs)
     packed = docs.map(_pack_batch, num_proc=num_proc, desc=f"Packing into blocks of {seq_len} tokens", **kwargs)
     if len(packed) == 0:
-        n_tokens = sum(len(x) for x in tokenizer(docs["text"][:1000], add_special_tokens=False, verbose=False)["input_ids"])
+        first = tokenizer(docs["text"][:1000], add_special_tokens=False, verbose=False)["input_ids"]
+        n_tokens = sum(len(x) for x in first)
         raise DataError(
             f"the data is too short for even one block of seq_len={seq_len} tokens per {batch_size}-document batch "
             f"(~{n_tokens} tokens in total); use more data or a smaller seq_len"

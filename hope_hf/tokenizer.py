@@ -50,7 +50,8 @@ def train_tokenizer(
     ``texts``: strings, batches of strings, or a ``datasets`` dataset with a ``text`` column.
     """
     if not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be an int >= {_MIN_VOCAB} (256 bytes + 2 special tokens), got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an int >= {_MIN_VOCAB} (256 bytes + 2 special tokens), got {vocab_size!r}")
     if hasattr(texts, "column_names") and not isinstance(texts, (str, list)):
         from .data import iter_texts
 

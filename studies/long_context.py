@@ -51,8 +51,8 @@ TASKS = ("passkey", "number", "word", "mqar", "babilong")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Long-context study: train tiny HOPE, HOPE without self-modification, HOPE with one CMS level and a "
-                    "same-size Llama on a 1K retrieval curriculum; evaluate from 1K to 64K; continual learning of "
+        description="Long-context study: train tiny HOPE, HOPE without self-modification, HOPE with one CMS level and "
+                    "a same-size Llama on a 1K retrieval curriculum; evaluate from 1K to 64K; continual learning of "
                     "changing facts with two CMS levels against one. Deterministic for --seed.")
     p.add_argument("--output_dir", required=True, help="where study.json and the plots go (created)")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: the whole pipeline in seconds")
@@ -433,7 +433,8 @@ def summarize_probes(rows) -> dict:
     return {"middle_accuracy": mean(r["correct"] for r in mid), "new_accuracy": mean(r["correct"] for r in new),
             "old_accuracy": mean(r["correct"] for r in old),
             "superseded_rate": mean(r["answered_superseded"] for r in new),
-            "new_logprob": mean(r["logprob_target"] for r in new), "old_logprob": mean(r["logprob_target"] for r in old),
+            "new_logprob": mean(r["logprob_target"] for r in new),
+            "old_logprob": mean(r["logprob_target"] for r in old),
             "superseded_logprob": mean(r["logprob_superseded"] for r in new)}
 
 
@@ -553,8 +554,8 @@ def report(study: dict) -> str:
               "|---|---|---|---|" + "---|" * len(lengths)]
     for name, m in models.items():
         lines.append(f"| {name} | {m['config']['parameters']:,} | {m['train']['train_seconds']:.0f} | "
-                     f"{m['eval_seconds']:.0f} | " + " | ".join(f"{m['eval']['mean_by_length'][L]:.3f}" for L in lengths)
-                     + " |")
+                     f"{m['eval_seconds']:.0f} | "
+                     + " | ".join(f"{m['eval']['mean_by_length'][L]:.3f}" for L in lengths) + " |")
     lines += ["", "Per task (accuracy; `-` = not run at that length):", "",
               "| model | task | " + " | ".join(lengths) + " |", "|---|---|" + "---|" * len(lengths)]
     for name, m in models.items():
@@ -564,7 +565,8 @@ def report(study: dict) -> str:
     depths = sorted({d for m in models.values() for row in m["eval"]["mean_by_length_depth"].values() for d in row},
                     key=float)
     lines += ["", "By depth (mean over the tasks run at that length):", "",
-              "| model | length | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|---|" + "---|" * len(depths)]
+              "| model | length | " + " | ".join(f"depth {d}" for d in depths) + " |",
+              "|---|---|" + "---|" * len(depths)]
     for name, m in models.items():
         for L, row in m["eval"]["mean_by_length_depth"].items():
             lines.append(f"| {name} | {L} | " + " | ".join(f"{row[d]:.3f}" if d in row else "-" for d in depths) + " |")
@@ -595,7 +597,8 @@ def report(study: dict) -> str:
                   "end: answers superseded value | log p new | log p old | log p superseded | loss 1st half | "
                   "loss 2nd half |", "|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in c["table"].items():
-            lines.append(f"| {key.replace('|', ', ')} | {r['middle_accuracy']:.2f} | {r['new_accuracy']:.2f} | {r['old_accuracy']:.2f} | "
+            lines.append(f"| {key.replace('|', ', ')} | {r['middle_accuracy']:.2f} | {r['new_accuracy']:.2f} | "
+                         f"{r['old_accuracy']:.2f} | "
                          f"{r['superseded_rate']:.2f} | {r['new_logprob']:.2f} | {r['old_logprob']:.2f} | "
                          f"{r['superseded_logprob']:.2f} | {r['mean_loss_first_half']:.3f} | "
                          f"{r['mean_loss_second_half']:.3f} |")

@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import hope_hf  # noqa: E402  (registers the Auto classes)
+import hope_hf  # noqa: E402, F401  (registers the Auto classes)
 from hope_hf import HopeConfig  # noqa: E402
 
 

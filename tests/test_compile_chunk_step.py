@@ -83,7 +83,8 @@ def test_option_is_validated():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"recompute_memory_states": False}, {"self_modifying": False},
-                                       {"memory_depth": 2}, {"memory_depth": 2, "retain_toward_init": False, "dgd": False}],
+                                       {"memory_depth": 2},
+                                       {"memory_depth": 2, "retain_toward_init": False, "dgd": False}],
                          ids=["default", "no-recompute", "titans-only", "mlp", "mlp-no-anchors-no-dgd"])
 def test_traced_chunk_step_equals_eager_without_recompiling(overrides, compile_backend):
     compile_backend("aot_eager")

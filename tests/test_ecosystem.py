@@ -1,8 +1,8 @@
 """HOPE with the rest of the ecosystem: `pipeline("text-generation")`, PEFT LoRA, `torch.compile`.
 
-LoRA target modules of a HOPE model (README "PEFT / LoRA"): `q_proj`, `k_proj`, `v_proj`, `g_proj`, `o_proj` (self-modifying
-Titans layers; all but `g_proj` also match attention layers), `gate_proj`, `up_proj`, `down_proj` (the SwiGLU MLP of
-every CMS level).
+LoRA target modules of a HOPE model (README "PEFT / LoRA"): `q_proj`, `k_proj`, `v_proj`, `g_proj`, `o_proj`
+(self-modifying Titans layers; all but `g_proj` also match attention layers), `gate_proj`, `up_proj`, `down_proj`
+(the SwiGLU MLP of every CMS level).
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def test_streamed_answers_equal_full_forward_greedy_decoding(layout):
 
 def test_run_suite_writes_json_and_plots_and_scores_the_records(tmp_path):
     model = _model().float()
-    res = run_suite(model, TOK, ["passkey", "mqar"], [280, 320], depths=[0, 1], piece_size=160,
-                    output_dir=str(tmp_path), progress=False, task_kwargs={"num_pairs": 1}, log=None)
+    run_suite(model, TOK, ["passkey", "mqar"], [280, 320], depths=[0, 1], piece_size=160,
+              output_dir=str(tmp_path), progress=False, task_kwargs={"num_pairs": 1}, log=None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["tasks"].keys() == {"passkey", "mqar"} and saved["settings"]["lengths"] == [280, 320]
     for task, out in saved["tasks"].items():

@@ -1,4 +1,5 @@
-"""Recurrent decoding with HopeCache: cached == uncached, padding, pieces, beams, constant cache size (docs/design.md §6b)."""
+"""Recurrent decoding with HopeCache: cached == uncached, padding, pieces, beams, constant cache size
+(docs/design.md §6b)."""
 
 import copy
 

@@ -1,4 +1,5 @@
-"""The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference (docs/design.md §6a)."""
+"""The self-modifying Titans memory: fast chunk-parallel path against the token-by-token reference
+(docs/design.md §6a)."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from hope_hf.memory_layout import Layout, document_starts
 from hope_hf.memory_naive import reference_titans
 
 
-SWITCHES = ["self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init", "detach_self_targets"]
+SWITCHES = ["self_modifying", "adaptive_k", "adaptive_v", "dgd", "retention", "retain_toward_init",
+            "detach_self_targets"]
 DEFAULTS = dict(self_modifying=True, adaptive_k=True, adaptive_v=True, dgd=True, retention=True,
                 retain_toward_init=True, detach_self_targets=False)
 
@@ -97,7 +99,8 @@ def test_switches_equal_reference_with_gradients(switches):
             assert layer.config.detach_self_targets and name.startswith("v_"), name
             g_ref = torch.zeros_like(g_fast)
         torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
-    if not layer.config.detach_self_targets:  # a detached target is a deliberate gradient change: no finite-difference match
+    # a detached target is a deliberate gradient change: no finite-difference match
+    if not layer.config.detach_self_targets:
         assert torch.autograd.gradcheck(lambda z: layer.forward_with_state(z)[0], (x,), eps=1e-6, atol=1e-7)
 
 
@@ -272,7 +275,8 @@ def test_a_short_padded_batch_costs_its_tokens_not_a_whole_chunk():
 
 @pytest.mark.parametrize("switches", [{}, dict(self_modifying=False), dict(retention=False), MLP,
                                       dict(MLP, self_modifying=False), dict(MLP, dgd=False, retain_toward_init=False),
-                                      dict(MLP, retention=False), dict(MLP, adaptive_k=False, detach_self_targets=True)],
+                                      dict(MLP, retention=False),
+                                      dict(MLP, adaptive_k=False, detach_self_targets=True)],
                          ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 def test_one_token_steps_equal_the_chunked_pass(switches):
     """Decoding's one-token path (`_forward_token`) equals one pass over the whole sequence: outputs, every state
@@ -381,7 +385,8 @@ def test_long_stream_is_stable_and_alive(depth):
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
     with torch.no_grad():
         out, state = layer.forward_with_state(x)
-    assert torch.isfinite(out).all() and torch.isfinite(state.current_in).all() and torch.isfinite(state.current_out).all()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(state.current_in).all() and torch.isfinite(state.current_out).all()
     early, late = out[:, :256].abs().mean(dim=(1, 2)), out[:, -256:].abs().mean(dim=(1, 2))
     assert (late > 0.1 * early).all()  # outputs do not die out
     b0 = layer.fast_init.init_out
@@ -536,7 +541,8 @@ def test_hand_written_chunk_backward_equals_autograd(switches, length, snapshot)
 SELF_MODIFYING = [s for s in SWITCH_SETS if s.get("self_modifying", True)]
 
 
-@pytest.mark.parametrize("switches", SELF_MODIFYING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("switches", SELF_MODIFYING,
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
 @pytest.mark.parametrize("length", [5, 2])
 @pytest.mark.parametrize("snapshot", ["distinct", "current"])
 def test_hand_written_generation_backward_equals_autograd(switches, length, snapshot):

@@ -1,4 +1,5 @@
-"""The long-context study script (studies/long_context.py): its --quick mode end to end, and the determinism of its data."""
+"""The long-context study script (studies/long_context.py): its --quick mode end to end, and the determinism of its
+data."""
 
 from __future__ import annotations
 

@@ -88,8 +88,8 @@ def test_gradient_accumulation_and_checkpointing_match_the_full_batch(tmp_path):
         torch.testing.assert_close(ga_grads[n], full_grads[n], rtol=1e-5, atol=1e-7, msg=n)
         torch.testing.assert_close(ck_grads[n], full_grads[n], rtol=1e-5, atol=1e-7, msg=n)
     # the row-mean of a naive accumulation would be visibly different: the test can tell
-    rows = [model(input_ids=torch.tensor([r]), labels=torch.tensor([l])).loss.item()
-            for r, l in zip(batch["input_ids"], batch["labels"])]
+    rows = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+            for ids, labels in zip(batch["input_ids"], batch["labels"])]
     assert abs(sum(rows) / 4 - ref.item()) > 1e-3
 
 

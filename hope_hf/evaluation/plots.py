@@ -21,7 +21,8 @@ def plot_results(results: dict[str, Any], output_dir: str) -> list[str]:
     try:
         import matplotlib
     except ImportError as err:  # matplotlib is in the `eval` extra
-        raise ImportError("plots need matplotlib: pip install 'hope-hf[eval]' (or pass plots=False / --no_plots)") from err
+        raise ImportError(
+            "plots need matplotlib: pip install 'hope-hf[eval]' (or pass plots=False / --no_plots)") from err
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

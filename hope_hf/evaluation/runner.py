@@ -190,7 +190,8 @@ def _score(task: str, records: list[dict]) -> dict[str, float]:
         r = metric.compute(predictions=[x["predictions"] for x in records], references=[x["answers"] for x in records])
         return {"accuracy": r["recall_accuracy"], "example_accuracy": r["example_accuracy"], "queries": r["queries"]}
     metric = load_exact_match_metric()
-    r = metric.compute(predictions=[x["predictions"][0] for x in records], references=[x["answers"][0] for x in records])
+    r = metric.compute(predictions=[x["predictions"][0] for x in records],
+                       references=[x["answers"][0] for x in records])
     return {"accuracy": r["exact_match"], "correct": r["correct"], "total": r["total"]}
 
 

@@ -201,7 +201,8 @@ def _compose(
     needle_tokens = sum(len(n) for _, n in needles)
     hay_len = context_len - len(prefix) - needle_tokens
     if hay_len < 0:
-        raise TaskError(f"needs {len(prefix) + needle_tokens} tokens for its prefix and needles, only {context_len} fit")
+        raise TaskError(
+            f"needs {len(prefix) + needle_tokens} tokens for its prefix and needles, only {context_len} fit")
     hay, bounds = filler.take(hay_len, filler_start)
     # each needle goes to the boundary nearest depth * hay_len
     placed = []
@@ -331,7 +332,8 @@ def build_task_dataset(
                 need = length - context_len
                 raise TaskError(
                     f"length {length} is too short for task {task!r}: the context {err} (the query takes {need}); "
-                    f"use a length of at least {length + len(prefix_ids) + sum(len(n) for _, n in needle_ids) - context_len}"
+                    "use a length of at least "
+                    f"{length + len(prefix_ids) + sum(len(n) for _, n in needle_ids) - context_len}"
                 ) from None
             rows["id"].append(f"{task}-{format_length(length)}-d{depth:g}-s{sample}")
             rows["task"].append(task)

@@ -37,7 +37,8 @@ CMS_PARAM_PATTERN = re.compile(r"(?:^|\.)layers\.\d+\.cms\.(?:levels|norms)\.(\d
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / ``torch.compile`` wrappers (they keep the wrapped model in ``module`` or ``_orig_mod``)."""
+    """Strip DDP / DataParallel / ``torch.compile`` wrappers (they keep the wrapped model in ``module`` or
+    ``_orig_mod``)."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -86,7 +87,8 @@ def cms_parameter_levels(
             continue
         level = int(match.group(1))
         if level >= len(periods):
-            raise ValueError(f"parameter {name!r} belongs to CMS level {level}, but only {len(periods)} periods are known")
+            raise ValueError(
+                f"parameter {name!r} belongs to CMS level {level}, but only {len(periods)} periods are known")
         out[name] = (level, int(periods[level]))
     return out
 
@@ -186,7 +188,8 @@ class ContinuumOptimizer(torch.optim.Optimizer):
         for _, param in model.named_parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         inner = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
         return cls(inner, model, periods=periods, track_tokens=track_tokens, sync_tokens=sync_tokens)
 
@@ -353,5 +356,5 @@ class ContinuumOptimizer(torch.optim.Optimizer):
         self.total_tokens = int(cont["total_tokens"])
 
     def __repr__(self) -> str:
-        levels = ", ".join(f"level {l}: period {p}" for l, p in sorted(self.periods.items()))
+        levels = ", ".join(f"level {i}: period {p}" for i, p in sorted(self.periods.items()))
         return f"ContinuumOptimizer({levels}) wrapping\n{self.optimizer!r}"

@@ -47,7 +47,8 @@ def _unwrap_optimizer(optimizer):
 
 
 class HopeTrainer(Trainer):
-    """A ``Trainer`` that steps each CMS level at its own period (paper Eq. 31; docs/training.md); otherwise ``Trainer`` unchanged.
+    """A ``Trainer`` that steps each CMS level at its own period (paper Eq. 31; docs/training.md); otherwise
+    ``Trainer`` unchanged.
 
     A user optimizer passed as ``optimizers=(optimizer, scheduler)`` is wrapped as well.
     """
@@ -100,7 +101,8 @@ def continuum_optimizer(model, args: TrainingArguments | None = None, **optimize
         return ContinuumOptimizer.from_model(model, **optimizer_kwargs)
     decay = set(decay_parameter_names(model))
     groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
+         "weight_decay": args.weight_decay},
         {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]

@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 
 from .cache_hope import HopeCache, HopeTitansCacheLayer
 from .memory_hope import TitansState
+from .modeling_hope import _check_ids
+from .streaming import as_token_ids
 from .training.continuum import CMS_PARAM_PATTERN, ContinuumOptimizer, unwrap_model
 
 __all__ = ["StreamLearner", "StreamLearnerError", "cache_state_dict", "load_cache_state_dict"]
@@ -122,7 +124,10 @@ def _detach_cache(cache: HopeCache) -> None:
 
 
 def _as_stream(ids, device) -> torch.Tensor:
-    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    try:
+        ids = as_token_ids(ids, device, "the stream learner's ids")
+    except ValueError as err:
+        raise StreamLearnerError(str(err)) from err
     if ids.dim() == 2:
         if ids.shape[0] != 1:
             raise StreamLearnerError(
@@ -301,6 +306,7 @@ class StreamLearner:
         """Add ``ids`` (a 1-D sequence, or shape (1, T)) to the stream and learn from every token whose successor is
         now known. Returns ``{"tokens": counted tokens, "loss_sum": their summed loss, "updates": level updates}``."""
         ids = _as_stream(ids, self.device)
+        _check_ids("ids", ids[None], self.config.vocab_size)  # once per piece (the targets are ids too)
         buf = torch.cat([self.pending, ids])
         tokens, loss_sum, updates = 0, 0.0, len(self.update_log)
         start = 0

@@ -103,6 +103,95 @@ def _check_cache_rows(cache: Cache | None, batch_size: int) -> None:
     raise ValueError(f"the cache holds {rows} sequences but the input has {batch_size} rows.{hint}")
 
 
+# ---------------------------------------------------------------------------------------------------- input checks
+# Checked once, at the model's entry, each error naming the argument and what it allows. Shapes and dtypes cost
+# nothing. Values (ids inside the vocabulary, a padding mask with a token to process, labels) need the tensor's
+# contents: they are read from tensors on the CPU always, and from tensors on an accelerator only for inputs of more
+# than one token (prompts, training batches: one `aminmax` each, one host sync), never in a one-token decoding step
+# (the hot path of `generate`, left as fast as Llama's), nor while `torch.compile` traces or a CUDA graph captures.
+_ID_DTYPES = (torch.long, torch.int32)
+
+
+def _reads_values(t: torch.Tensor, seq_len: int) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cpu":
+        return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return seq_len > 1
+
+
+def _check_ids(name: str, ids, vocab_size: int, *, ignore_index: int | None = None) -> None:
+    """`ids` a 2-D (batch, length) tensor of integer ids in [0, vocab_size) (or `ignore_index`)."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(
+            f"`{name}` must be a torch tensor of token ids, shape (batch, length); got {type(ids).__name__}"
+        )
+    if ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"`{name}` must hold integer token ids (torch.long or torch.int32), got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        hint = f" (one sequence: `{name}[None]`)" if ids.dim() == 1 else ""
+        raise ValueError(f"`{name}` must be 2-D, (batch, length); got shape {tuple(ids.shape)}{hint}")
+    if ids.shape[0] == 0:
+        raise ValueError(f"`{name}` holds no sequence (batch size 0)")
+    if ids.numel() and _reads_values(ids, ids.shape[1]):
+        valid = ids if ignore_index is None else ids.masked_fill(ids == ignore_index, 0)
+        low, high = (int(v) for v in torch.aminmax(valid))
+        if low < 0 or high >= vocab_size:
+            extra = f" or {ignore_index}" if ignore_index is not None else ""
+            raise ValueError(f"`{name}` must hold ids in [0, vocab_size={vocab_size}){extra}; got ids from {low} to "
+                             f"{high}")
+
+
+def _check_model_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past_seen: int) -> None:
+    """The shapes, dtypes and (see above) values of what `HopeModel.forward` is given."""
+    if input_ids is not None:
+        _check_ids("input_ids", input_ids, config.vocab_size)
+        bsz, seq_len = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise ValueError("`inputs_embeds` must be a floating-point tensor (batch, length, hidden_size); got "
+                             f"{getattr(inputs_embeds, 'dtype', type(inputs_embeds).__name__)}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"`inputs_embeds` must have shape (batch, length, hidden_size={config.hidden_size}); got "
+                             f"{tuple(inputs_embeds.shape)}")
+        if inputs_embeds.shape[0] == 0:
+            raise ValueError("`inputs_embeds` holds no sequence (batch size 0)")
+        bsz, seq_len = inputs_embeds.shape[:2]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        expected = past_seen + seq_len
+        if attention_mask.shape != (bsz, expected):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch={bsz}, length={expected}): one column per token "
+                + (f"the cache has seen ({past_seen}) and per new token ({seq_len})" if past_seen else "of the input")
+                + f"; got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.is_floating_point() and seq_len and _reads_values(attention_mask, seq_len):
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("`attention_mask` (the 2-D padding mask) must hold 1 for tokens and 0 for padding")
+        if seq_len and _reads_values(attention_mask, seq_len) and not bool(attention_mask[:, -seq_len:].any()):
+            raise ValueError("`attention_mask` marks every new position as padding (all zeros): there is no token to "
+                             "process; leave such a batch out")
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in _ID_DTYPES + (torch.int16,):
+            raise ValueError(f"`position_ids` must be an integer tensor (batch, length); got "
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, bsz) or position_ids.shape[1] != seq_len:
+            raise ValueError(f"`position_ids` must have shape (batch={bsz} or 1, length={seq_len}); got "
+                             f"{tuple(position_ids.shape)}")
+
+
+def _check_logits_to_keep(logits_to_keep) -> None:
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype not in _ID_DTYPES:
+            raise ValueError("`logits_to_keep` as a tensor must be a 1-D tensor of positions (integers); got "
+                             f"shape {tuple(logits_to_keep.shape)}, dtype {logits_to_keep.dtype}")
+    elif not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        raise ValueError(f"`logits_to_keep` must be an int >= 0 (the last n positions; 0 keeps all) or a 1-D tensor of "
+                         f"positions; got {logits_to_keep!r}")
+
+
 # ---------------------------------------------------------------------------------------------------- building blocks
 class HopeRMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (float64 for a float64 model) and cast back."""
@@ -476,6 +565,8 @@ class HopeModel(HopePreTrainedModel):
                 f"there), got {type(past_key_values).__name__}. Leave it out (one is built) or pass "
                 "`HopeCache(model.config)`."
             )
+        _check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids,
+                            past_key_values.get_seq_length() if past_key_values is not None else 0)
         output_attentions = kwargs.pop("output_attentions", None)
         if output_attentions if output_attentions is not None else getattr(self.config, "output_attentions", False):
             raise ValueError(
@@ -561,6 +652,8 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         prompt = kwargs.get("inputs_embeds")
         if prompt is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            if prompt is not None:  # the whole prompt, once per call (one host sync for its id range)
+                _check_ids("input_ids", prompt, self.config.vocab_size)
         if cache is not None and isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
             seen = cache.get_seq_length()
             if 0 < seen and prompt.shape[1] <= seen:
@@ -605,6 +698,18 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             An int n keeps the logits of the last n positions (0 keeps all); a 1-D tensor keeps those positions.
         """
+        _check_logits_to_keep(logits_to_keep)
+        if labels is not None:
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and isinstance(labels, torch.Tensor) and (
+                labels.shape != inputs.shape[:2]
+            ):
+                raise ValueError(f"`labels` must have the shape of the input (batch, length) = "
+                                 f"{tuple(inputs.shape[:2])} (not shifted: the loss shifts them); got "
+                                 f"{tuple(labels.shape)}")
+            _check_ids("labels", labels, self.config.vocab_size, ignore_index=-100)
+            if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0:
+                raise ValueError("`labels` needs the logits of every position: leave `logits_to_keep` at 0")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -621,6 +726,10 @@ class HopeForCausalLM(HopePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if kwargs.get("num_items_in_batch") is None:
+                # the mean over the labelled tokens, as a sum divided by their count, which is at least 1: a batch
+                # without any (every label -100) has loss 0 and zero gradients, not NaN (0 / 0)
+                kwargs["num_items_in_batch"] = (labels[:, 1:] != -100).sum().clamp(min=1)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(

@@ -33,7 +33,7 @@ def stream_prefill(
     logits = None
     bar = tqdm(total=total, unit="tok", desc="streaming", disable=not progress)
     for piece in pieces:
-        ids = torch.as_tensor(piece, dtype=torch.long, device=device)
+        ids = as_token_ids(piece, device, "every piece")
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[1] == 0:
@@ -45,6 +45,17 @@ def stream_prefill(
     if logits is None:
         raise ValueError("pieces was empty: nothing to stream")
     return cache, logits
+
+
+def as_token_ids(ids, device=None, name: str = "the ids") -> torch.Tensor:
+    """``ids`` (a list, array or tensor of token ids) as a ``torch.long`` tensor on ``device``. Float or bool values
+    are refused by name rather than cast (1.7 would silently become token 1)."""
+    tensor = torch.as_tensor(ids, device=device)
+    if tensor.numel() == 0:
+        return tensor.long()  # the caller says what an empty sequence means
+    if tensor.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{name} must be integer token ids; got dtype {tensor.dtype}")
+    return tensor.long()
 
 
 def split_into_pieces(input_ids: torch.Tensor, piece_size: int):

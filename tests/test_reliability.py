@@ -278,3 +278,93 @@ def test_a_crafted_file_in_the_checkpoint_to_resume_is_named(full_run, tmp_path,
     err = capsys.readouterr().err
     assert "Traceback" not in err and not (tmp_path / "pwned").exists()
     assert "cannot resume from" in err and "checkpoint-2" in err and "rng_state.pth" in err
+
+
+# ============================================================================ 6. inputs refused by name at the entry
+def _ids(batch=2, length=10):
+    return torch.randint(1, 61, (batch, length))
+
+
+BAD_INPUTS = [
+    # (case, forward kwargs, what the message must say)
+    ("id >= vocab_size", lambda: dict(input_ids=_ids().fill_(61)),
+     r"`input_ids` must hold ids in \[0, vocab_size=61\)"),
+    ("negative id", lambda: dict(input_ids=-_ids()), r"`input_ids` must hold ids in \[0, vocab_size=61\)"),
+    ("float ids", lambda: dict(input_ids=_ids().float()), "`input_ids` must hold integer token ids"),
+    ("bool ids", lambda: dict(input_ids=_ids() > 5), "`input_ids` must hold integer token ids"),
+    ("1-D ids", lambda: dict(input_ids=_ids()[0]), r"`input_ids` must be 2-D, \(batch, length\).*input_ids\[None\]"),
+    ("3-D ids", lambda: dict(input_ids=_ids()[None]), r"`input_ids` must be 2-D"),
+    ("empty batch", lambda: dict(input_ids=_ids()[:0]), "`input_ids` holds no sequence"),
+    ("no token", lambda: dict(input_ids=_ids()[:, :0]), "no input tokens"),
+    ("all padding", lambda: dict(input_ids=_ids(), attention_mask=torch.zeros(2, 10, dtype=torch.long)),
+     "`attention_mask` marks every new position as padding"),
+    ("mask longer than the input", lambda: dict(input_ids=_ids(), attention_mask=torch.ones(2, 14, dtype=torch.long)),
+     r"`attention_mask` must have shape \(batch=2, length=10\)"),
+    ("mask of another batch", lambda: dict(input_ids=_ids(), attention_mask=torch.ones(3, 10, dtype=torch.long)),
+     r"`attention_mask` must have shape \(batch=2, length=10\)"),
+    ("labels of another shape", lambda: dict(input_ids=_ids(), labels=_ids()[:, :5]),
+     r"`labels` must have the shape of the input \(batch, length\) = \(2, 10\)"),
+    ("labels out of range", lambda: dict(input_ids=_ids(), labels=_ids() + 100),
+     r"`labels` must hold ids in \[0, vocab_size=61\) or -100"),
+    ("labels with logits_to_keep", lambda: dict(input_ids=_ids(), labels=_ids(), logits_to_keep=1),
+     "`labels` needs the logits of every position"),
+    ("position_ids of another length", lambda: dict(input_ids=_ids(), position_ids=torch.arange(5)[None]),
+     r"`position_ids` must have shape \(batch=2 or 1, length=10\)"),
+    ("position_ids 1-D", lambda: dict(input_ids=_ids(), position_ids=torch.arange(10)),
+     r"`position_ids` must have shape"),
+    ("inputs_embeds of another width", lambda: dict(inputs_embeds=torch.randn(2, 10, 31)),
+     r"`inputs_embeds` must have shape \(batch, length, hidden_size=32\)"),
+    ("inputs_embeds of integers", lambda: dict(inputs_embeds=torch.ones(2, 10, 32, dtype=torch.long)),
+     "`inputs_embeds` must be a floating-point tensor"),
+    ("logits_to_keep negative", lambda: dict(input_ids=_ids(), logits_to_keep=-5),
+     r"`logits_to_keep` must be an int >= 0"),
+    ("both ids and embeds", lambda: dict(input_ids=_ids(), inputs_embeds=torch.randn(2, 10, 32)),
+     "exactly one of `input_ids` and `inputs_embeds`"),
+]
+
+
+@pytest.mark.parametrize("layout", ["linear", "hybrid"])
+@pytest.mark.parametrize("case, make, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_are_refused_by_name_at_the_entry(layout, case, make, message):
+    model = HopeForCausalLM(small_config(layout)).eval()
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**make())
+
+
+def test_labels_that_are_all_ignored_give_a_zero_loss_and_finite_gradients():
+    model = HopeForCausalLM(small_config())
+    ids = _ids()
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # with labelled tokens the loss is their mean, as before
+    labels = ids.clone()
+    labels[0, :4] = -100
+    loss = model(input_ids=ids, labels=labels).loss
+    logits = model(input_ids=ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_generate_stream_prefill_and_the_learner_check_their_ids():
+    from hope_hf.continual import StreamLearner, StreamLearnerError
+    from hope_hf.streaming import stream_prefill
+
+    model = HopeForCausalLM(small_config()).eval()
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"`input_ids` must be 2-D.*input_ids\[None\]"):
+        model.generate(ids[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"`input_ids` must hold ids in \[0, vocab_size=61\)"):
+        model.generate(ids + 100, max_new_tokens=2)
+    with pytest.raises(ValueError, match="`input_ids` must hold integer token ids"):
+        model.generate(ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="every piece must be integer token ids; got dtype torch.float"):
+        stream_prefill(model, [[1.7, 2.0, 3.0]], progress=False)
+    with pytest.raises(ValueError, match=r"`input_ids` must hold ids in \[0, vocab_size=61\)"):
+        stream_prefill(model, [[1, 2, 300]], progress=False)
+    learner = StreamLearner(model, lr=1e-3, chunk_size=8, progress=False)
+    with pytest.raises(StreamLearnerError, match="the stream learner's ids must be integer token ids"):
+        learner.feed([1.5, 2.5, 3.5])
+    with pytest.raises(ValueError, match=r"`ids` must hold ids in \[0, vocab_size=61\)"):
+        learner.feed([1, 2, 3, 99])

@@ -169,7 +169,8 @@ def check_tokenizer_folder(path: str, option: str) -> None:
         raise CliError(f"{option} {path!r} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def _weights_file(path: str) -> str:

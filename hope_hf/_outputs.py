@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 
-__all__ = ["MANIFEST_NAME", "SUITE_COMMAND", "TRAIN_COMMAND", "read_manifest", "record_outputs", "remove_own_files", "is_run_of"]
+__all__ = ["MANIFEST_NAME", "SUITE_COMMAND", "TRAIN_COMMAND", "is_run_of", "read_manifest", "record_outputs",
+           "remove_own_files"]
 
 MANIFEST_NAME = "hope-hf-outputs.json"
 TRAIN_COMMAND = "train"  # the command names in the record

@@ -214,7 +214,8 @@ class EvalArguments:
                           "--overwrite_output_file)."},
     )
     overwrite_output_file: bool = field(
-        default=False, metadata={"help": "Replace --output_file if it exists (without it an existing file is an error)."}
+        default=False,
+        metadata={"help": "Replace --output_file if it exists (without it an existing file is an error)."},
     )
 
     def __post_init__(self):
@@ -261,9 +262,12 @@ class GenerateArguments:
 @dataclass
 class ConvertArguments:
     llama_model: str = field(
-        default=None, metadata={"help": "A local Llama-family checkpoint folder (LlamaForCausalLM) to convert (required)."}
+        default=None,
+        metadata={"help": "A local Llama-family checkpoint folder (LlamaForCausalLM) to convert (required)."},
     )
-    output_dir: str = field(default=None, metadata={"help": "Where the HOPE model and the tokenizer are saved (required)."})
+    output_dir: str = field(
+        default=None, metadata={"help": "Where the HOPE model and the tokenizer are saved (required)."}
+    )
     extra_levels: str | None = field(
         default=None,
         metadata={"help": "CMS levels appended after the converted MLP, as a JSON list of periods (tokens) or of "

@@ -163,8 +163,10 @@ def test_config_overrides_take_json_lists_and_objects():
     from hope_hf.cli import _parse_overrides
 
     levels = '[{"period":4,"intermediate_size":32},{"period":8,"intermediate_size":16}]'
-    assert _parse_overrides(f'hidden_size=32,cms_levels={levels},layer_types=["linear_attention","full_attention"]') == {
-        "hidden_size": 32, "cms_levels": [{"period": 4, "intermediate_size": 32}, {"period": 8, "intermediate_size": 16}],
+    types = '["linear_attention","full_attention"]'
+    assert _parse_overrides(f"hidden_size=32,cms_levels={levels},layer_types={types}") == {
+        "hidden_size": 32,
+        "cms_levels": [{"period": 4, "intermediate_size": 32}, {"period": 8, "intermediate_size": 16}],
         "layer_types": ["linear_attention", "full_attention"]}
     assert _parse_overrides('name="a,b",chunk_size=8') == {"name": "a,b", "chunk_size": 8}
 

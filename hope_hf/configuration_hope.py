@@ -7,9 +7,12 @@ the field and the allowed values (see `HopeConfigError`). This file is model cod
 
 # No `from __future__ import annotations` here: `@strict` type-checks fields from their annotations, and string
 # annotations would switch those checks off.
+import contextvars
 import dataclasses
+import difflib
 import functools
 import math
+import warnings
 
 from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassError
@@ -34,6 +37,26 @@ MAX_ETA_MAX = {1: 16.0, 2: 2.0}
 # (`from_pretrained(path, memory_cuda_graphs=True)`) or on `model.config`, never written to `config.json` (a model
 # trained with CUDA graphs must not ship with them on), and ignored where an older `config.json` holds them.
 RUNTIME_SWITCHES = ("memory_cuda_graphs", "compile_chunk_step")
+
+# Keys that a config accepts besides its fields: the ones `PreTrainedConfig` itself takes (and pops) and what a saved
+# config.json or the Auto classes pass along. Any other key is a misspelling or a field of another model: an error in
+# `HopeConfig(...)`, a warning naming it (and the closest field) when it comes from a saved config.json.
+_GENERIC_KEYS = frozenset({
+    "auto_map", "model_type", "name_or_path", "torch_dtype", "num_labels", "rope_scaling", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "use_return_dict",
+})
+_FROM_SAVED = contextvars.ContextVar("hope_config_from_saved", default=False)
+
+
+def _generation_keys() -> frozenset:
+    """Generation parameters that old configs carried (the base class pops them)."""
+    try:
+        from transformers import GenerationConfig
+
+        return frozenset(GenerationConfig._get_default_generation_params())
+    except Exception:  # a Transformers without that helper: nothing more is allowed
+        return frozenset()
+
 
 # Default CMS periods in tokens: paper Fig. 3 ("Hope in Nested Learning"): 16, 1M (2**20) and 16M (2**24).
 DEFAULT_CMS_PERIODS = (16, 2**20, 2**24)
@@ -263,12 +286,21 @@ class HopeConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = _token_id_field(None, allow_list=True)
 
     def __post_init__(self, **kwargs):
+        self._check_unknown_keys(kwargs)
         # fields the base class iterates over before the validators run: reject wrong types here
         if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
             raise HopeConfigError(
                 f"`layer_types` must be a list with one entry per layer, each one of {HOPE_LAYER_TYPES}; "
                 f"got {self.layer_types!r}."
             )
+        if self.layer_types is not None:
+            # before the base class remaps legacy names ("mamba" -> "linear_attention", "attention" ->
+            # "full_attention"): a HOPE layer is one of HOPE's three, whatever another model calls its layers
+            unknown = [t for t in self.layer_types if t not in HOPE_LAYER_TYPES]
+            if unknown:
+                raise HopeConfigError(
+                    f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}."
+                )
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             raise HopeConfigError(f"`rope_parameters` must be a dict or None, got {self.rope_parameters!r}.")
         heads = self.num_attention_heads
@@ -298,6 +330,27 @@ class HopeConfig(PreTrainedConfig):
                 setattr(self, name, float(value))
         self._sync_rope_theta()
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def _unknown_key_message(cls, key: str) -> str:
+        fields = sorted(f.name for f in dataclasses.fields(cls))
+        close = difflib.get_close_matches(key, fields, n=1)
+        return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+    def _check_unknown_keys(self, kwargs: dict) -> None:
+        """A key that is neither a field nor one the base class takes: an error naming it and the closest field;
+        a warning (the key kept as an attribute, as Transformers does) when it comes from a saved config.json."""
+        unknown = [k for k in kwargs if k not in _GENERIC_KEYS and not k.startswith("_") and k not in
+                   _generation_keys()]
+        if not unknown:
+            return
+        names = ", ".join(self._unknown_key_message(k) for k in unknown)
+        if _FROM_SAVED.get():
+            warnings.warn(f"HopeConfig: the saved config holds unknown field(s) {names}; not used by HOPE",
+                          UserWarning, stacklevel=2)
+            return
+        raise HopeConfigError(f"unknown config field(s) {names}; the fields are those of HopeConfig (see its "
+                              "docstring)")
 
     def _sync_rope_theta(self):
         """`rope_theta` is the public name; Transformers' rotary code reads `rope_parameters["rope_theta"]`.
@@ -425,6 +478,12 @@ class HopeConfig(PreTrainedConfig):
         num_hidden_layers=2)`) go into the config before it is built, so that they are checked like any other value
         instead of being set unchecked afterwards. A smaller `num_hidden_layers` without `layer_types` keeps the
         first layers' types, as loading the first layers' weights does."""
+        saved_type = config_dict.get("model_type")
+        if saved_type is not None and saved_type != cls.model_type:
+            raise HopeConfigError(
+                f"this is the config of a {saved_type!r} model, not of a HOPE model ({cls.model_type!r}): its weights "
+                "would not fit. Convert a Llama-family model with `hope-hf convert` (hope_hf.convert)."
+            )
         own = {f.name for f in dataclasses.fields(cls)} & set(HopeConfig.__annotations__)
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
         saved = {key: value for key, value in config_dict.items() if key not in RUNTIME_SWITCHES}
@@ -440,7 +499,11 @@ class HopeConfig(PreTrainedConfig):
                     f"`layer_types` too (one entry per layer, each one of {HOPE_LAYER_TYPES}), or at most "
                     f"{len(saved_types)} layers (the first ones are kept)."
                 )
-        return super().from_dict(config_dict, **kwargs)
+        token = _FROM_SAVED.set(True)  # unknown keys of a saved config warn instead of failing
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _FROM_SAVED.reset(token)
 
     def to_dict(self) -> dict:
         """The config as saved: every field but the runtime switches (`RUNTIME_SWITCHES`)."""

@@ -368,3 +368,67 @@ def test_generate_stream_prefill_and_the_learner_check_their_ids():
         learner.feed([1.5, 2.5, 3.5])
     with pytest.raises(ValueError, match=r"`ids` must hold ids in \[0, vocab_size=61\)"):
         learner.feed([1, 2, 3, 99])
+
+
+# ============================================================================ 7. strict configs
+def test_an_unknown_config_field_is_an_error_naming_the_closest_field():
+    from hope_hf import HopeConfig, HopeConfigError
+
+    with pytest.raises(HopeConfigError,
+                       match=r"unknown config field\(s\) 'chunk_sise' \(did you mean 'chunk_size'\?\)"):
+        HopeConfig(num_hidden_layers=1, chunk_sise=64)
+    HopeConfig(num_hidden_layers=1, attn_implementation="eager", output_attentions=False)  # the library's own keys
+
+
+def test_an_unknown_field_in_a_saved_config_is_a_warning_naming_it(tmp_path):
+    from transformers import AutoConfig
+
+    small_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "chunk_sise": 64}))
+    with pytest.warns(UserWarning, match=r"unknown field\(s\) 'chunk_sise' \(did you mean 'chunk_size'\?\)"):
+        config = AutoConfig.from_pretrained(tmp_path)
+    assert config.chunk_size == saved["chunk_size"]
+
+
+@pytest.mark.parametrize("legacy", ["mamba", "attention"])
+def test_layer_types_that_transformers_would_remap_are_refused(tmp_path, legacy):
+    from transformers import AutoConfig
+
+    from hope_hf import HopeConfig
+
+    with pytest.raises(ValueError, match=rf"`layer_types` entries must be one of .*got \['{legacy}'\]"):
+        HopeConfig(num_hidden_layers=1, layer_types=[legacy])
+    small_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "layer_types": [legacy, "linear_attention"]}))
+    with pytest.raises(ValueError, match=rf"got \['{legacy}'\]"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_of_another_model_type_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"config of a 'llama' model, not of a HOPE model .*hope-hf convert"):
+        HopeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_cli_refuses_a_checkpoint_with_a_missing_weight(model_dir, tmp_path, capsys):
+    """The library loads a checkpoint lacking a weight as Transformers does (initialised, reported: loading into a
+    grown config relies on it); the commands, which would run a half-random model, refuse it by name."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.0.titans.q_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(folder), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "do not match its config.json (missing model.layers.0.titans.q_proj.weight)" in err
+    _, info = HopeForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == {"model.layers.0.titans.q_proj.weight"} or \
+        list(info["missing_keys"]) == ["model.layers.0.titans.q_proj.weight"]

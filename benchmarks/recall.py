@@ -40,13 +40,15 @@ MODEL_OVERRIDES = {
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed: int, power_a: float = 0.01):
+def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed: int, power_a: float = 0.01,
+              show_answers: bool = False):
     """MQAR sequences: (input_ids, targets), both (N, length) long; targets are -100 except where the next token is
     the value of a queried key (the position of the key itself, so `logits[:, t]` predicts `targets[:, t]`).
 
     Layout (Zoology's): k1 v1 k2 v2 ... kP vP, then the P keys again in a random order at distinct even offsets of
     the remaining span, their slots drawn from a power law (p(slot) ~ slot^(power_a - 1)); the token after a queried
-    key is random like every other position (the answer is never shown); values are distinct within a sequence."""
+    key is random like every other position (the answer is never shown) unless `show_answers`, where it is the
+    key's value as in Zoology's own generator; values are distinct within a sequence."""
     if length < 4 * pairs:
         raise ValueError(f"length {length} is too short for {pairs} pairs: it needs at least 4 * pairs tokens")
     half = vocab_size // 2
@@ -69,6 +71,8 @@ def make_mqar(num_examples: int, vocab_size: int, length: int, pairs: int, seed:
     pos = context + 2 * chosen
     ids[rows, pos] = keys.gather(1, order)
     targets[rows, pos] = values.gather(1, order)
+    if show_answers:
+        ids[rows, pos + 1] = values.gather(1, order)
     return ids, targets
 
 
@@ -218,6 +222,9 @@ def parse_args(argv=None):
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--test-examples", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--show-answers", action="store_true",
+                        help="put each queried key's value after it in the input, as Zoology's own generator does "
+                             "(default: a random token there, so the answer is never shown)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the documented runs)")
     parser.add_argument("--json", default="benchmarks/results/recall.json", help="where to write results ('' for none)")
@@ -265,8 +272,10 @@ def main(argv=None):
     results = []
     header = f"{'model':<22} {'width':>5} {'length':>6} {'pairs':>5} {'params':>9} {'accuracy':>8} {'loss':>7} {'s':>7}"
     for length, pairs in args.grid:
-        train = make_mqar(args.train_examples, args.vocab_size, length, pairs, seed=args.seed)
-        test = make_mqar(args.test_examples, args.vocab_size, length, pairs, seed=args.seed + 10_000)
+        train = make_mqar(args.train_examples, args.vocab_size, length, pairs, seed=args.seed,
+                          show_answers=args.show_answers)
+        test = make_mqar(args.test_examples, args.vocab_size, length, pairs, seed=args.seed + 10_000,
+                         show_answers=args.show_answers)
         for width in args.widths:
             for label, kind, overrides in entries:
                 model = build_model(kind, args, width, overrides, seed=args.seed)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -172,6 +174,12 @@ def test_make_mqar_places_each_key_and_its_value():
             assert pairs[row[t]] == tgt[t]
     again, _ = make_mqar(50, vocab_size=64, length=40, pairs=4, seed=3)
     assert (again == ids).all()
+    shown, shown_targets = make_mqar(50, vocab_size=64, length=40, pairs=4, seed=3, show_answers=True)
+    assert (shown_targets == targets).all()
+    asked = targets != -100
+    after = torch.roll(asked, 1, dims=1)  # the position after each query
+    assert (shown[after] == targets[asked]).all()  # Zoology's layout: the value follows its queried key
+    assert (shown[~after] == ids[~after]).all()  # everything else as without answers
 
 
 def test_language_modeling_quick(tmp_path):

@@ -207,7 +207,8 @@ def _variant(text: str) -> tuple[str, dict]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train")
+    parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS),
+                        help="models to train (none: only the --variant models)")
     parser.add_argument("--variant", type=_variant, action="append", default=[], metavar="NAME=JSON",
                         help="an extra all-Titans HOPE with these config fields changed (repeatable)")
     parser.add_argument("--grid", type=_grid_point, nargs="+", default=[(64, 4), (128, 8), (256, 16)],
@@ -239,6 +240,8 @@ def parse_args(argv=None):
         parser.error(f"--train-examples ({args.train_examples}) must be at least --batch-size ({args.batch_size})")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if not args.models and not args.variant:
+        parser.error("nothing to train: give --models or at least one --variant")
     names = [name for name, _ in args.variant]
     clash = sorted({n for n in names if names.count(n) > 1 or n in MODELS})
     if clash:

@@ -152,7 +152,8 @@ def test_recall_quick(tmp_path):
 
 def test_recall_refuses_bad_options(tmp_path):
     for args, needle in ((["--grid", "16:8"], "--grid 16:8"), (["--variant", "x={oops"], "not JSON"),
-                         (["--variant", 'x={"chunk_sise": 4}'], "chunk_sise"), (["--widths", "63"], "--widths")):
+                         (["--variant", 'x={"chunk_sise": 4}'], "chunk_sise"), (["--widths", "63"], "--widths"),
+                         (["--models"], "nothing to train")):
         proc = subprocess.run([sys.executable, "recall.py", *args, "--json", ""], cwd=ROOT / "benchmarks",
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr[-1000:])

@@ -1,10 +1,18 @@
 """What the self-modifying memory's ops share: the chunk step's and the generation's settings, the state of a layer,
-and small tensor helpers (docs/design.md §6a)."""
+a chunk's inputs and fast weights, and small tensor helpers (docs/design.md §6a, "Names").
+
+Fast weights: every memory has a first layer `W_in` (the paper's W2, stored transposed) and an output layer `W_out`
+(the paper's W1, stored transposed); in code `*_in` and `*_out`, prefixed by the state they belong to: `init_`
+(the meta-learned initial state W_0), `snapshot_` (the state at the end of the previous chunk), `current_` (the
+state after the last token), `end_` (a chunk's result) and `anchor_` (what retention pulls toward: the initial state,
+or None for zero).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -31,10 +39,11 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
 class TitansState:
     """The fast state of one self-modifying Titans layer for a batch of sequences (all float32 except `chunk_pos`).
 
-    Weights are absolute (not deviations): `snapshot_*` is the state at the end of the last completed chunk, the one
-    that generates keys, values, gates, targets and gradients; `current_*` the state after the last token, the one
-    that is read and written. `chunk_pos` counts the tokens already inside the current chunk (0 means a chunk just
-    ended, and then snapshot == current). `conv_*` hold the last `conv_kernel_size - 1` pre-convolution inputs.
+    Fast weights are absolute (not deviations), `W_in` of all memories side by side as `*_in` and `W_out` as `*_out`:
+    `snapshot_*` is the state at the end of the last completed chunk, the one that generates keys, values, gates,
+    targets and gradients; `current_*` the state after the last token, the one that is read and written.
+    `chunk_pos` counts the tokens already inside the current chunk (0 means a chunk just ended, and then snapshot ==
+    current). `conv_*` hold the last `conv_kernel_size - 1` pre-convolution inputs.
     """
 
     snapshot_in: torch.Tensor  # (B, H, d, n*m)
@@ -69,15 +78,20 @@ class ChunkSpec:
     detach_self_targets: bool
     dgd: bool
     retain_toward_init: bool
-    depth: int = 2  # memory_depth: 2 = residual MLP memories (`chunk_forward`), 1 = linear (`linear_chunk_forward`)
+    depth: int = 2  # memory_depth: 2 = residual MLP memories (`mlp_chunk_forward`), 1 = linear (`linear_chunk_forward`)
     compiled: bool = False  # `compile_chunk_step` in training mode: `ChunkStep` runs the compiled `chunk_functions`
+
+    @property
+    def output_columns(self) -> slice:
+        """The output memory's columns of W_in (stored last)."""
+        return slice((self.num_memories - 1) * self.memory_dim, self.num_memories * self.memory_dim)
 
 
 @dataclass(frozen=True)
 class GenerateSpec:
     """What `generate` needs to know of the config (hashable: `torch.compile` guards on it)."""
 
-    boxes: tuple[str, ...]
+    memories: tuple[str, ...]  # the memories' names in storage order (`memory_names`), the output memory "o" last
     memory_dim: int
     eta_max: float
     retention: bool
@@ -96,7 +110,8 @@ def per_memory(x, w):
     """x (R, H, n, L, X) @ w (H, n, X, Y) -> (R, H, n, L, Y) as one product per head and memory over all rows'
     tokens (as `per_head`)."""
     rows, heads, n, length, width = x.shape
-    out = torch.matmul(x.permute(1, 2, 0, 3, 4).reshape(heads * n, rows * length, width), w.reshape(heads * n, width, -1))
+    out = torch.matmul(x.permute(1, 2, 0, 3, 4).reshape(heads * n, rows * length, width),
+                       w.reshape(heads * n, width, -1))
     return out.view(heads, n, rows, length, -1).permute(2, 0, 1, 3, 4)
 
 
@@ -109,26 +124,60 @@ def plus_product(base, a, b, sign=1.0):
     return base
 
 
-def decayed_start(cur, anchor, decay):
-    """The start that a chunk's update accumulates into: decay * (cur - anchor) + anchor with retention toward the
-    anchor, decay * cur without it (decay (R, H, 1)). One weight-sized pass, a new tensor."""
-    decay = decay.view(decay.shape[:2] + (1,) * (cur.dim() - 2))
-    return decay * cur if anchor is None else torch.lerp(anchor, cur, decay)
+def decayed_start(current, anchor, decay):
+    """The start that a chunk's update accumulates into: decay * (current - anchor) + anchor with retention toward the
+    anchor, decay * current without it (decay (R, H, 1)). One weight-sized pass, a new tensor."""
+    decay = decay.view(decay.shape[:2] + (1,) * (current.dim() - 2))
+    return decay * current if anchor is None else torch.lerp(anchor, current, decay)
 
 
-def start_gradient(d_end, cur, anchor, decay):
+def start_gradient(d_end, current, anchor, decay):
     """For the gradient d_end of a chunk's end weights: the gradient of its start, decay * d_end, and the dot
-    product <d_end, cur - anchor> per row and head (the decay's gradient, up to a factor), in one new tensor."""
-    out = cur * d_end if anchor is None else (cur - anchor).mul_(d_end)
+    product <d_end, current - anchor> per row and head (the decay's gradient, up to a factor), in one new tensor."""
+    out = current * d_end if anchor is None else (current - anchor).mul_(d_end)
     dot = out.flatten(2).sum(-1)
-    torch.mul(d_end, decay.view(decay.shape[:2] + (1,) * (cur.dim() - 2)), out=out)
+    torch.mul(d_end, decay.view(decay.shape[:2] + (1,) * (current.dim() - 2)), out=out)
     return out, dot
 
 
-def snapshot_weights(snap_a, snap_b, cur_a, cur_b):
-    """(same, A, B) of a chunk's snapshot: a snapshot given as None is the current weights (same = True)."""
-    same = snap_a is None
-    return (True, cur_a, cur_b) if same else (False, snap_a, snap_b)
+class ChunkInputs(NamedTuple):
+    """The inputs of one chunk step, in the order `chunk_forward` takes them. q, k, v: (R, H, L, d); eta (R, H, L, n):
+    one learning rate per memory; log_alpha (R, H, L); write (R, 1, L) (1 = real token); the snapshot and current
+    fast weights, `*_in` (R, H, d, n*m) and `*_out` (R, H, n, m, d), the snapshot None where it is the current weights
+    (every chunk of a scan but one that starts inside a chunk); the anchors (H-shaped) or None."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    eta: torch.Tensor
+    log_alpha: torch.Tensor
+    write: torch.Tensor
+    snapshot_in: torch.Tensor | None
+    snapshot_out: torch.Tensor | None
+    current_in: torch.Tensor
+    current_out: torch.Tensor
+    anchor_in: torch.Tensor | None
+    anchor_out: torch.Tensor | None
+
+
+class ChunkWeights(NamedTuple):
+    """A chunk's fast weights with the snapshot resolved: `same` where it was given as None (it is the current
+    weights, and `snapshot_*` are `current_*`)."""
+
+    same: bool
+    snapshot_in: torch.Tensor
+    snapshot_out: torch.Tensor
+    current_in: torch.Tensor
+    current_out: torch.Tensor
+    anchor_in: torch.Tensor | None
+    anchor_out: torch.Tensor | None
+
+
+def chunk_weights(x: ChunkInputs) -> ChunkWeights:
+    """The fast weights of a chunk's inputs: a snapshot given as None is the current weights (same = True)."""
+    same = x.snapshot_in is None
+    snapshot_in, snapshot_out = (x.current_in, x.current_out) if same else (x.snapshot_in, x.snapshot_out)
+    return ChunkWeights(same, snapshot_in, snapshot_out, x.current_in, x.current_out, x.anchor_in, x.anchor_out)
 
 
 def tokens_last(x):
@@ -136,24 +185,69 @@ def tokens_last(x):
     return x.permute(0, 1, 3, 4, 2)
 
 
-def decays(log_alpha, length):
-    """Per-chunk decays in log space: (decay, to_end, e_prev, e_end) with decay[t, i] = gamma_{t-1} / gamma_i for
-    i < t (0 elsewhere), to_end = gamma_L / gamma_i, e_prev = gamma_{t-1}, e_end = gamma_L, gamma_t = prod alpha."""
+def plus(total, term):
+    """total + term, where a total of None (nothing accumulated yet) is zero."""
+    return term if total is None else total + term
+
+
+def minus(total, term):
+    """total - term, where a total of None (nothing accumulated yet) is zero."""
+    return -term if total is None else total - term
+
+
+def tr(x):
+    """x with its last two dimensions swapped."""
+    return x.transpose(-1, -2)
+
+
+def unit_lower_inverse(lower):
+    """(I + lower)^-1 for strictly lower-triangular matrices `lower` (..., L, L): the UT transform of a chunk's delta
+    rule, as one triangular solve against the identity (a solve against a wide right-hand side runs at a few
+    GFLOP/s); backward reuses it transposed."""
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device).expand_as(lower)
+    return torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+
+
+class Decays(NamedTuple):
+    """A chunk's decays, gamma_t = prod_{i<=t} alpha_i: decay[t, i] = gamma_{t-1} / gamma_i for i < t (0 elsewhere),
+    to_end = gamma_L / gamma_i, e_prev = gamma_{t-1}, e_end = gamma_L (R, H, 1). Only e_end for a single token."""
+
+    decay: torch.Tensor | None
+    to_end: torch.Tensor | None
+    e_prev: torch.Tensor | None
+    e_end: torch.Tensor
+
+
+class DecayGrads(NamedTuple):
+    """What the stages of a chunk's backward accumulate for `decays_backward`: the gradients of the exponent of
+    `decay` (d_log_decay = d_decay * decay), of g_prev = log(e_prev), of g_end = log(e_end) and of to_end (None:
+    nothing yet)."""
+
+    d_log_decay: torch.Tensor | None = None
+    d_g_prev: torch.Tensor | None = None
+    d_g_end: torch.Tensor | None = None
+    d_to_end: torch.Tensor | None = None
+
+
+def decays(log_alpha, length, single: bool = False) -> Decays:
+    """The decays of a chunk from its log-retentions (R, H, L), in log space. `single`: one token with nothing kept
+    (decoding): no pair i < t, so only e_end = alpha is needed."""
+    if single:
+        return Decays(None, None, None, torch.exp(log_alpha))
     g = torch.cumsum(log_alpha, dim=-1)
     g_prev = g - log_alpha
     causal = torch.ones(length, length, dtype=torch.bool, device=log_alpha.device).tril(-1)
     decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, -math.inf))
     g_end = g[..., -1:]
-    return decay, torch.exp(g_end - g), torch.exp(g_prev), torch.exp(g_end)
+    return Decays(decay, torch.exp(g_end - g), torch.exp(g_prev), torch.exp(g_end))
 
 
-def decays_backward(log_alpha, to_end, d_log_decay, d_to_end, d_g_prev, d_g_end):
-    """The gradient of log_alpha from those of the exponent of `decay` (d_log_decay = d_decay * decay), of to_end,
-    of g_prev = log(e_prev) and of g_end = log(e_end)."""
-    d_g_prev = d_g_prev + d_log_decay.sum(-1)
-    d_g = -d_log_decay.sum(-2)
-    d_to_end = d_to_end * to_end
-    d_g_end = d_g_end + d_to_end.sum(-1, keepdim=True)
+def decays_backward(dec: Decays, grads: DecayGrads):
+    """The gradient of log_alpha from the accumulated `grads` (all four given)."""
+    d_g_prev = grads.d_g_prev + grads.d_log_decay.sum(-1)
+    d_g = -grads.d_log_decay.sum(-2)
+    d_to_end = grads.d_to_end * dec.to_end
+    d_g_end = grads.d_g_end + d_to_end.sum(-1, keepdim=True)
     d_g = d_g - d_to_end
     d_g[..., -1:].add_(d_g_end)
     d_g = d_g + d_g_prev

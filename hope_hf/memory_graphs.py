@@ -3,12 +3,10 @@ bookkeeping that keeps them correct."""
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.utils import logging
 
@@ -50,8 +48,10 @@ class ScanGraph:
         named = [(name, p) for name, p in layer.fast_init.named_parameters() if inference or p.requires_grad]
         self.param_ptrs = [p.data_ptr() for _, p in named]  # the storage the graphs read
         # The graphs read the parameters' storage through aliases: leaves of their own, whose gradient accumulators
-        # are not those of the running training step (made on another stream, they make the capture fail).
+        # are not those of the running training step (made on another stream, they make the capture fail). The
+        # scan takes them as its parameters (`scan_params`): the layer's own stay as they are.
         self.aliases = {name: p.detach().requires_grad_(not inference) for name, p in named}
+        self.alias_of = {id(p): self.aliases[name] for name, p in named}
         self.q = q.detach().clone().requires_grad_(q.requires_grad and not inference)
         self.u = u.detach().clone().requires_grad_(u.requires_grad and not inference)
         self.needs_grad = [t.requires_grad for t in (self.q, self.u, *self.aliases.values())]
@@ -60,14 +60,12 @@ class ScanGraph:
     def forward(self):
         """The computation the forward graph holds: reads and final state from the captured inputs."""
         layer = self.layer()
-        with parameters_replaced(layer.fast_init, self.aliases):
-            return layer._fresh_scan(self.q, self.u, self.layout)
+        return layer._fresh_scan(self.q, self.u, self.layout, layer.scan_params(self.alias_of))
 
     def backward(self, outputs, grad_outputs):
         """The computation the backward graph holds: gradients of q, u and the parameters (None where not needed)."""
         wrt = [t for t in (self.q, self.u, *self.aliases.values()) if t.requires_grad]
-        with parameters_replaced(self.layer().fast_init, self.aliases):  # recomputation in backward reads them too
-            found = iter(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
+        found = iter(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
         return [next(found) if needed else None for needed in self.needs_grad]
 
     @staticmethod
@@ -173,17 +171,6 @@ def under_checkpointing() -> bool:
                 or torch._C._current_graph_task_id() != -1)
     except (AttributeError, TypeError, RuntimeError):
         return True
-
-
-@contextlib.contextmanager
-def parameters_replaced(module: nn.Module, tensors: dict):
-    """`module`'s own parameters read as `tensors` (by name) inside the block."""
-    saved = dict(module._parameters)
-    module._parameters.update(tensors)
-    try:
-        yield
-    finally:
-        module._parameters.update(saved)
 
 
 class Pending:

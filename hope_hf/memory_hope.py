@@ -1,14 +1,16 @@
 """Self-modifying Titans: the fast-weight memory of HOPE (paper arXiv 2512.24695, Eq. 83-97; docs/design.md §6a).
 
-Everything about the memory lives here: its parameters, the chunk-parallel update (the fast path used by the
-model), the layout that keeps padding and packed documents from touching the memories, and the state that a
-cache carries between calls. The token-by-token reference that the tests compare it with is `memory_naive.py`.
+The layer: its parameters, projections, convolutions and state, and the dispatch to the ops (keys, values and gates
+`memory_generate`, the chunk step `memory_chunk`, the scan over chunks `memory_scan`, the chunk frame
+`memory_layout`, CUDA graphs `memory_graphs`). The token-by-token reference that the tests compare it with is
+`memory_naive.py`.
 
-Notation (row vectors). Per head an MLP memory (`memory_depth=2`) is `M(z) = z + sigma(z A) B` with `A = W2^T`
-(d x m), `B = W1^T` (m x d) and `sigma = l2norm o silu`; a linear memory (`memory_depth=1`, the default) is
-`M(z) = z (I + B)` with `B` (d x d) and no `A` (an empty `(d, 0)` block keeps the state's layout). All memories of
-a head keep `A` side by side, `(d, n*m)`, so every product with a shared left operand is one matmul, and `B` as
-`(n, m, d)`. `n` is the number of memories (k, v, eta, alpha, o; fewer with ablations).
+Notation (row vectors; docs/design.md §6a, "Names"). Per head an MLP memory (`memory_depth=2`) is
+`M(z) = z + sigma(z W_in) W_out` with `W_in` (d x m), `W_out` (m x d) and `sigma = l2norm o silu`; a linear memory
+(`memory_depth=1`, the default) is `M(z) = z (I + W_out)` with `W_out` (d x d) and no `W_in` (an empty `(d, 0)`
+block keeps the state's layout). All memories of a head keep `W_in` side by side, `(d, n*m)`, so every product with
+a shared left operand is one matmul, and `W_out` as `(n, m, d)`. `n` is the number of memories (k, v, eta, alpha, o;
+fewer with ablations).
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .memory_chunk import ChunkStep, chunk_forward
 from .memory_common import ChunkSpec, GenerateSpec, TitansState, fp32, l2norm
-from .memory_generate import GENERATE_PARAMETERS, generate
+from .memory_generate import generate
 from .memory_graphs import GraphedScan, ScanGraphs
-from .memory_layout import Layout, document_starts, frame_rows, join_rows, real_token_mask, token_conv
+from .memory_layout import Layout, document_starts, real_token_mask, token_conv
+from .memory_scan import ScanParams, memory_scan
 
 
-__all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_boxes", "memory_width"]
+__all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_names", "memory_width"]
 
 # Initial gate biases: alpha = sigmoid(5) ~ 0.993 retains; the output memory's eta = eta_max * sigmoid(0) = eta_max / 2,
 # the other memories' eta_max * sigmoid(-4) ~ 0.018 eta_max (docs/design.md, "Initialisation").
@@ -44,33 +46,33 @@ def memory_width(config) -> int:
     return config.memory_expansion * config.head_dim if config.memory_depth == 2 else config.head_dim
 
 
-def memory_boxes(config) -> list[str]:
-    """Names of the adaptive memories a layer holds, in storage order; the output memory "o" is always last."""
-    boxes = []
+def memory_names(config) -> list[str]:
+    """Names of the memories a layer holds, in storage order; the output memory "o" is always last."""
+    names = []
     if config.self_modifying:
         if config.adaptive_k:
-            boxes.append("k")
+            names.append("k")
         if config.adaptive_v:
-            boxes.append("v")
-        boxes.append("eta")
+            names.append("v")
+        names.append("eta")
         if config.retention:
-            boxes.append("alpha")
-    boxes.append("o")
-    return boxes
+            names.append("alpha")
+    names.append("o")
+    return names
 
 
 class _FastInit(nn.Module):
     """Meta-learned initial states and readouts of the memories; kept in float32 (`_keep_in_fp32_modules_strict`)."""
 
-    def __init__(self, config, num_heads: int, head_dim: int, boxes: list[str]):
+    def __init__(self, config, num_heads: int, head_dim: int, memories: list[str]):
         super().__init__()
-        d, m, n = head_dim, memory_width(config), len(boxes)
+        d, m, n = head_dim, memory_width(config), len(memories)
         # float32 also when the model is built in half precision (`from_config(config, dtype=torch.bfloat16)`), as
         # `from_pretrained` keeps them; a float64 build stays float64
         empty = functools.partial(torch.empty, dtype=torch.promote_types(torch.get_default_dtype(), torch.float32))
         if config.memory_depth == 2:
-            self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # initial A = W2^T of every memory
-        self.init_out = nn.Parameter(empty(num_heads, n, m, d))  # initial B = W1^T of every memory
+            self.init_in = nn.Parameter(empty(num_heads, d, n * m))  # W_in's initial state, every memory's
+        self.init_out = nn.Parameter(empty(num_heads, n, m, d))  # W_out's initial state, every memory's
         # one learning rate per memory, each read from the learning-rate memory by its own readout
         self.eta_readout = nn.Parameter(empty(num_heads, n, d))
         self.eta_bias = nn.Parameter(empty(num_heads, n))
@@ -87,7 +89,7 @@ class _FastInit(nn.Module):
         if hasattr(self, "init_in"):
             init.normal_(self.init_in, mean=0.0, std=1.0 / math.sqrt(d))
             init.normal_(self.init_out, mean=0.0, std=1.0 / math.sqrt(m))
-        else:  # linear memories M(z) = z (I + B): the identity for k, v, eta, alpha, the zero map for the output
+        else:  # linear memories M(z) = z (I + W_out): the identity for k, v, eta, alpha, the zero map for the output
             out = torch.zeros_like(self.init_out)
             out[:, -1] = -torch.eye(d, dtype=out.dtype, device=out.device)
             init.copy_(self.init_out, out)
@@ -128,8 +130,8 @@ class HopeSelfModifyingTitans(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.boxes = memory_boxes(config)
-        self.num_memories = len(self.boxes)
+        self.memory_names = memory_names(config)
+        self.num_memories = len(self.memory_names)
         self.memory_dim = memory_width(config)
         self.chunk_size = config.chunk_size
         self.eta_max = config.eta_max
@@ -158,8 +160,8 @@ class HopeSelfModifyingTitans(nn.Module):
         self.k_conv = CausalConv(inner, self.kernel_size)
         self.v_conv = CausalConv(inner, self.kernel_size)
         self.out_norm_weight = nn.Parameter(torch.ones(self.head_dim))
-        self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.boxes)
-        self._generate_spec = GenerateSpec(boxes=tuple(self.boxes), memory_dim=self.memory_dim,
+        self.fast_init = _FastInit(config, self.num_heads, self.head_dim, self.memory_names)
+        self._generate_spec = GenerateSpec(memories=tuple(self.memory_names), memory_dim=self.memory_dim,
                                            eta_max=self.eta_max, retention=config.retention,
                                            depth=config.memory_depth)
         self._scan_graphs = ScanGraphs()
@@ -188,22 +190,23 @@ class HopeSelfModifyingTitans(nn.Module):
             conv.init_weights(self.config.initializer_range)
 
     # ------------------------------------------------------------------------------------------------ state
-    def initial_state(self, batch_size: int, device=None) -> TitansState:
-        """The state of a fresh sequence: every memory at its meta-learned initial state (differentiable)."""
-        p = self.fast_init
+    def initial_state(self, batch_size: int, device=None, params: ScanParams | None = None) -> TitansState:
+        """The state of a fresh sequence: every memory at its meta-learned initial state (differentiable; from
+        `params`, by default `scan_params()`)."""
+        p = self.scan_params() if params is None else params
         device = device or p.init_out.device
-        if hasattr(p, "init_in"):
-            a0 = fp32(p.init_in).unsqueeze(0).expand(batch_size, *p.init_in.shape)
-        else:  # linear memories have no first layer: an empty A keeps the state's layout
-            a0 = fp32(p.init_out).new_zeros(batch_size, self.num_heads, self.head_dim, 0)
-        b0 = fp32(p.init_out).unsqueeze(0).expand(batch_size, *p.init_out.shape)
+        if p.init_in is not None:
+            init_in = p.init_in.unsqueeze(0).expand(batch_size, *p.init_in.shape)
+        else:  # linear memories have no first layer: an empty W_in keeps the state's layout
+            init_in = p.init_out.new_zeros(batch_size, self.num_heads, self.head_dim, 0)
+        init_out = p.init_out.unsqueeze(0).expand(batch_size, *p.init_out.shape)
         channels = self.num_heads * self.head_dim
         tail = torch.zeros(batch_size, self.kernel_size - 1, channels, device=device, dtype=self.q_proj.weight.dtype)
         return TitansState(
-            snapshot_in=a0,
-            snapshot_out=b0,
-            current_in=a0,
-            current_out=b0,
+            snapshot_in=init_in,
+            snapshot_out=init_out,
+            current_in=init_in,
+            current_out=init_out,
             chunk_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             conv_q=tail,
             conv_k=tail.clone(),
@@ -259,12 +262,13 @@ class HopeSelfModifyingTitans(nn.Module):
         q = l2norm(fp32(self._heads(F.silu(q))))  # (R, H, L, d) in the chunk frame
         u = self._streams(uk, uv)
 
-        init = self.initial_state(layout.num_rows, hidden_states.device)
+        params = self.scan_params()
+        init = self.initial_state(layout.num_rows, hidden_states.device, params)
         start = layout.frame_state(state, init)
         # the fast weights stay in float32 under autocast too: the memory math opts out of it (and so the forward,
         # the written-out backward and its recomputation all see the same dtypes)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            o, final = self._scan(q, u, start, layout, fresh)
+            o, final = self._scan(q, u, start, layout, fresh, params)
         o = layout.to_tokens(o.transpose(1, 2).reshape(layout.num_rows, layout.frame_len, -1), seq_len)
         out = self._output(o.view(bsz, seq_len, self.num_heads, self.head_dim), hidden_states)
         new_state = layout.row_state(state, final, (conv_q, conv_k, conv_v))
@@ -296,8 +300,9 @@ class HopeSelfModifyingTitans(nn.Module):
         initial state. No host synchronisation, and a fixed number of kernels per token.
         """
         bsz = hidden_states.shape[0]
+        params = self.scan_params()
         if start is not None:  # a new document: the fresh state, empty convolution history
-            init = self.initial_state(bsz, hidden_states.device)
+            init = self.initial_state(bsz, hidden_states.device, params)
             state = TitansState(**{
                 name: torch.where(start.view((-1,) + (1,) * (old.dim() - 1)), fresh, old)
                 for (name, old), fresh in zip(state.tensors().items(), init.tensors().values())
@@ -308,25 +313,26 @@ class HopeSelfModifyingTitans(nn.Module):
         q = l2norm(fp32(self._heads(F.silu(q))))  # (B, H, 1, d)
         u = self._streams(uk, uv)
         write = real.to(q.dtype).view(bsz, 1, 1)
-        snap_a, snap_b = state.snapshot_in, state.snapshot_out
-        anchors = self._anchors()
+        snapshot = (state.snapshot_in, state.snapshot_out)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            gen = self._generate(u, snap_a, snap_b) if self.config.self_modifying else self._generate(u, None, None)
-            inputs = (q, *gen, write, snap_a, snap_b, state.current_in, state.current_out, *anchors)
+            gen = generate(self._generate_spec, u, *(snapshot if self.config.self_modifying else (None, None)),
+                           *params.generation())
+            inputs = (q, *gen, write, *snapshot, state.current_in, state.current_out,
+                      *params.anchors(self.chunk_spec))
             if torch.is_grad_enabled():
-                o, cur_a, cur_b = ChunkStep.apply(self.chunk_spec, None, *inputs)
+                o, end_in, end_out = ChunkStep.apply(self.chunk_spec, None, *inputs)
             else:  # decoding: nothing to keep for a backward
-                o, cur_a, cur_b = chunk_forward(self.chunk_spec, *inputs)
+                o, end_in, end_out = chunk_forward(self.chunk_spec, *inputs)
         pos = state.chunk_pos + real.long()
         complete = pos == self.chunk_size  # the chunk is complete: its end is the next snapshot
         keep = (~real).view(-1, 1, 1, 1)
-        cur_a = torch.where(keep, state.current_in, cur_a)
-        cur_b = torch.where(keep.unsqueeze(-1), state.current_out, cur_b)
+        current_in = torch.where(keep, state.current_in, end_in)
+        current_out = torch.where(keep.unsqueeze(-1), state.current_out, end_out)
         new_state = TitansState(
-            snapshot_in=torch.where(complete.view(-1, 1, 1, 1), cur_a, snap_a),
-            snapshot_out=torch.where(complete.view(-1, 1, 1, 1, 1), cur_b, snap_b),
-            current_in=cur_a,
-            current_out=cur_b,
+            snapshot_in=torch.where(complete.view(-1, 1, 1, 1), current_in, state.snapshot_in),
+            snapshot_out=torch.where(complete.view(-1, 1, 1, 1, 1), current_out, state.snapshot_out),
+            current_in=current_in,
+            current_out=current_out,
             chunk_pos=torch.where(complete, 0, pos),
             conv_q=torch.where(real.view(-1, 1, 1), conv_q, state.conv_q),
             conv_k=torch.where(real.view(-1, 1, 1), conv_k, state.conv_k),
@@ -334,13 +340,6 @@ class HopeSelfModifyingTitans(nn.Module):
         )
         o = o.transpose(1, 2) * write.view(bsz, 1, 1, 1)  # (B, 1, H, d); a pad token reads 0
         return self._output(o, hidden_states), new_state
-
-    def _anchors(self):
-        """The initial states that retention pulls the fast weights toward (None, None without it)."""
-        p = self.fast_init
-        if not self.chunk_spec.retain_toward_init:
-            return None, None
-        return (fp32(p.init_in) if hasattr(p, "init_in") else None), fp32(p.init_out)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, _ = x.shape
@@ -352,190 +351,46 @@ class HopeSelfModifyingTitans(nn.Module):
         return fp32(torch.cat([self._heads(F.silu(uk)), self._heads(F.silu(uv))], dim=-1))
 
     # ------------------------------------------------------------------------------------------------ memory math
+    def scan_params(self, aliases: dict | None = None) -> ScanParams:
+        """The parameters that the memory ops read, as float32 tensors (None where the config has none): the ops
+        take them as explicit inputs and never read the module. `aliases` maps `id(parameter)` to a tensor read in
+        its place (the CUDA graphs' detached aliases)."""
+
+        def read(name):
+            p = getattr(self.fast_init, name, None)
+            return None if p is None else fp32(aliases.get(id(p), p) if aliases else p)
+
+        return ScanParams(*(read(name) for name in ScanParams._fields))
+
+    def _generate_parameters(self):
+        """`generate`'s parameters in its order, float32 (None where the config has none)."""
+        return list(self.scan_params().generation())
+
     # Eager inside a compiled model: the scan is a loop of written-out chunk steps (`ChunkStep`) and recomputed
     # segments. Dynamo crashed recompiling the segments (torch 2.13), and Inductor failed to build a Triton kernel
     # for the unrolled scan's backward on an H200 (torch 2.11, Triton 3.6: "PassManager::run failed").
     @torch.compiler.disable
-    def _scan(self, q, u, start: TitansState, layout: "Layout", fresh: bool):
+    def _scan(self, q, u, start: TitansState, layout: "Layout", fresh: bool, params: ScanParams):
         """The memory scan of the frame: replayed from CUDA graphs where `memory_cuda_graphs` allows it (fresh
-        sequences without padding or document starts, see `ScanGraph`), eager otherwise."""
+        sequences without padding or document starts, see `ScanGraph`), eager otherwise (`memory_scan`)."""
         graph = self._scan_graphs.get(self, q, u, layout) if fresh else None
         if graph is not None and graph.inference:
             o, *final = graph.replay(q, u)
             return o, tuple(final)
         if graph is not None:
-            params = [p for p in self.fast_init.parameters() if p.requires_grad]
-            o, *final = GraphedScan.apply(graph, q, u, *params)
+            trainable = [p for p in self.fast_init.parameters() if p.requires_grad]
+            o, *final = GraphedScan.apply(graph, q, u, *trainable)
             return o, tuple(final)
-        return self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+        return memory_scan(self.chunk_spec, self._generate_spec, q, u, layout.frame_write_mask(q.dtype), start, layout,
+                           params, self.config.recompute_memory_states)
 
-    def _fresh_scan(self, q, u, layout: "Layout"):
-        """The scan of fresh sequences (the computation that `ScanGraph` captures): reads and final state. The start
-        state is made as `forward_with_state` makes it, so that the compiled chunk step sees the same layouts."""
-        init = self.initial_state(layout.num_rows, q.device)
+    def _fresh_scan(self, q, u, layout: "Layout", params: ScanParams | None = None):
+        """The scan of fresh sequences (the computation that `ScanGraph` captures, with `params` read from its
+        aliases): reads and final state. The start state is made as `forward_with_state` makes it, so that the
+        compiled chunk step sees the same layouts."""
+        params = self.scan_params() if params is None else params
+        init = self.initial_state(layout.num_rows, q.device, params)
         start = layout.frame_state(init, init)
-        o, final = self._memory_scan(q, u, layout.frame_write_mask(q.dtype), start, layout)
+        o, final = memory_scan(self.chunk_spec, self._generate_spec, q, u, layout.frame_write_mask(q.dtype), start,
+                               layout, params, self.config.recompute_memory_states)
         return (o, *final)
-
-    def _memory_scan(self, q, u, write, start: TitansState, layout: "Layout"):
-        """Chunk-parallel scan over the frame (Eq. 90-91): a loop over chunks, never over tokens.
-
-        q, u: (R, H, L, d) float32; write: (R, 1, L) float (1 = real token). Returns the per-token reads
-        o (R, H, L, d) and the final frame state (snapshot and current weights).
-
-        With `recompute_memory_states` and gradients on, the chunks run in about sqrt(#chunks) segments
-        (`_RecomputedSegment`): the forward runs a segment without recording anything, backward keeps the fast
-        weights only at segment boundaries and re-runs a segment with gradients when it reaches it, instead of
-        holding the intermediates of every chunk (numerically the same result).
-        """
-        sizes = [hi - lo for lo, hi in layout.chunk_bounds]
-        # split once (not a slice per chunk: the backward of a slice zero-fills the whole input every time)
-        q_chunks, write_chunks = q.split(sizes, dim=2), write.split(sizes, dim=-1)
-        if self.config.self_modifying:
-            src_chunks = u.split(sizes, dim=2)
-        else:  # keys, values and gates do not depend on the memories: compute them once
-            src_chunks = list(zip(*(t.split(sizes, dim=2) for t in self._generate(u, None, None))))
-        chunks = list(zip(q_chunks, src_chunks, write_chunks))
-        carry = (start.snapshot_in, start.snapshot_out, start.current_in, start.current_out,
-                 start.snapshot_in, start.snapshot_out)
-        anchors = self._anchors()
-        recompute = self.config.recompute_memory_states and torch.is_grad_enabled() and len(chunks) > 1
-        step = math.ceil(math.sqrt(len(chunks))) if recompute else len(chunks)
-        outs = []
-        for first in range(0, len(chunks), step):
-            segment = chunks[first : first + step]
-            if recompute:
-                o_seg, carry = _RecomputedSegment.run(self, first, segment, carry, anchors, layout)
-            else:
-                o_seg, carry = self._scan_chunks(first, segment, carry, anchors, layout)
-            outs.append(o_seg)
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        _, _, cur_a, cur_b, last_snap_a, last_snap_b = carry
-        full = (layout.end_pos == 0).view(-1, 1, 1, 1)
-        final = (
-            torch.where(full, cur_a, last_snap_a),
-            torch.where(full.unsqueeze(-1), cur_b, last_snap_b),
-            cur_a,
-            cur_b,
-        )
-        return o, final
-
-    def _scan_chunks(self, first: int, chunks, carry, anchors, layout: "Layout"):
-        """Chunks `first, first + 1, ...` (each `(q, u or generated, write)`) from `carry` = (snapshot A, B,
-        current A, B, snapshot used by each row's last chunk A, B); returns their reads and the new carry.
-        `anchors`: the initial states that retention pulls toward (None, None without it).
-
-        Only the rows that hold tokens in a chunk are computed (the frame's rows are ordered so that they are a
-        prefix, `Layout.rows_with_tokens`): a finished row's weights are set aside as they are, so that a packed row's
-        short documents or a padded batch's short rows cost their own chunks, not the longest row's. A compiled
-        chunk step computes every row (one shape: no recompilation)."""
-        snap_a, snap_b, cur_a, cur_b, last_a, last_b = carry
-        rows = cur_a.shape[0]
-        with_tokens = layout.rows_with_tokens  # rows with tokens in chunk c (those after them ended before c)
-        computed = (lambda c: rows) if layout.trivial or self.chunk_spec.compiled else with_tokens  # noqa: E731
-        set_aside = []  # the current weights (A, B) of rows that finished, highest rows first
-        records = []  # the snapshot (A, B) that rows used in their last chunk, highest rows first
-        outs = []
-        for c, (q_c, src, write_c) in enumerate(chunks, start=first):
-            same = snap_a is cur_a and snap_b is cur_b  # (a scan's chunks but one that starts inside a chunk)
-            n = computed(c)
-            if n < cur_a.shape[0]:
-                set_aside.append((cur_a[n:], cur_b[n:]))
-                cur_a, cur_b = cur_a[:n], cur_b[:n]
-                snap_a, snap_b = (cur_a, cur_b) if same else (snap_a[:n], snap_b[:n])
-            part = (lambda t: t[:n]) if n < rows else (lambda t: t)  # noqa: E731
-            weights = (part(write_c), None if same else snap_a, None if same else snap_b, cur_a, cur_b, *anchors)
-            if self.config.self_modifying:  # keys, values and gates generated inside the step
-                o_c, new_a, new_b = ChunkStep.apply(self.chunk_spec, self._generate_spec, part(q_c), part(src),
-                                                    *weights, *self._generate_parameters())
-            else:
-                o_c, new_a, new_b = ChunkStep.apply(self.chunk_spec, None, part(q_c), *map(part, src), *weights)
-            if n < rows:  # the finished rows hold no token here: they read nothing
-                o_c = torch.cat([o_c, o_c.new_zeros((rows - n, *o_c.shape[1:]))])
-            outs.append(o_c)
-            # the rows whose last (possibly partial) chunk this is: remember the snapshot it used
-            lo, hi = with_tokens(c + 1), with_tokens(c)
-            if lo < hi:
-                records.append((frame_rows(snap_a, lo, hi), frame_rows(snap_b, lo, hi)))
-            cur_a, cur_b = new_a, new_b
-            snap_a, snap_b = cur_a, cur_b  # the chunk is complete: its end is the next snapshot
-        cur_a = join_rows([cur_a, *(a for a, _ in reversed(set_aside))])
-        cur_b = join_rows([cur_b, *(b for _, b in reversed(set_aside))])
-        # rows that end later keep their entry, those that ended in these chunks get theirs, earlier ones keep theirs
-        lo, hi = with_tokens(first + len(chunks)), with_tokens(first)
-        last_a = join_rows([frame_rows(last_a, 0, lo), *(a for a, _ in reversed(records)), frame_rows(last_a, hi, rows)])
-        last_b = join_rows([frame_rows(last_b, 0, lo), *(b for _, b in reversed(records)), frame_rows(last_b, hi, rows)])
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return o, (cur_a, cur_b, cur_a, cur_b, last_a, last_b)
-
-    def _generate_parameters(self):
-        """`generate`'s parameters in its order, float32 (None where the config has none)."""
-        return [None if p is None else fp32(p) for p in (getattr(self.fast_init, n, None) for n in GENERATE_PARAMETERS)]
-
-    def _generate(self, u, snap_a, snap_b):
-        """Keys, values, learning rates and retention gates (Eq. 87, 90) of one token (decoding), or of all chunks at
-        once without self-modification (no snapshot): `generate` with this layer's settings and parameters. A scan's
-        self-modifying chunks generate inside `ChunkStep` instead."""
-        return generate(self._generate_spec, u, snap_a, snap_b, *self._generate_parameters())
-
-
-class _RecomputedSegment(torch.autograd.Function):
-    """Activation checkpointing of a run of chunks, specialised to the scan: the forward runs `_scan_chunks` under
-    `no_grad` (no graph, nothing stored but the segment's inputs); backward re-runs it with gradients and
-    differentiates it with `torch.autograd.grad`, returning the gradients of its inputs and of the layer's
-    `fast_init` parameters (passed as inputs, so that they are accumulated by the engine like any other)."""
-
-    @staticmethod
-    def run(layer, first, segment, carry, anchors, layout):
-        flat, tree = tree_flatten((segment, carry, anchors))
-        params = [p for p in layer.fast_init.parameters() if p.requires_grad]
-        outputs = _RecomputedSegment.apply(layer, first, layout, tree, len(flat), *flat, *params)
-        o, cur_a, cur_b, last_a, last_b = outputs
-        return o, (cur_a, cur_b, cur_a, cur_b, last_a, last_b)  # a segment ends on a complete chunk: snapshot = current
-
-    @staticmethod
-    def _scan(layer, first, layout, tree, flat):
-        segment, carry, anchors = tree_unflatten(list(flat), tree)
-        o, (_, _, cur_a, cur_b, last_a, last_b) = layer._scan_chunks(first, segment, carry, anchors, layout)
-        return o, cur_a, cur_b, last_a, last_b
-
-    @staticmethod
-    def forward(ctx, layer, first, layout, tree, num_flat, *tensors):
-        flat = tensors[:num_flat]
-        ctx.layer, ctx.first, ctx.layout, ctx.tree, ctx.num_flat = layer, first, layout, tree, num_flat
-        # which input each one repeats (snapshot and current weights are one tensor after a complete chunk), so that
-        # the recomputation sees the same aliasing as this pass
-        first_of = {}
-        ctx.alias = [i if t is None else first_of.setdefault(id(t), i) for i, t in enumerate(flat)]
-        ctx.save_for_backward(*tensors)
-        with torch.no_grad():
-            outputs = _RecomputedSegment._scan(layer, first, layout, tree, flat)
-        # an output that is one of the inputs (a row's last snapshot set before this segment) must be a new tensor
-        ids = {id(t) for t in tensors if t is not None}
-        return tuple(t.clone() if id(t) in ids else t for t in outputs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        tensors = ctx.saved_tensors
-        flat = []
-        for i, t in enumerate(tensors[: ctx.num_flat]):
-            if ctx.alias[i] != i:
-                flat.append(flat[ctx.alias[i]])
-            else:
-                flat.append(None if t is None else t.detach().requires_grad_(t.requires_grad))
-        params = list(tensors[ctx.num_flat :])
-        with torch.enable_grad():
-            outputs = _RecomputedSegment._scan(ctx.layer, ctx.first, ctx.layout, ctx.tree, flat)
-        # a repeated input gets its gradient once (autograd sums over the places it was passed)
-        wanted = [i for i, t in enumerate(flat + params)
-                  if t is not None and t.requires_grad and (i >= ctx.num_flat or ctx.alias[i] == i)]
-        pairs = [(out, g) for out, g in zip(outputs, grad_outputs) if g is not None and out.requires_grad]
-        grads = [None] * len(tensors)
-        if wanted and pairs:
-            found = torch.autograd.grad(
-                [out for out, _ in pairs], [(flat + params)[i] for i in wanted], [g for _, g in pairs],
-                allow_unused=True,
-            )
-            for i, g in zip(wanted, found):
-                grads[i] = g
-        return (None, None, None, None, None, *grads)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hope_hf.configuration_hope import HopeConfig
-from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, memory_boxes
+from hope_hf.memory_hope import HopeSelfModifyingTitans, TitansState, memory_names
 from hope_hf.memory_layout import Layout, document_starts
 from hope_hf.memory_naive import reference_titans
 
@@ -106,11 +106,11 @@ def test_switches_equal_reference_with_gradients(switches):
 
 def test_switches_change_what_they_name():
     cfg = small_config
-    assert memory_boxes(cfg()) == ["k", "v", "eta", "alpha", "o"]
-    assert memory_boxes(cfg(self_modifying=False)) == ["o"]
-    assert memory_boxes(cfg(adaptive_k=False)) == ["v", "eta", "alpha", "o"]
-    assert memory_boxes(cfg(adaptive_v=False)) == ["k", "eta", "alpha", "o"]
-    assert memory_boxes(cfg(retention=False)) == ["k", "v", "eta", "o"]
+    assert memory_names(cfg()) == ["k", "v", "eta", "alpha", "o"]
+    assert memory_names(cfg(self_modifying=False)) == ["o"]
+    assert memory_names(cfg(adaptive_k=False)) == ["v", "eta", "alpha", "o"]
+    assert memory_names(cfg(adaptive_v=False)) == ["k", "eta", "alpha", "o"]
+    assert memory_names(cfg(retention=False)) == ["k", "v", "eta", "o"]
     no_ret = HopeSelfModifyingTitans(cfg(retention=False), 0).fast_init
     assert not hasattr(no_ret, "alpha_readout") and not hasattr(no_ret, "alpha_bias")
     static = HopeSelfModifyingTitans(cfg(self_modifying=False, memory_depth=2), 0).fast_init

@@ -35,6 +35,7 @@ counters, optimizer state, recurrent cache, pending token) round-trips through :
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -52,13 +53,24 @@ from .modeling_hope import _check_ids
 from .streaming import as_token_ids
 from .training.continuum import CMS_PARAM_PATTERN, ContinuumOptimizer, unwrap_model
 
-__all__ = ["StreamLearner", "StreamLearnerError", "cache_state_dict", "load_cache_state_dict"]
+__all__ = ["StreamLearner", "StreamLearnerError", "StreamLearnerWarning", "cache_state_dict",
+           "load_cache_state_dict"]
 
 _STATE_VERSION = 1
 
 
 class StreamLearnerError(ValueError):
     """The stream learner cannot do what was asked (bad arguments, incompatible saved state, ...)."""
+
+
+class StreamLearnerWarning(UserWarning):
+    """Stream learning is diverging: an update blew a level's weights up (or made them or the loss non-finite).
+    Shown once per learner; `warnings.simplefilter("error", StreamLearnerWarning)` makes it an error."""
+
+
+# An update that multiplies (or divides) the norm of a level's weights by more than this is a divergence: a sane
+# learning rate changes them by a small fraction per update (lr 1e-3: < 0.1 %; lr 1e4 on a tiny model: x 20,000).
+DIVERGENCE_FACTOR = 2.0
 
 
 # --------------------------------------------------------------------------------------------- cache (de)serialisation
@@ -292,15 +304,54 @@ class StreamLearner:
         _detach_cache(self.cache)
         if self.optimizer is not None:
             due = self.optimizer.levels_due(n)
+            before = self._level_norms(due)
             self.optimizer.step(num_tokens=n)
             self.optimizer.zero_grad(set_to_none=True)
             self.tokens_learned += n
             self.update_log.extend((self.tokens_learned, level) for level in due)
+            self._check_update(before, self._level_norms(due))
         else:
             self.tokens_learned += n
         value = float(loss.detach())
+        if not math.isfinite(value):
+            self._warn_once("loss", f"stream learning: the next-token loss after {self.tokens_learned} tokens is "
+                                    f"{value} (not finite): the learned weights or the stream hold NaN/inf")
         self.loss_sum += value
         return value
+
+    def _level_norms(self, levels) -> dict[int, float]:
+        """The norm of every due level's learned weights (one host sync per update, not per token)."""
+        if not levels:
+            return {}
+        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.detach().float()) for n, w in
+                                                       self.weights.items() if self.param_level[n] == level]))
+                 for level in levels]
+        return dict(zip(levels, torch.stack(norms).tolist()))
+
+    def _check_update(self, before: dict[int, float], after: dict[int, float]) -> None:
+        """Warn (once) when an update blew a level up: its weights' norm changed by more than DIVERGENCE_FACTOR
+        times, or is no longer finite. The learned weights have then collapsed (typically the model repeats one
+        token) and everything learned after is lost."""
+        for level, new in after.items():
+            old = before[level]
+            if not math.isfinite(new):
+                problem = "are no longer finite (NaN/inf)"
+            elif old > 0 and not 1 / DIVERGENCE_FACTOR <= new / old <= DIVERGENCE_FACTOR:
+                problem = f"changed their norm {new / old:.3g} times in one update ({old:.3g} -> {new:.3g})"
+            else:
+                continue
+            self._warn_once("diverged", f"stream learning diverged: after {self.tokens_learned} tokens the weights of "
+                                        f"CMS level {level} {problem} (lr {self.level_lr[level]:g}); the learned "
+                                        "levels have likely collapsed (the model may repeat one token): lower the "
+                                        "learning rate")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        import warnings
+
+        warned = self.__dict__.setdefault("_warned", set())
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(message, StreamLearnerWarning, stacklevel=4)
 
     def feed(self, ids) -> dict[str, float]:
         """Add ``ids`` (a 1-D sequence, or shape (1, T)) to the stream and learn from every token whose successor is

@@ -148,7 +148,8 @@ class Layout:
             return y, new_tail
         # compact every piece to the left, with its history in front
         max_len = int(self.length.max())
-        hist = tail.to(x.dtype)[self.src_row] * self.continues.view(-1, 1, 1).to(x.dtype)
+        # selected, not multiplied: a new document's history is zeros even where the given tail holds NaN
+        hist = torch.where(self.continues.view(-1, 1, 1), tail.to(x.dtype)[self.src_row], 0)
         body = x.new_zeros(self.num_rows, max_len, ch)
         body[self.tok_row, self.tok_rank] = x[self.tok_b, self.tok_t]
         seq = torch.cat([hist, body], dim=1)

@@ -38,6 +38,7 @@ from .memory_hope import CausalConv, HopeSelfModifyingTitans, _FastInit
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "NonFiniteWarning",
     "HopeRMSNorm",
     "HopeRotaryEmbedding",
     "HopeAttention",
@@ -190,6 +191,66 @@ def _check_logits_to_keep(logits_to_keep) -> None:
     elif not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
         raise ValueError(f"`logits_to_keep` must be an int >= 0 (the last n positions; 0 keeps all) or a 1-D tensor of "
                          f"positions; got {logits_to_keep!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- non-finite values
+class NonFiniteWarning(UserWarning):
+    """NaN or inf entered a HOPE model (its inputs, a memory state, a cache). Silence it with
+    `warnings.filterwarnings("ignore", category=NonFiniteWarning)`, or make it an error with
+    `warnings.simplefilter("error", NonFiniteWarning)`."""
+
+
+def _warn_non_finite(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, NonFiniteWarning, stacklevel=4)
+
+
+def _poisoned_positions(bad: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(batch, length) True at a bad token and at every later position of its document (a document ends where the
+    next one starts, `starts`): what a NaN at a position reaches in exact arithmetic, and nothing earlier."""
+    bad = bad.long()
+    count = bad.cumsum(1)
+    before_document = torch.where(starts, count - bad, torch.zeros_like(count)).cummax(1).values
+    return count > before_document
+
+
+def _poison_cache_rows(cache: Cache, rows: torch.Tensor) -> None:
+    """NaN into every floating-point tensor of the cache rows `rows` (bool, (batch,)): what the exact computation
+    would have left there after a non-finite input (the inputs were replaced by zeros to keep NaN out of the other
+    positions and rows)."""
+    nan = float("nan")
+
+    def poison(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.shape[0] != rows.numel():
+            return t
+        return t.masked_fill(rows.to(t.device).view(-1, *([1] * (t.dim() - 1))), nan)
+
+    for layer in cache.layers:
+        if hasattr(layer, "_map") and getattr(layer, "state", None) is not None:  # a Titans layer's TitansState
+            layer._map(poison)
+        else:
+            for name in ("keys", "values"):
+                value = getattr(layer, name, None)
+                if isinstance(value, torch.Tensor) and value.dim() == 4:
+                    setattr(layer, name, poison(value))
+
+
+def _non_finite_state_layers(cache: Cache) -> list[int]:
+    """The Titans layers of `cache` whose state holds a NaN or inf (one host sync)."""
+    flags, layers = [], []
+    for i, layer in enumerate(cache.layers):
+        state = getattr(layer, "state", None)
+        if state is None or not hasattr(state, "tensors"):
+            continue
+        tensors = [t for t in state.tensors().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if tensors:
+            flags.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+            layers.append(i)
+    if not flags:
+        return []
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return [i for i, ok in zip(layers, finite) if not ok]
 
 
 # ---------------------------------------------------------------------------------------------------- building blocks
@@ -543,6 +604,54 @@ class HopeModel(HopePreTrainedModel):
             masks["linear_attention"] = attention_mask
         return masks
 
+    @staticmethod
+    def _contain_non_finite(inputs_embeds, attention_mask, position_ids):
+        """Keep a NaN or inf of `inputs_embeds` out of every position it does not reach in exact arithmetic (the
+        earlier ones, other rows and documents): such tokens go in as zeros, and `_poison` puts NaN back where the
+        exact computation has it. Returns the embeddings and the positions to poison (None: all finite)."""
+        finite = torch.isfinite(inputs_embeds).all(-1)
+        if bool(finite.all()):
+            return inputs_embeds, None
+        seq_len = inputs_embeds.shape[1]
+        real = torch.ones_like(finite)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            real = attention_mask[:, -seq_len:].to(finite.device) != 0
+        starts = real & (position_ids.to(finite.device) == 0).expand_as(real)
+        bad = ~finite & real  # padding may hold anything: it is masked out, not poisoned
+        rows, cols = bad.nonzero(as_tuple=True)
+        if rows.numel():
+            shown = ", ".join(f"row {r} position {c}" for r, c in zip(rows[:3].tolist(), cols[:3].tolist()))
+            _warn_non_finite(f"`inputs_embeds` holds non-finite values (NaN/inf) at {shown}"
+                             + (f" and {rows.numel() - 3} more" if rows.numel() > 3 else "")
+                             + ": the outputs from there to the end of the document are NaN, the earlier ones are "
+                             "not affected; a cache continued from such a row holds NaN")
+        poisoned = _poisoned_positions(bad, starts)
+        last_real = real & (real.long().cumsum(1) == real.long().sum(1, keepdim=True))
+        rows = (poisoned & last_real).any(1)  # the cache continues each row's last document
+        return torch.where(finite.unsqueeze(-1), inputs_embeds, 0), (poisoned & real, rows)
+
+    @staticmethod
+    def _poison(hidden_states, poisoned, cache):
+        """NaN at the poisoned positions, and in the cache rows whose last real token is one of them."""
+        poisoned, rows = poisoned
+        hidden_states = hidden_states.masked_fill(poisoned.unsqueeze(-1), float("nan"))
+        if cache is not None:
+            if bool(rows.any()):
+                _poison_cache_rows(cache, rows)
+                cache._hope_non_finite = f"rows {rows.nonzero().flatten().tolist()}, from non-finite `inputs_embeds`"
+        return hidden_states
+
+    @staticmethod
+    def _report_non_finite_state(cache) -> None:
+        """Warn where a non-finite memory state first appears (the inputs were finite: the weights overflow or are
+        not finite), once per cache."""
+        layers = _non_finite_state_layers(cache)
+        if layers:
+            cache._hope_non_finite = f"the memory state of layer(s) {layers}"
+            _warn_non_finite(f"non-finite values (NaN/inf) appeared in the memory state of layer(s) {layers} in this "
+                             "forward, from finite inputs: the weights overflow in this dtype or are not finite; "
+                             "every later output continued from this cache is NaN")
+
     @can_return_tuple
     def forward(
         self,
@@ -586,9 +695,14 @@ class HopeModel(HopePreTrainedModel):
                 logger.warning_once("Activation checkpointing is on in training: running without a cache.")
             use_cache, past_key_values = False, None
 
+        embeds_given = inputs_embeds is not None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         _check_cache_rows(past_key_values, inputs_embeds.shape[0])
+        if past_key_values is not None and getattr(past_key_values, "_hope_non_finite", None):
+            _warn_non_finite("continuing from a cache that holds non-finite values "
+                             f"({past_key_values._hope_non_finite}): the outputs of those rows are NaN; start a new "
+                             "HopeCache for them")
         if inputs_embeds.shape[1] == 0:
             raise ValueError(
                 "no input tokens: when continuing from a cache (e.g. in `generate`), pass ids that include at least "
@@ -604,6 +718,9 @@ class HopeModel(HopePreTrainedModel):
             position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
 
         masks = self._layer_masks(attention_mask, inputs_embeds, past_key_values, position_ids)
+        poisoned = None
+        if embeds_given and _reads_values(inputs_embeds, inputs_embeds.shape[1]):
+            inputs_embeds, poisoned = self._contain_non_finite(inputs_embeds, attention_mask, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = None
         if any(t != "linear_attention" for t in self.config.layer_types):
@@ -622,6 +739,12 @@ class HopeModel(HopePreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
+        if poisoned is not None:
+            hidden_states = self._poison(hidden_states, poisoned, past_key_values)
+        elif past_key_values is not None and use_cache and not self.training and not getattr(
+            past_key_values, "_hope_non_finite", None
+        ) and _reads_values(hidden_states, hidden_states.shape[1]):
+            self._report_non_finite_state(past_key_values)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 

@@ -6,6 +6,7 @@ One section per numbered problem of the issue; `test_robustness.py` runs the who
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import shutil
 from pathlib import Path
@@ -432,3 +433,144 @@ def test_the_cli_refuses_a_checkpoint_with_a_missing_weight(model_dir, tmp_path,
     _, info = HopeForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert info["missing_keys"] == {"model.layers.0.titans.q_proj.weight"} or \
         list(info["missing_keys"]) == ["model.layers.0.titans.q_proj.weight"]
+
+
+# ============================================================================ 3. non-finite values contained, reported
+from hope_hf.modeling_hope import NonFiniteWarning  # noqa: E402
+
+
+def _embeds(model, ids):
+    return model.model.embed_tokens(ids).detach().clone()
+
+
+@pytest.mark.parametrize("memory_depth", [1, 2])
+@pytest.mark.parametrize("layout", ["linear", "attention", "sliding", "hybrid"])
+def test_a_nan_input_never_reaches_earlier_positions(layout, memory_depth):
+    """The audit's case: a NaN at position 37 of 40 (chunks of 16: 32-47) left positions 32-36 NaN too. Now the
+    positions before it are exactly those of the forward of the prefix, and it is reported by position."""
+    model = HopeForCausalLM(small_config(layout, memory_depth=memory_depth, chunk_size=16)).eval()
+    ids = torch.randint(1, 61, (2, 40))
+    emb = _embeds(model, ids)
+    emb[0, 37, 5] = float("nan")
+    emb[1, 20] = float("inf")
+    with pytest.warns(NonFiniteWarning, match="row 0 position 37, row 1 position 20"), torch.no_grad():
+        out = model(inputs_embeds=emb).logits
+    with torch.no_grad():
+        prefix = model(inputs_embeds=emb[:, :20]).logits
+        row0 = model(inputs_embeds=emb[:1, :37]).logits
+    bad = ~torch.isfinite(out).any(-1) | ~torch.isfinite(out).all(-1)
+    assert bad[0].nonzero().flatten().tolist() == [37, 38, 39]
+    assert bad[1].nonzero().flatten().tolist() == list(range(20, 40))
+    torch.testing.assert_close(out[0, :37], row0[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :20], prefix, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["linear", "attention", "hybrid"])
+def test_non_finite_padding_is_masked_out_silently(layout, recwarn):
+    model = HopeForCausalLM(small_config(layout)).eval()
+    ids = torch.randint(1, 61, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    emb = _embeds(model, ids)
+    emb[0, 2] = float("nan")
+    emb[1, 10] = float("nan")
+    clean = emb.clone()
+    clean[0, 2] = clean[1, 10] = 0.0
+    with torch.no_grad():
+        out = model(inputs_embeds=emb, attention_mask=mask).logits
+        ref = model(inputs_embeds=clean, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.isfinite(out[real]).all()
+    torch.testing.assert_close(out[real], ref[real])
+    assert not [w for w in recwarn if issubclass(w.category, NonFiniteWarning)]
+
+
+@pytest.mark.parametrize("layout", ["linear", "attention"])
+def test_a_nan_in_one_packed_document_does_not_reach_the_next(layout):
+    model = HopeForCausalLM(small_config(layout)).eval()
+    ids = torch.randint(1, 61, (1, 20))
+    position_ids = torch.cat([torch.arange(10), torch.arange(10)])[None]
+    emb = _embeds(model, ids)
+    emb[0, 4] = float("nan")
+    with pytest.warns(NonFiniteWarning), torch.no_grad():
+        out = model(inputs_embeds=emb, position_ids=position_ids).logits
+        second = model(inputs_embeds=emb[:, 10:]).logits
+    assert (~torch.isfinite(out[0]).all(-1)).nonzero().flatten().tolist() == list(range(4, 10))
+    torch.testing.assert_close(out[:, 10:], second, rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_fed_through_a_cache_is_reported_and_a_new_document_starts_clean():
+    """One NaN fed through a HopeCache: reported when it is fed and whenever the cache is continued; the cache rows
+    it reached hold NaN (as the exact computation would), the other rows and a new document in that row do not
+    (the memory's convolution history of a new document is selected, not multiplied by 0: NaN * 0 is NaN)."""
+    from hope_hf.cache_hope import HopeCache
+
+    model = HopeForCausalLM(small_config("linear")).eval()
+    ids = torch.randint(1, 61, (2, 10))
+    emb = _embeds(model, ids)
+    emb[0, 3] = float("nan")
+    cache = HopeCache(model.config)
+    with pytest.warns(NonFiniteWarning, match="row 0 position 3"), torch.no_grad():
+        model(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+    state = cache.get_titans_state(0)
+    assert not torch.isfinite(state.current_out[0]).any() and torch.isfinite(state.current_out[1]).all()
+    new = torch.randint(1, 61, (2, 6))
+    position_ids = torch.stack([torch.arange(6), torch.arange(10, 16)])  # row 0: a new document
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, -2:] = 0
+    with pytest.warns(NonFiniteWarning, match="continuing from a cache that holds non-finite values"), torch.no_grad():
+        out = model(input_ids=new, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True).logits
+    with torch.no_grad():
+        fresh = model(input_ids=new[:1]).logits
+    torch.testing.assert_close(out[:1], fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_a_memory_state_turning_non_finite_is_reported_where_it_first_appears(recwarn):
+    from hope_hf.cache_hope import HopeCache
+
+    model = HopeForCausalLM(small_config("linear")).eval()
+    ids = torch.randint(1, 61, (1, 12))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=HopeCache(model.config), use_cache=True)
+    assert not [w for w in recwarn if issubclass(w.category, NonFiniteWarning)]  # finite: nothing said
+    with torch.no_grad():
+        model.model.layers[1].titans.k_proj.weight[0, 0] = float("inf")  # overflows in layer 1's memory
+    cache = HopeCache(model.config)
+    with pytest.warns(NonFiniteWarning, match=r"appeared in the memory state of layer\(s\) \[1\]"), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.warns(NonFiniteWarning, match="continuing from a cache"), torch.no_grad():
+        model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_the_cli_refuses_a_model_whose_weights_are_not_finite(model_dir, tmp_path, capsys, command):
+    model = HopeForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].cms.levels[1].up_proj.weight[3, 4] = float("nan")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    TOK.save_pretrained(folder)
+    argv = {"generate": ["generate"], "eval": ["eval", "--seq_len", "16", "--max_corpus_chars", "20000"]}[command]
+    capsys.readouterr()
+    assert main([*argv, "--model_name_or_path", str(folder), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "model.safetensors holds weights that are not finite (NaN or inf)" in err
+    assert "model.layers.0.cms.levels.1.up_proj.weight" in err
+
+
+def test_the_stream_learner_warns_when_it_diverges(recwarn):
+    from hope_hf.continual import StreamLearner, StreamLearnerWarning
+
+    model = HopeForCausalLM(small_config()).eval()
+    ids = torch.randint(1, 61, (120,))
+    StreamLearner(model, lr=1e-3, chunk_size=16, progress=False).feed(ids)
+    assert not [w for w in recwarn if issubclass(w.category, StreamLearnerWarning)]
+    learner = StreamLearner(model, lr=1e4, chunk_size=16, progress=False)
+    with pytest.warns(StreamLearnerWarning, match=r"stream learning diverged: after 16 tokens the weights of CMS level "
+                                                  r"1 changed their norm .* times in one update .*lr 10000"):
+        learner.feed(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StreamLearnerWarning)
+        learner.feed(ids)  # said once per learner

@@ -76,8 +76,8 @@ class HopeConfigError(StrictDataclassError, ValueError):
 
 
 def _value_errors(cls):
-    """Make construction, assignment and `validate()` raise `HopeConfigError` (a ValueError) where `@strict` raises its own
-    errors, which are not ValueErrors (`StrictDataclassFieldValidationError` for a wrong type,
+    """Make construction, assignment and `validate()` raise `HopeConfigError` (a ValueError) where `@strict`
+    raises its own errors, which are not ValueErrors (`StrictDataclassFieldValidationError` for a wrong type,
     `StrictDataclassClassValidationError` for a failed `validate_*`)."""
 
     def converting(inner):

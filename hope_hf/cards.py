@@ -64,15 +64,16 @@ DEFAULT_LIMITATIONS = "\n".join(
         "- A base language model without instruction tuning or safety alignment: its output can be wrong, biased or "
         "offensive, and reflects its training data.",
         "- Loading with `trust_remote_code=True` runs the Python files of this repository "
-        "(`configuration_hope.py`, `modeling_hope.py`, `memory_hope.py`, `cache_hope.py`); read them first, or pin a "
-        "`revision`.",
+        "(`configuration_hope.py`, `modeling_hope.py` and the flat sibling files they import: the memory ops and "
+        "the cache); read them first, or pin a `revision`.",
         "- The recurrent cache cannot be rolled back: assisted (speculative) decoding and `cache.crop` are not "
         "available; greedy, sampling and beam search are.",
         "- Self-modifying Titans layers have no position limit; attention layers (where `layer_types` has them) use "
         "RoPE and are limited like any Transformer.",
-        "- The memory update departs from the literal equations of the paper in three measured places (normalised "
-        "values, per-layer step normalisation, retention toward the meta-learned initial state), each needed for a "
-        "stable memory on long streams; hope-hf's `docs/paper-mapping.md` lists them.",
+        "- The memory update departs from the literal equations of the paper where measurements required it "
+        "(linear memories by default, an exact delta-rule write of the output memory, one learning rate per "
+        "memory, separate key and value streams, retention toward the meta-learned initial state), for in-context "
+        "recall and a stable memory on long streams; hope-hf's `docs/paper-mapping.md` lists each with its reason.",
     ]
 )
 

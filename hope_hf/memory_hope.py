@@ -34,11 +34,10 @@ from .memory_scan import ScanParams, memory_scan
 __all__ = ["HopeSelfModifyingTitans", "TitansState", "memory_names", "memory_width"]
 
 # Initial gate biases: alpha = sigmoid(5) ~ 0.993 retains; the output memory's eta = eta_max * sigmoid(0) = eta_max / 2,
-# the other memories' eta_max * sigmoid(-8) ~ 3.4e-4 eta_max: they start as the static layer (docs/design.md,
-# "Initialisation").
+# the other memories' eta_max * sigmoid(-4) ~ 0.018 eta_max (docs/design.md, "Initialisation").
 ALPHA_BIAS_INIT = 5.0
 ETA_BIAS_INIT = 0.0
-AUX_ETA_BIAS_INIT = -8.0
+AUX_ETA_BIAS_INIT = -4.0
 
 
 def memory_width(config) -> int:

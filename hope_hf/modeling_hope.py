@@ -743,7 +743,8 @@ class HopeModel(HopePreTrainedModel):
             hidden_states = self._poison(hidden_states, poisoned, past_key_values)
         elif past_key_values is not None and use_cache and not self.training and not getattr(
             past_key_values, "_hope_non_finite", None
-        ) and _reads_values(hidden_states, hidden_states.shape[1]):
+        ) and _reads_values(hidden_states, hidden_states.shape[1]) and not bool(torch.isfinite(hidden_states).all()):
+            # the states are scanned only once the outputs (a few KB, not the states' MBs) show a non-finite value
             self._report_non_finite_state(past_key_values)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)

@@ -149,6 +149,22 @@ def _choice_field(default, choices: tuple):
     return validated_field(check, default=default)
 
 
+def _layer_types_field():
+    # checked on assignment, so also before the base class remaps legacy names ("mamba" -> "linear_attention",
+    # "attention" -> "full_attention"): a HOPE layer is one of HOPE's three, whatever another model calls its layers
+    def check(value):
+        if value is None:
+            return
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`layer_types` must be a list with one entry per layer, each one of {HOPE_LAYER_TYPES}; "
+                             f"got {value!r}.")
+        unknown = [t for t in value if t not in HOPE_LAYER_TYPES]
+        if unknown:
+            raise ValueError(f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}.")
+
+    return validated_field(check, default=None)
+
+
 def _token_id_field(default, allow_list: bool = False):
     def check(value):
         if value is None or _is_int(value):
@@ -249,7 +265,7 @@ class HopeConfig(PreTrainedConfig):
     num_attention_heads: int = _int_field(16)
     num_key_value_heads: int | None = _int_field(None, optional=True)
     head_dim: int | None = _int_field(None, optional=True)
-    layer_types: list[str] | None = None
+    layer_types: list[str] | None = _layer_types_field()
     sliding_window: int | None = _int_field(None, optional=True)
     max_position_embeddings: int = _int_field(4096)
     # self-modifying Titans
@@ -287,20 +303,6 @@ class HopeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._check_unknown_keys(kwargs)
-        # fields the base class iterates over before the validators run: reject wrong types here
-        if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
-            raise HopeConfigError(
-                f"`layer_types` must be a list with one entry per layer, each one of {HOPE_LAYER_TYPES}; "
-                f"got {self.layer_types!r}."
-            )
-        if self.layer_types is not None:
-            # before the base class remaps legacy names ("mamba" -> "linear_attention", "attention" ->
-            # "full_attention"): a HOPE layer is one of HOPE's three, whatever another model calls its layers
-            unknown = [t for t in self.layer_types if t not in HOPE_LAYER_TYPES]
-            if unknown:
-                raise HopeConfigError(
-                    f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}."
-                )
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             raise HopeConfigError(f"`rope_parameters` must be a dict or None, got {self.rope_parameters!r}.")
         heads = self.num_attention_heads
@@ -405,9 +407,6 @@ class HopeConfig(PreTrainedConfig):
                 f"`layer_types` must be a list with one entry per layer (`num_hidden_layers`={self.num_hidden_layers})"
                 f", each one of {HOPE_LAYER_TYPES}; got {layer_types!r}."
             )
-        unknown = [t for t in layer_types if t not in HOPE_LAYER_TYPES]
-        if unknown:
-            raise ValueError(f"`layer_types` entries must be one of {HOPE_LAYER_TYPES}; got {unknown!r}.")
         if set(layer_types) != {"linear_attention"} and self.head_dim % 2:
             raise ValueError(
                 f"`head_dim` must be even when `layer_types` has attention layers (RoPE rotates pairs of "

@@ -293,7 +293,8 @@ def test_runtime_switches_are_not_saved_and_come_only_from_the_caller(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("chunk_size", 0), ("memory_depth", 3), ("cms_variant", "parallel"),
-                                         ("dgd", 1), ("attention_dropout", 1.0), ("eos_token_id", "2")])
+                                         ("dgd", 1), ("attention_dropout", 1.0), ("eos_token_id", "2"),
+                                         ("layer_types", ["mamba"])])
 def test_field_checks_run_on_assignment_too(field, value):
     config = HopeConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     with pytest.raises(HopeConfigError, match=f"'{field}'"):

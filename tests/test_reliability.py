@@ -1,4 +1,4 @@
-"""Issue 24: every bad input refused by name, non-finite values contained, nothing of the user's lost.
+"""Reliability: every bad input refused by name, non-finite values contained, nothing of the user's lost.
 
 One section per numbered problem of the issue; `test_robustness.py` runs the whole audit as a table of cases.
 """

@@ -1,4 +1,4 @@
-"""The audit of issue 24 as one table: every bad input or fault, what a demanding user expects, and the outcome.
+"""The reliability audit as one table: every bad input or fault, what a demanding user expects, and the outcome.
 
 Each case is run the way a user meets it (a forward, `generate`, `stream_prefill`, the stream learner, a config, the
 `hope-hf` CLI on a damaged folder) and must end in one of:
@@ -10,7 +10,7 @@ Each case is run the way a user meets it (a forward, `generate`, `stream_prefill
 * ``correct``: the right result (checked).
 
 A raw error from deep inside (an IndexError, a RuntimeError of a kernel, a traceback), a silent wrong result or a
-lost file fails its case. ``python tests/test_robustness.py`` prints the table with every outcome (the issue's note).
+lost file fails its case. ``python tests/test_robustness.py`` prints the table with every outcome.
 """
 
 from __future__ import annotations
@@ -497,7 +497,7 @@ class _Capture:
 
 
 def print_table() -> int:
-    """Run every case and print the table of the issue's note (case, area, expected, outcome, message)."""
+    """Run every case and print the table (case, area, expected, outcome, message)."""
     import os
     import tempfile
 

@@ -7,7 +7,7 @@
   writes the card of the model it trains with it.
 * `preset_card(name)`: the card of a preset (`hope_hf.presets`), an untrained configuration.
 * `python -m hope_hf.cards [--check] [--output-dir DIR]` writes (or checks) `model_cards/hope-<preset>.md` for every
-  preset; `tests/test_hub.py` keeps the checked-in cards equal to what this produces.
+  preset; `tests/tools/test_hub.py` keeps the checked-in cards equal to what this produces.
 
 Not model code: the modeling files never import this module.
 """

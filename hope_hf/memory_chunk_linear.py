@@ -1,7 +1,7 @@
 """One chunk of the rule for linear memories (`memory_depth=1`, the default): a gated delta rule per memory, and its
 written-out backward.
 
-Stages as in memory_chunk_mlp (each tested against autograd alone, tests/test_memory_stages.py):
+Stages as in memory_chunk_mlp (each tested against autograd alone, tests/ops/test_memory_stages.py):
 
     forward stage                                        backward
     _errors            e = M_s(k) - vhat                 _errors_backward

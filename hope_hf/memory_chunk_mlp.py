@@ -1,7 +1,7 @@
 """One chunk of the rule for MLP memories (`memory_depth=2`, paper Eq. 84-91), and its written-out backward.
 
 The forward runs in named stages, each returning what its backward reads as a small NamedTuple; the backward runs
-their vector-Jacobian products in reverse (each stage tested against autograd alone, tests/test_memory_stages.py):
+their vector-Jacobian products in reverse (each stage tested against autograd alone, tests/ops/test_memory_stages.py):
 
     forward stage                                        backward
     _features          sigma(z W_in_s), z = [v, k]       _features_backward

@@ -4,7 +4,7 @@ Independent of the fast path (`memory_hope.py` and the `memory_*` ops): plain pe
 per-memory loops over explicit matrices, in column vectors as the paper writes them: a memory's first layer
 `w_in` (m x d, the paper's W2) and output layer `w_out` (d x m, the paper's W1), the transposes of the fast path's
 W_in and W_out (docs/design.md §6a, "Names"). Used by the tests
-(`tests/test_memory.py`) and by anyone changing the rule: change it here first, then the chunk-parallel ops until
+(`tests/ops/test_memory.py`) and by anyone changing the rule: change it here first, then the chunk-parallel ops until
 they agree. Not model code (the model never imports it).
 """
 

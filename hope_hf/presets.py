@@ -1,7 +1,7 @@
 """Named HOPE model sizes.
 
 `get_preset(name, **overrides)` returns a `HopeConfig`. The named sizes (340m, 760m, 1.3b) are the scales of the
-paper's language-modeling tables; each lies within 5% of its nominal parameter count (tests/test_presets.py counts
+paper's language-modeling tables; each lies within 5% of its nominal parameter count (tests/model/test_presets.py counts
 the parameters of the built model on the meta device). How the sizes, CMS levels and chunk sizes were chosen is in
 docs/design.md ("Presets").
 

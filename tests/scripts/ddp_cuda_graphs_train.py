@@ -1,5 +1,5 @@
 """DDP training with the memory scan replayed from CUDA graphs (`memory_cuda_graphs`); used by
-tests/test_distributed.py.
+tests/model/test_distributed.py.
 
     torchrun --nproc_per_node 2 ddp_cuda_graphs_train.py OUT_DIR    (2 ranks x 2 rows, gloo, both ranks on cuda:0)
     python ddp_cuda_graphs_train.py OUT_DIR                          (1 process x 4 rows, no DDP)

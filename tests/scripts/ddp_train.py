@@ -1,4 +1,4 @@
-"""DDP (or single-process) HopeTrainer run used by tests/test_distributed.py.
+"""DDP (or single-process) HopeTrainer run used by tests/model/test_distributed.py.
 
     accelerate launch --multi_gpu --num_processes 2 ... ddp_train.py OUT_DIR      (2 ranks x batch 2)
     python ddp_train.py OUT_DIR                                                   (1 process x batch 4)

@@ -20,8 +20,8 @@ from _training_utils import one_thread, tiny_model
 from hope_hf import HopeForCausalLM
 from hope_hf.training import ContinuumOptimizer
 
-SCRIPTS = Path(__file__).parent / "scripts"
-REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

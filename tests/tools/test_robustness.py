@@ -10,7 +10,7 @@ Each case is run the way a user meets it (a forward, `generate`, `stream_prefill
 * ``correct``: the right result (checked).
 
 A raw error from deep inside (an IndexError, a RuntimeError of a kernel, a traceback), a silent wrong result or a
-lost file fails its case. ``python tests/test_robustness.py`` prints the table with every outcome.
+lost file fails its case. ``python tests/tools/test_robustness.py`` prints the table with every outcome.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import small_config  # noqa: E402
 from hope_hf import HopeConfig, HopeForCausalLM  # noqa: E402
@@ -532,5 +532,5 @@ def print_table() -> int:
     return 1 if failures else 0
 
 
-if __name__ == "__main__":  # the table of the note: python tests/test_robustness.py
+if __name__ == "__main__":  # the table of the note: python tests/tools/test_robustness.py
     sys.exit(print_table())

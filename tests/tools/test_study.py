@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "studies" / "long_context.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "studies" / "long_context.py"
 
 
 def _load():

@@ -13,7 +13,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_fine_tuning.ipynb", "03_long_context.ipynb", "04_publishing.ipynb"]
 CELL_TIMEOUT = 240  # seconds per cell
 

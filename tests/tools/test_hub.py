@@ -32,7 +32,7 @@ from hope_hf.presets import available_presets, get_preset
 from conftest import small_config
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_CARDS = REPO / "model_cards"
 MODEL_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *MODEL_CODE_FILES])
 EVAL = {

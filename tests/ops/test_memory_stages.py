@@ -4,7 +4,7 @@ float64 on small shapes (memory_chunk_mlp.py, memory_chunk_linear.py, memory_com
 A stage's backward takes the gradients that other stages accumulate (running sums, the read's shares); here they are
 zero, so it must return exactly the vector-Jacobian product of its forward. Backward runs without autograd, as in
 `ChunkStep.backward`. The whole chunk step is tested against
-autograd and against the token-by-token reference in tests/test_memory.py.
+autograd and against the token-by-token reference in tests/ops/test_memory.py.
 """
 
 from __future__ import annotations

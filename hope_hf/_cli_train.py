@@ -250,6 +250,7 @@ def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: 
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
+    _print_readable_logs(trainer)
     t0 = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -261,6 +262,39 @@ def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: 
                              "(--resume_from_checkpoint) or pass --overwrite_output_dir to start afresh") from err
         raise
     return trainer, result, time.time() - t0
+
+
+# the time and speed of the run so far, which Trainer adds to every log line while it counts the tokens seen: printed
+# once, in the summary that ends training
+_RUN_SPEED = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
+
+
+def format_log(logs: dict) -> str:
+    """One Trainer log line as printed: numbers as numbers (floats to 4 significant digits), without `total_flos`,
+    and the run's time and speed only in the summary at the end of training (the line with `train_loss`)."""
+    summary = "train_loss" in logs
+    return str({name: float(f"{value:.4g}") if isinstance(value, float) else value for name, value in logs.items()
+                if name != "total_flos" and (summary or name not in _RUN_SPEED)})
+
+
+def _print_readable_logs(trainer) -> None:
+    """Replace the Trainer's log printer (the progress bar's, or the plain one under --disable_tqdm) with one that
+    prints `format_log` lines."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ProgressLogs(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(format_log(logs))
+
+    class PrintedLogs(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs is not None:
+                print(format_log(logs))
+
+    for default, readable in ((ProgressCallback, ProgressLogs), (PrinterCallback, PrintedLogs)):
+        if trainer.pop_callback(default) is not None:
+            trainer.add_callback(readable)
 
 
 def _final_metrics(trainer, result, wall: float, seq_len: int, n_params: int) -> dict:

@@ -1,5 +1,6 @@
 """The `hope-hf` CLI end to end on a tiny config: train -> eval -> generate, resume, convert, bad input, --help."""
 
+import ast
 import dataclasses
 import json
 import math
@@ -158,6 +159,21 @@ def test_epochs_without_max_steps_and_the_tokens_reported_with_a_short_last_batc
     assert m["global_step"] == 2 * math.ceil(rows / 8)
     assert m["train_tokens"] == 2 * rows * 32
     assert f"{m['train_tokens']:,} training tokens seen" in (out / "README.md").read_text()
+
+
+def test_training_logs_print_numbers_and_the_runtime_once(tmp_path, capsys):
+    """The log lines of a 2-step run, with the progress bar as users see it: every value a number (not a quoted
+    string), and the run's time and speed only in the summary that ends training."""
+    capsys.readouterr()
+    assert _train(tmp_path / "run", "--logging_steps", "1", "--disable_tqdm", "false", steps=2) == 0
+    out = capsys.readouterr().out
+    lines = [ast.literal_eval(line) for line in re.findall(r"^\s*(\{.*\})\s*$", out, re.M)]
+    assert [line["loss"] for line in lines if "loss" in line] and any("eval_loss" in line for line in lines), out
+    for line in lines:
+        assert all(isinstance(v, (int, float)) for v in line.values()), line
+        assert "total_flos" not in line
+    assert [i for i, line in enumerate(lines) if "train_runtime" in line] == [len(lines) - 1], out
+    assert "train_loss" in lines[-1] and "train_tokens_per_second" not in out
 
 
 def test_config_overrides_take_json_lists_and_objects():

@@ -1,8 +1,8 @@
-"""What the ``hope-hf`` commands share: the usage error, logging, device choice, and loading a saved model and its
-tokenizer with errors that name the option.
+"""What the ``hope-hf`` commands share: the usage error, logging, device choice, loading a saved model and its
+tokenizer with errors that name the option, and generating text from it.
 
-Imported by ``hope_hf.cli`` and ``hope_hf.evaluation.cli``; it imports neither, so the two command modules do not
-import each other in a circle.
+Imported by the command modules (``hope_hf._cli_*``) and ``hope_hf.evaluation.cli``; it imports none of them, so the
+command modules do not import each other in a circle.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "check_output_dir_is_a_folder",
     "check_tokenizer_folder",
     "for_option",
+    "generate_text",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
@@ -253,3 +254,25 @@ def load_model_and_tokenizer(model_name_or_path: str, tokenizer_name_or_path: st
                                "--tokenizer_name_or_path" if tokenizer_name_or_path else "--model_name_or_path")
     check_tokenizer_matches(tokenizer, model.config)
     return model, tokenizer
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwargs) -> str:
+    """The text `model` generates from `prompt` (the prompt included), in eval mode, the mode restored after."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if enc["input_ids"].shape[1] == 0:
+        enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]])}
+    enc = {k: v.to(device) for k, v in enc.items()}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
+    model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

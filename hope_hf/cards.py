@@ -254,7 +254,7 @@ def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
     return "\n".join(["", "", "| metric | value |", "|---|---|", *rows])
 
 
-def build_model_card(  # over 60 lines: one keyword per card field, each documented below
+def build_model_card(
     config: HopeConfig,
     *,
     model_name: str,
@@ -288,20 +288,7 @@ def build_model_card(  # over 60 lines: one keyword per card field, each documen
     if preset is not None and repo_id is not None:
         raise ValueError("give repo_id (a published model) or preset (an untrained preset), not both")
     results = _eval_results(eval_results)
-    if isinstance(datasets, str):
-        datasets = [datasets]
-    all_tags = list(dict.fromkeys([*DEFAULT_TAGS, *(tags or [])]))
-    card_data = ModelCardData(
-        language=language,
-        license=license,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=all_tags,
-        datasets=list(datasets) if datasets else None,
-        base_model=base_model,
-        model_name=model_name,
-        eval_results=results or None,
-    )
+    card_data = _card_metadata(model_name, license, language, datasets, results, base_model, tags)
     extra_limitations = (limitations or "").strip()
     template_vars = dict(
         model_name=model_name,
@@ -318,6 +305,23 @@ def build_model_card(  # over 60 lines: one keyword per card field, each documen
     )
     path = Path(template_path) if template_path is not None else card_template_path()
     return ModelCard.from_template(card_data, template_path=str(path), **template_vars)
+
+
+def _card_metadata(model_name: str, license, language, datasets, results: list, base_model, tags) -> ModelCardData:
+    """The card's YAML metadata: `DEFAULT_TAGS` and `tags`, the datasets, and the eval results as `model-index`."""
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    return ModelCardData(
+        language=language,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *(tags or [])])),
+        datasets=list(datasets) if datasets else None,
+        base_model=base_model,
+        model_name=model_name,
+        eval_results=results or None,
+    )
 
 
 def preset_card(name: str) -> ModelCard:

@@ -379,7 +379,15 @@ class HopeConfig(PreTrainedConfig):
     def validate_architecture(self):
         """HOPE's checks across fields (single fields are checked where they are declared). Each error names the
         field and what it allows."""
+        self._check_tokens_and_heads()
+        self._check_memory()
+        self._check_layer_types()
+        self._check_cms_levels()
+        self._check_rope()
 
+    # the parts of `validate_architecture`; not named validate_*, which `@strict` would run as validators of their own
+    def _check_tokens_and_heads(self):
+        """`pad_token_id` inside the vocabulary; key-value heads that divide the attention heads."""
         pad = self.pad_token_id
         if pad is not None and not -self.vocab_size <= pad < self.vocab_size:
             raise ValueError(
@@ -391,6 +399,8 @@ class HopeConfig(PreTrainedConfig):
                 f"({self.num_attention_heads})."
             )
 
+    def _check_memory(self):
+        """`eta_max` within the range of the memory depth; `dgd` only where a first memory layer exists."""
         limit = MAX_ETA_MAX[self.memory_depth]
         if not _is_number(self.eta_max) or not (0.0 < self.eta_max <= limit):
             kind = "linear memories" if self.memory_depth == 1 else "MLP memories (memory_depth=2)"
@@ -401,6 +411,8 @@ class HopeConfig(PreTrainedConfig):
                 "(`memory_depth`=1) have no first layer (their rule is the delta rule itself): set `dgd`=True."
             )
 
+    def _check_layer_types(self):
+        """One known type per layer; what attention layers need (even `head_dim`, a `sliding_window`)."""
         layer_types = self.layer_types
         if not isinstance(layer_types, list) or len(layer_types) != self.num_hidden_layers:
             raise ValueError(
@@ -419,6 +431,8 @@ class HopeConfig(PreTrainedConfig):
                     f"got {self.sliding_window!r}."
                 )
 
+    def _check_cms_levels(self):
+        """`cms_levels`: a non-empty list of `{'period', 'intermediate_size'}` dicts of integers."""
         levels = self.cms_levels
         if not isinstance(levels, list) or len(levels) == 0:
             raise ValueError(
@@ -439,6 +453,8 @@ class HopeConfig(PreTrainedConfig):
             if not _is_int(width) or width < 1:
                 raise ValueError(f"`cms_levels[{i}]['intermediate_size']` must be an integer >= 1, got {width!r}.")
 
+    def _check_rope(self):
+        """One `rope_theta`, a known `rope_type`."""
         rope = self.rope_parameters
         if isinstance(rope, dict) and _is_number(rope.get("rope_theta")) and float(rope["rope_theta"]) != float(
             self.rope_theta

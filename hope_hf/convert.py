@@ -92,7 +92,21 @@ def convert_llama_to_hope(
         source = AutoModelForCausalLM.from_pretrained(str(llama_model_or_path))
     else:
         source = llama_model_or_path
-    cfg = source.config
+    _check_source(source.config)
+    hope_config = _hope_config(source.config, extra_cms_levels, base_period, config_overrides)
+    hope_config._attn_implementation = source.config._attn_implementation
+
+    dtype = next(source.parameters()).dtype
+    hope = HopeForCausalLM._from_config(hope_config, dtype=dtype)
+    hope.to(next(source.parameters()).device)
+    _load_source_weights(hope, source)
+    # generate as the source did: its stop tokens (Llama 3 lists several), length and sampling defaults
+    hope.generation_config = copy.deepcopy(source.generation_config)
+    return hope.eval()
+
+
+def _check_source(cfg) -> None:
+    """A source model whose decoder layers a HOPE attention layer and SwiGLU CMS level reproduce exactly."""
     if cfg.model_type not in SUPPORTED_SOURCE_MODEL_TYPES:
         raise ValueError(
             f"convert_llama_to_hope expects one of {SUPPORTED_SOURCE_MODEL_TYPES}, got model_type {cfg.model_type!r}."
@@ -102,6 +116,10 @@ def convert_llama_to_hope(
     if getattr(cfg, "mlp_bias", False):
         raise ValueError("CMS levels have no biases; cannot convert a model with mlp_bias=True.")
 
+
+def _hope_config(cfg, extra_cms_levels, base_period: int, config_overrides: dict) -> HopeConfig:
+    """The config of the converted model: the source's shapes, attention, RoPE and special tokens, CMS level 1 the
+    source's MLP (period `base_period`) followed by `extra_cms_levels`, then `config_overrides`."""
     layer_types, window = _source_layer_types(cfg)
     width = cfg.intermediate_size
     levels = [{"period": base_period, "intermediate_size": width}] + _normalise_levels(extra_cms_levels, width)
@@ -131,16 +149,15 @@ def convert_llama_to_hope(
     if rope is None and getattr(cfg, "rope_theta", None) is not None:
         hope_kwargs["rope_theta"] = float(cfg.rope_theta)
     hope_kwargs.update(config_overrides)
-    hope_config = HopeConfig(**hope_kwargs)
-    hope_config._attn_implementation = source.config._attn_implementation
+    return HopeConfig(**hope_kwargs)
 
-    dtype = next(source.parameters()).dtype
-    hope = HopeForCausalLM._from_config(hope_config, dtype=dtype)
-    hope.to(next(source.parameters()).device)
 
+def _load_source_weights(hope: HopeForCausalLM, source) -> None:
+    """Every source weight into `hope` (the MLP and its norm as CMS level 1); the extra levels keep their fresh
+    weights, with a zero `down_proj`, so that they add nothing until trained."""
     mapped = {}
     for name, tensor in source.state_dict().items():
-        if name == "lm_head.weight" and hope_config.tie_word_embeddings:
+        if name == "lm_head.weight" and hope.config.tie_word_embeddings:
             continue
         new = name.replace(".post_attention_layernorm.", ".cms.norms.0.").replace(".mlp.", ".cms.levels.0.")
         mapped[new] = tensor
@@ -160,6 +177,3 @@ def convert_llama_to_hope(
         for layer in hope.model.layers:
             for level in layer.cms.levels[1:]:
                 level.down_proj.weight.zero_()
-    # generate as the source did: its stop tokens (Llama 3 lists several), length and sampling defaults
-    hope.generation_config = copy.deepcopy(source.generation_config)
-    return hope.eval()

@@ -190,14 +190,7 @@ def push_to_hub(
     upload). `dry_run=True`: write the folder and card and stop (no network; give `save_directory` to keep them).
     `api`: the `HfApi` to use (default `HfApi(token=token)`).
     """
-    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
-        raise HubPublishError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
-    _check_model(model)
-    if not dry_run and _is_offline():
-        raise HubPublishError(
-            "The Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1), so nothing was uploaded to "
-            f"{repo_id!r}. Unset HF_HUB_OFFLINE to publish, or pass dry_run=True to write the folder and card only."
-        )
+    _check_publish(model, repo_id, dry_run)
     if card is None:
         card_kwargs.setdefault("model_name", repo_id.split("/")[-1])
         card_kwargs.setdefault("repo_id", repo_id)
@@ -220,30 +213,47 @@ def push_to_hub(
         result = PublishResult(repo_id=repo_id, folder=folder, files=files, card=ModelCard.load(folder / CARD_FILE))
         if dry_run:
             return result
-
-        api = api if api is not None else HfApi(token=token)
-        try:
-            result.repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        except Exception as err:
-            raise _create_repo_error(repo_id, err) from err
-        try:
-            result.commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=str(folder),
-                repo_type="model",
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message or f"Upload HOPE model {repo_id.split('/')[-1]} with hope-hf",
-            )
-        except Exception as err:
-            raise HubPublishError(
-                f"Uploading {folder} to {repo_id!r} failed: {err}. A Hub commit is atomic: none of the files of this "
-                "upload is in the repository."
-            ) from err
-        result.uploaded = True
+        _upload(result, api if api is not None else HfApi(token=token), private=private, revision=revision,
+                create_pr=create_pr, commit_message=commit_message)
         if tmp is not None:
             result.folder = None  # a temporary folder, removed below
         return result
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _check_publish(model, repo_id: str, dry_run: bool) -> None:
+    """Before anything is written: a repository name, a HOPE model, and a Hub to reach unless `dry_run`."""
+    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
+        raise HubPublishError(f"repo_id must look like 'name' or 'user/name', got {repo_id!r}")
+    _check_model(model)
+    if not dry_run and _is_offline():
+        raise HubPublishError(
+            "The Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1), so nothing was uploaded to "
+            f"{repo_id!r}. Unset HF_HUB_OFFLINE to publish, or pass dry_run=True to write the folder and card only."
+        )
+
+
+def _upload(result: PublishResult, api: HfApi, *, private, revision, create_pr: bool, commit_message) -> None:
+    """`create_repo(exist_ok=True)`, then the folder of `result` in one commit; `result` records both."""
+    repo_id, folder = result.repo_id, result.folder
+    try:
+        result.repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    except Exception as err:
+        raise _create_repo_error(repo_id, err) from err
+    try:
+        result.commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload HOPE model {repo_id.split('/')[-1]} with hope-hf",
+        )
+    except Exception as err:
+        raise HubPublishError(
+            f"Uploading {folder} to {repo_id!r} failed: {err}. A Hub commit is atomic: none of the files of this "
+            "upload is in the repository."
+        ) from err
+    result.uploaded = True

@@ -61,72 +61,89 @@ class Layout:
 
     def __init__(self, real, starts, chunk_pos, chunk_size, kernel_size):
         bsz, seq_len = real.shape
-        device = real.device
         self.bsz, self.seq_len, self.C, self.K = bsz, seq_len, chunk_size, kernel_size
-        seg = torch.cumsum(starts.long(), dim=1)  # piece index inside the row; 0 continues the given state
         row_offset = torch.where(starts[:, 0], torch.zeros_like(chunk_pos), chunk_pos)
         self.trivial = (
             bool(real.all()) and not bool(starts[:, 1:].any()) and bool((row_offset == row_offset[0]).all())
         )
         if self.trivial:
-            self.num_rows = bsz
-            self.continues = ~starts[:, 0]  # (R,) does the frame row continue the given state?
-            self.src_row = torch.arange(bsz, device=device)
-            self.offset = row_offset
-            self.length = torch.full((bsz,), seq_len, dtype=torch.long, device=device)
-            self.pad_front = int(row_offset[0])
+            self._rows_of_the_input(starts, row_offset)
         else:
-            key = torch.arange(bsz, device=device).unsqueeze(1) * (seq_len + 1) + seg
-            tok_b, tok_t = real.nonzero(as_tuple=True)
-            keys = key[tok_b, tok_t]
-            uniq, row_of_tok = torch.unique(keys, return_inverse=True)
-            self.num_rows = max(int(uniq.numel()), 1)
-            if uniq.numel() == 0:  # no real token at all: one dummy frame row
-                uniq = torch.zeros(1, dtype=torch.long, device=device)
-            # rank of each real token inside its piece
-            counts = torch.zeros(self.num_rows, dtype=torch.long, device=device).index_add_(
-                0, row_of_tok, torch.ones_like(row_of_tok)
-            )
-            first = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(row_of_tok.numel(), device=device) - first[row_of_tok]
-            src_row = uniq // (seq_len + 1)
-            continues = (uniq % (seq_len + 1)) == 0
-            offset = torch.where(continues, chunk_pos[src_row], torch.zeros_like(src_row))
-            # each batch row's last piece: the one with its largest key (pieces are in key order here)
-            rows = torch.arange(self.num_rows, device=device)
-            last_piece = torch.full((bsz,), -1, dtype=torch.long, device=device).scatter_reduce(
-                0, src_row[counts > 0], rows[counts > 0], reduce="amax")
-            # frame rows ordered by their number of chunks, longest first (stable): the rows that still hold tokens
-            # in a chunk are then a prefix of the frame, which the scan computes alone (`rows_with_tokens`)
-            order = torch.sort(-(offset + counts), stable=True).indices
-            position = torch.empty_like(order).scatter_(0, order, rows)  # frame row of each piece
-            self.src_row, self.continues = src_row[order], continues[order]
-            self.offset, self.length = offset[order], counts[order]
-            self.last_piece = torch.where(last_piece >= 0, position[last_piece.clamp(min=0)], last_piece)
-            self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, position[row_of_tok], rank
-            self.pad_front = None
+            self._rows_of_the_pieces(real, starts, chunk_pos)
         ends = self.offset + self.length
         self.end_pos = ends % chunk_size
         if self.trivial:
-            # the frame is the input itself; its first slice completes the chunk already begun at pad_front
-            self.frame_len = seq_len
-            first = min(seq_len, chunk_size - self.pad_front)
-            self.chunk_bounds = [(0, first)] + [
-                (lo, min(lo + chunk_size, seq_len)) for lo in range(first, seq_len, chunk_size)
-            ]
-            self.last_chunk = torch.full((bsz,), len(self.chunk_bounds) - 1, dtype=torch.long, device=device)
+            self._chunks_of_the_input(real.device)
         else:
-            # up to the last token (the last chunk may be partial, as in a trivial frame): a short padded batch costs
-            # its tokens, not a whole chunk, whatever the chunk size
-            self.frame_len = max(int(ends.max()), 1)
-            self.chunk_bounds = [(lo, min(lo + chunk_size, self.frame_len))
-                                 for lo in range(0, self.frame_len, chunk_size)]
-            has_tokens = self.length > 0
-            self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
-            # rows that hold tokens in each chunk: a prefix of the frame (see above), at least one (no empty step)
-            num_chunks = len(self.chunk_bounds)
-            chunks_of_row = torch.bincount(self.last_chunk + 1, minlength=num_chunks + 1)  # rows by chunk count
-            self._active = (self.num_rows - chunks_of_row.cumsum(0)[:num_chunks]).clamp(min=1).tolist()
+            self._chunks_of_the_pieces(ends)
+
+    def _rows_of_the_input(self, starts, row_offset) -> None:
+        """A trivial frame: one frame row per batch row, all at the same chunk position."""
+        bsz, device = self.bsz, starts.device
+        self.num_rows = bsz
+        self.continues = ~starts[:, 0]  # (R,) does the frame row continue the given state?
+        self.src_row = torch.arange(bsz, device=device)
+        self.offset = row_offset
+        self.length = torch.full((bsz,), self.seq_len, dtype=torch.long, device=device)
+        self.pad_front = int(row_offset[0])
+
+    def _rows_of_the_pieces(self, real, starts, chunk_pos) -> None:
+        """One frame row per piece (the real tokens of a batch row up to the next document start), longest first."""
+        bsz, seq_len, device = self.bsz, self.seq_len, real.device
+        seg = torch.cumsum(starts.long(), dim=1)  # piece index inside the row; 0 continues the given state
+        key = torch.arange(bsz, device=device).unsqueeze(1) * (seq_len + 1) + seg
+        tok_b, tok_t = real.nonzero(as_tuple=True)
+        keys = key[tok_b, tok_t]
+        uniq, row_of_tok = torch.unique(keys, return_inverse=True)
+        self.num_rows = max(int(uniq.numel()), 1)
+        if uniq.numel() == 0:  # no real token at all: one dummy frame row
+            uniq = torch.zeros(1, dtype=torch.long, device=device)
+        # rank of each real token inside its piece
+        counts = torch.zeros(self.num_rows, dtype=torch.long, device=device).index_add_(
+            0, row_of_tok, torch.ones_like(row_of_tok)
+        )
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(row_of_tok.numel(), device=device) - first[row_of_tok]
+        src_row = uniq // (seq_len + 1)
+        continues = (uniq % (seq_len + 1)) == 0
+        offset = torch.where(continues, chunk_pos[src_row], torch.zeros_like(src_row))
+        # each batch row's last piece: the one with its largest key (pieces are in key order here)
+        rows = torch.arange(self.num_rows, device=device)
+        last_piece = torch.full((bsz,), -1, dtype=torch.long, device=device).scatter_reduce(
+            0, src_row[counts > 0], rows[counts > 0], reduce="amax")
+        # frame rows ordered by their number of chunks, longest first (stable): the rows that still hold tokens
+        # in a chunk are then a prefix of the frame, which the scan computes alone (`rows_with_tokens`)
+        order = torch.sort(-(offset + counts), stable=True).indices
+        position = torch.empty_like(order).scatter_(0, order, rows)  # frame row of each piece
+        self.src_row, self.continues = src_row[order], continues[order]
+        self.offset, self.length = offset[order], counts[order]
+        self.last_piece = torch.where(last_piece >= 0, position[last_piece.clamp(min=0)], last_piece)
+        self.tok_b, self.tok_t, self.tok_row, self.tok_rank = tok_b, tok_t, position[row_of_tok], rank
+        self.pad_front = None
+
+    def _chunks_of_the_input(self, device) -> None:
+        """The frame is the input itself; its first slice completes the chunk already begun at pad_front."""
+        seq_len, chunk_size = self.seq_len, self.C
+        self.frame_len = seq_len
+        first = min(seq_len, chunk_size - self.pad_front)
+        self.chunk_bounds = [(0, first)] + [
+            (lo, min(lo + chunk_size, seq_len)) for lo in range(first, seq_len, chunk_size)
+        ]
+        self.last_chunk = torch.full((self.bsz,), len(self.chunk_bounds) - 1, dtype=torch.long, device=device)
+
+    def _chunks_of_the_pieces(self, ends) -> None:
+        """Chunks up to the last token (the last chunk may be partial, as in a trivial frame): a short padded batch
+        costs its tokens, not a whole chunk, whatever the chunk size."""
+        chunk_size = self.C
+        self.frame_len = max(int(ends.max()), 1)
+        self.chunk_bounds = [(lo, min(lo + chunk_size, self.frame_len))
+                             for lo in range(0, self.frame_len, chunk_size)]
+        has_tokens = self.length > 0
+        self.last_chunk = torch.where(has_tokens, (ends - 1).div(chunk_size, rounding_mode="floor"), -1)
+        # rows that hold tokens in each chunk: a prefix of the frame (see above), at least one (no empty step)
+        num_chunks = len(self.chunk_bounds)
+        chunks_of_row = torch.bincount(self.last_chunk + 1, minlength=num_chunks + 1)  # rows by chunk count
+        self._active = (self.num_rows - chunks_of_row.cumsum(0)[:num_chunks]).clamp(min=1).tolist()
 
     def rows_with_tokens(self, c: int) -> int:
         """How many frame rows hold tokens in chunk c (the first ones; 0 after the frame's last chunk): the rows

@@ -6,6 +6,7 @@ Shares its helpers with ``hope_hf.cli`` through ``hope_hf._cli_common``; it neve
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import os
@@ -25,6 +26,7 @@ def wants_suite(argv: list[str]) -> bool:
 def build_suite_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hope-hf eval",
+        allow_abbrev=False,
         description="Long-context suite: RULER-style needles (passkey, number, word), multi-query associative recall "
                     "(mqar) and BABILong-style facts (babilong), generated locally, streamed through the recurrent "
                     "cache, scored by exact match. Writes results.json and plots to --output_dir.",
@@ -77,10 +79,24 @@ def _check_output_dir(path: str, overwrite: bool) -> None:
                        "plots are then written there, replacing files of the same names; nothing else is removed)")
 
 
+def _unrecognized(parser: argparse.ArgumentParser, remaining: list[str]) -> CliError:
+    """The error for unknown (or abbreviated) options of the suite, each with its closest valid spelling."""
+    options = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    hints = []
+    for item in [r for r in remaining if r.startswith("-")] or remaining:
+        close = difflib.get_close_matches(item.split("=", 1)[0], options, n=1)
+        hints.append(item + (f" (did you mean {close[0]}?)" if close else ""))
+    return CliError(f"unrecognized arguments: {', '.join(hints)}; `hope-hf eval --task all --help` lists every option "
+                    "of the long-context suite")
+
+
 def cmd_eval_suite(argv: list[str]) -> dict:
     from .runner import run_suite
 
-    a = build_suite_parser().parse_args(argv)
+    parser = build_suite_parser()
+    a, remaining = parser.parse_known_args(argv)
+    if remaining:
+        raise _unrecognized(parser, remaining)
     try:
         tasks = list(TASKS) if a.task.strip() == "all" else [t.strip() for t in a.task.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in TASKS]

@@ -28,7 +28,6 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import datasets
 
@@ -291,6 +290,25 @@ def build_task_dataset(
     ``query_ids``, ``answers``, ``needle_texts``, ``needle_starts``, ``needle_ends`` (the needles' token spans in
     ``context_ids``; for ``babilong`` the facts, the supporting fact first).
     """
+    _check_task_arguments(task, length, samples, num_pairs, num_facts)
+    depths = parse_depths(list(depths))
+    haystack = haystack or ("corpus" if task == "babilong" else "noise")
+    if haystack == "noise":
+        sentences = list(NOISE_SENTENCES)
+    elif haystack == "corpus":
+        sentences = corpus_sentences(corpus, max_corpus_chars)
+    else:
+        raise TaskError(f"haystack must be 'noise' or 'corpus', got {haystack!r}")
+    filler = _Filler([_ids(tokenizer, " " + s) for s in sentences])
+    examples = [
+        _example(task, tokenizer, length, depth, sample, seed, filler, haystack == "corpus", num_pairs, num_facts)
+        for depth in depths for sample in range(samples)
+    ]
+    return datasets.Dataset.from_dict({name: [e[name] for e in examples] for name in _TASK_FEATURES},
+                                      features=_TASK_FEATURES)
+
+
+def _check_task_arguments(task: str, length, samples: int, num_pairs: int, num_facts: int) -> None:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if not isinstance(length, int) or length < 1:
@@ -301,62 +319,47 @@ def build_task_dataset(
         raise TaskError(f"num_pairs must be in 1..{len(WORDS)}, got {num_pairs}")
     if num_facts < 2:
         raise TaskError(f"num_facts must be >= 2, got {num_facts}")
-    depths = parse_depths(list(depths))
-    haystack = haystack or ("corpus" if task == "babilong" else "noise")
-    if haystack == "noise":
-        sentences = list(NOISE_SENTENCES)
-    elif haystack == "corpus":
-        sentences = corpus_sentences(corpus, max_corpus_chars)
-    else:
-        raise TaskError(f"haystack must be 'noise' or 'corpus', got {haystack!r}")
-    filler = _Filler([_ids(tokenizer, " " + s) for s in sentences])
 
-    rows: dict[str, list[Any]] = {k: [] for k in (
-        "id", "task", "length", "depth", "sample", "seed", "context_ids", "query_texts", "query_ids", "answers",
-        "needle_texts", "needle_starts", "needle_ends")}
-    for depth in depths:
-        for sample in range(samples):
-            rng = random.Random(f"{seed}|{task}|{length}|{depth!r}|{sample}")
-            if task == "babilong":
-                needles, queries, answers, prefix = _babilong(rng, depth, num_facts)
-            else:
-                needles, queries, answers, prefix = _niah(task, tokenizer, rng, depth, num_pairs)
-            prefix_ids = _ids(tokenizer, prefix)
-            query_ids = [_ids(tokenizer, " " + q) for q in queries]
-            needle_ids = [(d, _ids(tokenizer, " " + text)) for d, text in needles]
-            context_len = length - max(len(q) for q in query_ids)
-            filler_start = rng.randrange(len(filler.sentences)) if haystack == "corpus" else 0
-            try:
-                ids, starts, ends = _compose(prefix_ids, filler, filler_start, needle_ids, context_len)
-            except TaskError as err:
-                need = length - context_len
-                raise TaskError(
-                    f"length {length} is too short for task {task!r}: the context {err} (the query takes {need}); "
-                    "use a length of at least "
-                    f"{length + len(prefix_ids) + sum(len(n) for _, n in needle_ids) - context_len}"
-                ) from None
-            rows["id"].append(f"{task}-{format_length(length)}-d{depth:g}-s{sample}")
-            rows["task"].append(task)
-            rows["length"].append(length)
-            rows["depth"].append(depth)
-            rows["sample"].append(sample)
-            rows["seed"].append(seed)
-            rows["context_ids"].append(ids)
-            rows["query_texts"].append(queries)
-            rows["query_ids"].append(query_ids)
-            rows["answers"].append(answers)
-            rows["needle_texts"].append([" " + text for _, text in needles])
-            rows["needle_starts"].append(starts)
-            rows["needle_ends"].append(ends)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "task": datasets.Value("string"), "length": datasets.Value("int64"),
-        "depth": datasets.Value("float64"), "sample": datasets.Value("int64"), "seed": datasets.Value("int64"),
-        "context_ids": datasets.Sequence(datasets.Value("int32")),
-        "query_texts": datasets.Sequence(datasets.Value("string")),
-        "query_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-        "answers": datasets.Sequence(datasets.Value("string")),
-        "needle_texts": datasets.Sequence(datasets.Value("string")),
-        "needle_starts": datasets.Sequence(datasets.Value("int64")),
-        "needle_ends": datasets.Sequence(datasets.Value("int64")),
-    })
-    return datasets.Dataset.from_dict(rows, features=features)
+
+# the columns of `build_task_dataset`
+_TASK_FEATURES = datasets.Features({
+    "id": datasets.Value("string"), "task": datasets.Value("string"), "length": datasets.Value("int64"),
+    "depth": datasets.Value("float64"), "sample": datasets.Value("int64"), "seed": datasets.Value("int64"),
+    "context_ids": datasets.Sequence(datasets.Value("int32")),
+    "query_texts": datasets.Sequence(datasets.Value("string")),
+    "query_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+    "answers": datasets.Sequence(datasets.Value("string")),
+    "needle_texts": datasets.Sequence(datasets.Value("string")),
+    "needle_starts": datasets.Sequence(datasets.Value("int64")),
+    "needle_ends": datasets.Sequence(datasets.Value("int64")),
+})
+
+
+def _example(task: str, tokenizer, length: int, depth: float, sample: int, seed: int, filler: _Filler,
+             random_start: bool, num_pairs: int, num_facts: int) -> dict:
+    """One row of `build_task_dataset`: its own random draws (seeded by seed, task, length, depth and sample), the
+    needles at `depth` in `filler` (from a random sentence if `random_start`), the context cut so that its longest
+    query ends at `length` tokens."""
+    rng = random.Random(f"{seed}|{task}|{length}|{depth!r}|{sample}")
+    if task == "babilong":
+        needles, queries, answers, prefix = _babilong(rng, depth, num_facts)
+    else:
+        needles, queries, answers, prefix = _niah(task, tokenizer, rng, depth, num_pairs)
+    prefix_ids = _ids(tokenizer, prefix)
+    query_ids = [_ids(tokenizer, " " + q) for q in queries]
+    needle_ids = [(d, _ids(tokenizer, " " + text)) for d, text in needles]
+    context_len = length - max(len(q) for q in query_ids)
+    filler_start = rng.randrange(len(filler.sentences)) if random_start else 0
+    try:
+        ids, starts, ends = _compose(prefix_ids, filler, filler_start, needle_ids, context_len)
+    except TaskError as err:
+        need = length - context_len
+        raise TaskError(
+            f"length {length} is too short for task {task!r}: the context {err} (the query takes {need}); "
+            "use a length of at least "
+            f"{length + len(prefix_ids) + sum(len(n) for _, n in needle_ids) - context_len}"
+        ) from None
+    return {"id": f"{task}-{format_length(length)}-d{depth:g}-s{sample}", "task": task, "length": length,
+            "depth": depth, "sample": sample, "seed": seed, "context_ids": ids, "query_texts": queries,
+            "query_ids": query_ids, "answers": answers, "needle_texts": [" " + text for _, text in needles],
+            "needle_starts": starts, "needle_ends": ends}

@@ -31,7 +31,8 @@ PACKAGE_DIR = Path(hope_hf.__file__).resolve().parent
 # the model's code: modeling_hope.py, configuration_hope.py and every flat sibling they import (derived from the
 # imports by the package; pinned here by its size and its members' names)
 MODEL_FILES = list(MODEL_CODE_FILES)
-assert len(MODEL_FILES) == 12 and {"memory_hope.py", "memory_scan.py", "cache_hope.py"} <= set(MODEL_FILES)
+assert len(MODEL_FILES) == 14 and {"memory_hope.py", "memory_scan.py", "cache_hope.py", "layers_hope.py",
+                                "checks_hope.py"} <= set(MODEL_FILES)
 SAVED_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", *MODEL_FILES])
 
 BLOCKER = '''

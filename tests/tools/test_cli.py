@@ -1,8 +1,10 @@
 """The `hope-hf` CLI end to end on a tiny config: train -> eval -> generate, resume, convert, bad input, --help."""
 
+import ast
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -159,8 +161,23 @@ def test_epochs_without_max_steps_and_the_tokens_reported_with_a_short_last_batc
     assert f"{m['train_tokens']:,} training tokens seen" in (out / "README.md").read_text()
 
 
+def test_training_logs_print_numbers_and_the_runtime_once(tmp_path, capsys):
+    """The log lines of a 2-step run, with the progress bar as users see it: every value a number (not a quoted
+    string), and the run's time and speed only in the summary that ends training."""
+    capsys.readouterr()
+    assert _train(tmp_path / "run", "--logging_steps", "1", "--disable_tqdm", "false", steps=2) == 0
+    out = capsys.readouterr().out
+    lines = [ast.literal_eval(line) for line in re.findall(r"^\s*(\{.*\})\s*$", out, re.M)]
+    assert [line["loss"] for line in lines if "loss" in line] and any("eval_loss" in line for line in lines), out
+    for line in lines:
+        assert all(isinstance(v, (int, float)) for v in line.values()), line
+        assert "total_flos" not in line
+    assert [i for i, line in enumerate(lines) if "train_runtime" in line] == [len(lines) - 1], out
+    assert "train_loss" in lines[-1] and "train_tokens_per_second" not in out
+
+
 def test_config_overrides_take_json_lists_and_objects():
-    from hope_hf.cli import _parse_overrides
+    from hope_hf._cli_arguments import _parse_overrides
 
     levels = '[{"period":4,"intermediate_size":32},{"period":8,"intermediate_size":16}]'
     types = '["linear_attention","full_attention"]'
@@ -183,6 +200,9 @@ def test_config_overrides_take_json_lists_and_objects():
         (["--config_overrides", "hiden_size=32"], "unknown config field(s) 'hiden_size' (did you mean 'hidden_size'?)"),
         (["--config_overrides", "hidden_size=33"], "--config_overrides 'hidden_size=33': `hidden_size` (33) must be"),
         (["--seqlen", "32"], "unrecognized arguments: --seqlen (did you mean --seq_len?)"),
+        # an abbreviation is refused, not taken for the option it starts (argparse's default)
+        (["--max_step", "5"], "unrecognized arguments: --max_step (did you mean --max_steps?)"),
+        (["--preset=tin", "--seq_le", "16"], "unrecognized arguments: --seq_le (did you mean --seq_len?)"),
         (["--vocab_size", "100"], "--vocab_size must be >= 258"),
         (["--max_steps", "0"], "--max_steps must be >= 1, or -1"),
         (["--max_eval_samples", "0"], "--max_eval_samples must be >= 1"),
@@ -208,6 +228,10 @@ def test_eval_and_generate_bad_input_are_cli_errors(run_dir, capsys):
         (["eval", "--max_eval_samples", "0"], "--max_eval_samples must be >= 1"),
         (["eval", "--batchsize", "4"], "unrecognized arguments: --batchsize (did you mean --batch_size?)"),
         (["generate", "--do_sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        # abbreviations are refused by every command
+        (["eval", "--batch", "4"], "unrecognized arguments: --batch (did you mean --batch_size?)"),
+        (["generate", "--max_new", "4"], "unrecognized arguments: --max_new (did you mean --max_new_tokens?)"),
+        (["convert", "--llama", "x", "--output_dir", "y"], "--llama (did you mean --llama_model?)"),
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", "--device", "cuda"], "--device 'cuda': no CUDA device is available"))
@@ -343,9 +367,7 @@ def test_convert_llama_then_generate(tmp_path, capsys, run_dir):
 
 def test_help_explains_every_option(capsys):
     for command, classes in ARGUMENT_CLASSES.items():
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0
+        assert main([command, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())
         assert text.startswith(f"usage: hope-hf {command}")
         for cls in classes:
@@ -353,11 +375,39 @@ def test_help_explains_every_option(capsys):
                 if not f.init:
                     continue
                 assert f"--{f.name}" in text, (command, f.name)
-                assert f.metadata.get("help"), (command, f.name)  # TrainingArguments' own fields have help too
+                assert f.metadata.get("help"), (command, f.name)
     # without a command: the usage lists the commands (exit status 2, as argparse does for a usage error)
     assert main([]) == 2
     usage = capsys.readouterr().out
     assert all(f"  {c} " in usage for c in ARGUMENT_CLASSES)
+
+
+def test_train_help_leads_with_hopes_options_and_help_all_lists_every_trainer_option(capsys):
+    from hope_hf.training.arguments import HopeTrainingArguments
+
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.index(" model: ") < text.index(" data: ") < text.index(" run: ") < text.index(" training (")
+    assert "--help-all" in text and "--max_steps MAX_STEPS" in text and "(default: 160)" in text
+    assert "--gradient_accumulation_steps" in text and "--gradient_accumulation_steps GRADIENT" not in text
+    assert main(["train", "--help-all"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.index(" model: ") < text.index(" training (")
+    for f in dataclasses.fields(HopeTrainingArguments):
+        if f.init:
+            assert f"--{f.name}" in text, f.name
+            assert f.metadata.get("help"), f.name  # TrainingArguments' own fields have help too
+
+
+def test_help_imports_neither_torch_nor_the_model(tmp_path):
+    """`hope-hf --help` and `hope-hf COMMAND --help` answer without importing torch (seconds, not tens of seconds)."""
+    root = Path(__file__).resolve().parents[1]
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "-h"], ["convert", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "hope_hf.cli", *argv], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+        assert done.returncode == 0 and "usage: hope-hf" in done.stdout, (argv, done.stderr[-2000:])
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert "hope_hf._cli_arguments" in imported and not imported & {"torch", "hope_hf.modeling_hope"}, argv
 
 
 @pytest.mark.slow

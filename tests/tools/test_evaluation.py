@@ -274,3 +274,13 @@ def test_a_mistyped_task_option_is_named(capsys):
     err = capsys.readouterr().err
     assert "--tasks (did you mean --task?)" in err and "hope-hf eval --task all --help" in err
     assert "--output_dir (an option of the long-context suite, which --task selects)" in err
+
+
+def test_the_suite_refuses_an_abbreviated_option(tmp_path, capsys):
+    """`--length 1k` is not taken for `--lengths`: one line naming it, before any model is loaded."""
+    args = ["eval", "--task", "passkey", "--length", "250", "--model_name_or_path", str(tmp_path / "not-loaded"),
+            "--output_dir", str(tmp_path / "out")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --length (did you mean --lengths?)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -257,12 +257,12 @@ def test_debug_shows_the_traceback(model_dir, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_with_exit_status_1(model_dir, capsys, monkeypatch):
-    import hope_hf.cli as cli
+    import hope_hf._cli_commands as commands
 
     def boom(*args, **kwargs):
         raise RuntimeError("something broke\nwith a second line")
 
-    monkeypatch.setattr(cli, "_generate_text", boom)
+    monkeypatch.setattr(commands, "generate_text", boom)
     capsys.readouterr()
     assert main(["generate", "--model_name_or_path", str(model_dir), "--device", "cpu"]) == 1
     err = capsys.readouterr().err

@@ -54,7 +54,7 @@ def token_bar(pieces: Iterable, total: int | None, desc: str, disable: bool = Fa
     generator: the bar then shows the count and rate without an ETA)."""
     if total is None:
         total = count_tokens(pieces)
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=disable)
+    return tqdm(total=total, unit="tok", desc=desc, disable=disable)
 
 
 def count_tokens(pieces: Iterable) -> int | None:

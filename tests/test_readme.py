@@ -185,8 +185,8 @@ def test_bash_blocks_run_in_order(tmp_path, monkeypatch, llama_dir, one_thread):
 
 
 @pytest.mark.slow
-def test_smoke_variant_as_written(tmp_path, monkeypatch):
-    """The README's smoke variant of the main job, without the test's reductions."""
+def test_smoke_variant_as_written(tmp_path, monkeypatch, one_thread):
+    """The README's smoke variant of the main job, without the test's reductions (one thread, as the README advises)."""
     monkeypatch.chdir(tmp_path)
     (block, line, body), = [(b, n, s) for b, n, s in match_blocks(README.read_text()) if "hope-smoke" in b.key]
     (argv,) = bash_commands(body)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging import version
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 README = ROOT / "README.md"
@@ -33,6 +35,10 @@ class Block:
     skip: str | None = None  # the reason the block is not run; None: run it
     subs: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (text in the block, replacement)
 
+
+# `generate(cache=...)` from Transformers 5.24 on; the README names `past_key_values=` for older versions
+OLD_CACHE_NAME = (("cache=cache", "past_key_values=cache"),) if version.parse(transformers.__version__) < version.parse(
+    "5.24") else ()
 
 # {LLAMA}: a tiny Llama saved by the test; hope-smoke: the smoke variant's output, standing in for the main job's.
 BLOCKS = [
@@ -56,7 +62,7 @@ BLOCKS = [
     Block("bash", "accelerate launch", skip="multi-process launches (tests/test_distributed.py runs DDP and FSDP2)"),
     Block("python", 'config = get_preset("tiny")'),
     Block("python", "convert_llama_to_hope(", subs=(("path/or/hub-id-of-a-llama", "{LLAMA}"),)),
-    Block("python", "stream_prefill(model", subs=(("(1, 16_384)", "(1, 200)"), ("4096)", "64)"))),
+    Block("python", "stream_prefill(model", subs=(("(1, 16_384)", "(1, 200)"), ("4096)", "64)"), *OLD_CACHE_NAME)),
     Block("python", "StreamLearner(model", subs=(("(1_024,)", "(40,)"), ("split_into_pieces(stream_ids, 256)",
                                                                        "split_into_pieces(stream_ids, 16)"))),
     Block("python", "HopeTrainer(model=model",
@@ -160,6 +166,7 @@ def run_python_blocks(pairs, values: dict[str, str]) -> dict:
     return namespace
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no deprecated name in a snippet
 def test_python_blocks_run_in_order(tmp_path, monkeypatch, llama_dir, one_thread):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             min_new_tokens=args.max_new_tokens,
             do_sample=not args.greedy,
-            top_k=0,
+            **({} if args.greedy else {"top_k": 0}),  # sample from the whole distribution
             pad_token_id=tokenizer.pad_token_id,
         )
     elapsed = time.perf_counter() - start

@@ -45,12 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .cache_hope import HopeCache, HopeTitansCacheLayer
 from .memory_hope import TitansState
 from .modeling_hope import _check_ids
-from .streaming import as_token_ids
+from .streaming import as_token_ids, token_bar
 from .training.continuum import CMS_PARAM_PATTERN, ContinuumOptimizer, unwrap_model
 
 __all__ = ["StreamLearner", "StreamLearnerError", "StreamLearnerWarning", "cache_state_dict",
@@ -374,8 +373,9 @@ class StreamLearner:
 
     def stream(self, pieces: Iterable, total: int | None = None) -> dict[str, float]:
         """Feed every piece of ``pieces`` (token-id sequences) with a progress bar; returns the summed :meth:`feed`
-        results plus ``mean_loss`` (nats per counted token of this call)."""
-        bar = tqdm(total=total, unit="tok", desc="stream learning", disable=not self.progress)
+        results plus ``mean_loss`` (nats per counted token of this call). The bar's total (and ETA) is ``total``, or
+        the pieces' summed lengths when ``pieces`` is a list or another sized collection (not a generator)."""
+        bar = token_bar(pieces, total, "stream learning", disable=not self.progress)
         out = {"tokens": 0, "loss_sum": 0.0, "updates": 0}
         for piece in pieces:
             ids = _as_stream(piece, self.device)

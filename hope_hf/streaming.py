@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +22,10 @@ def stream_prefill(
 
     Every piece continues the state left by the previous one, so the result equals one forward over the
     concatenation, at a memory cost that does not grow with the stream (apart from full-attention layers).
-    Returns `(cache, logits)`: the cache to continue from (for example with `model.generate(..., past_key_values=
-    cache)`) and the logits of the last position, shape (batch, vocab).
+    Returns `(cache, logits)`: the cache to continue from (for example with `model.generate(..., cache=cache)`,
+    `past_key_values=cache` before Transformers 5.24) and the logits of the last position, shape (batch, vocab).
+    The progress bar counts positions; its total (and ETA) is `total`, or the pieces' summed lengths when `pieces`
+    is a list or another sized collection; a generator's bar shows the tokens done and the rate.
     """
     if cache is None:
         cache = HopeCache(model.config)
@@ -31,7 +33,7 @@ def stream_prefill(
         raise ValueError(f"cache must be a HopeCache (or None to start a new one), got {type(cache).__name__}")
     device = next(model.parameters()).device
     logits = None
-    bar = tqdm(total=total, unit="tok", desc="streaming", disable=not progress)
+    bar = token_bar(pieces, total, "streaming", disable=not progress)
     for piece in pieces:
         ids = as_token_ids(piece, device, "every piece")
         if ids.dim() == 1:
@@ -47,6 +49,32 @@ def stream_prefill(
     return cache, logits
 
 
+def token_bar(pieces: Iterable, total: int | None, desc: str, disable: bool = False) -> tqdm:
+    """A tqdm bar in tokens for streaming `pieces`: `total` if given, else :func:`count_tokens` (None for a
+    generator: the bar then shows the count and rate without an ETA)."""
+    if total is None:
+        total = count_tokens(pieces)
+    return tqdm(total=total, unit="tok", desc=desc, disable=disable)
+
+
+def count_tokens(pieces: Iterable) -> int | None:
+    """Summed length (last dimension) of the pieces of a sized collection; None for a generator or iterator,
+    which cannot be counted without consuming it."""
+    if not isinstance(pieces, Sized) or isinstance(pieces, (str, bytes)):
+        return None
+    total = 0
+    for piece in pieces:
+        if hasattr(piece, "shape"):
+            total += int(piece.shape[-1]) if len(piece.shape) else 1
+        elif isinstance(piece, Sized) and len(piece) and isinstance(piece[0], (list, tuple)):
+            total += len(piece[0])  # a (batch, length) nested list
+        elif isinstance(piece, Sized):
+            total += len(piece)
+        else:
+            return None
+    return total
+
+
 def as_token_ids(ids, device=None, name: str = "the ids") -> torch.Tensor:
     """``ids`` (a list, array or tensor of token ids) as a ``torch.long`` tensor on ``device``. Float or bool values
     are refused by name rather than cast (1.7 would silently become token 1)."""
@@ -58,9 +86,9 @@ def as_token_ids(ids, device=None, name: str = "the ids") -> torch.Tensor:
     return tensor.long()
 
 
-def split_into_pieces(input_ids: torch.Tensor, piece_size: int):
-    """Yield consecutive slices of `input_ids` (batch, length) with at most `piece_size` tokens each."""
-    if piece_size < 1:
-        raise ValueError(f"piece_size must be >= 1, got {piece_size}")
-    for start in range(0, input_ids.shape[-1], piece_size):
-        yield input_ids[..., start : start + piece_size]
+def split_into_pieces(input_ids: torch.Tensor, piece_size: int) -> list[torch.Tensor]:
+    """Consecutive slices (views, no copies) of `input_ids` (batch, length) with at most `piece_size` tokens each; a
+    list, so a progress bar over them knows the total."""
+    if isinstance(piece_size, bool) or not isinstance(piece_size, int) or piece_size < 1:
+        raise ValueError(f"piece_size must be an int >= 1, got {piece_size!r}")
+    return [input_ids[..., start : start + piece_size] for start in range(0, input_ids.shape[-1], piece_size)]

@@ -104,7 +104,7 @@ def _memory_write(k, z, e_base, eta, ksq, dkk, e_prev, e_end, to_end, s_w, c_w, 
 @triton.jit
 def _linear_chunk_kernel(
     q_ptr, sq_r, sq_h, sq_t,  # q (R, H, L, d), last dimension contiguous
-    a_ptr, sa_r, sa_h, sa_t,  # self-modifying: u = [u_k, u_v] (R, H, L, 2d); else k
+    a_ptr, sa_r, sa_h, sa_t,  # GENERATE: u = [u_k, u_v] (R, H, L, 2d); else k
     b_ptr, sb_r, sb_h, sb_t,  # else v
     eta_ptr, se_r, se_h, se_t, se_n,  # else eta (R, H, L, n)
     la_ptr, sl_r, sl_h, sl_t,  # else log_alpha (R, H, L)
@@ -115,8 +115,8 @@ def _linear_chunk_kernel(
     er_ptr, eb_ptr, ar_ptr, ab_ptr,  # eta_readout (H, n, d), eta_bias (H, n), alpha_readout (H, d), alpha_bias (H,)
     o_ptr, end_ptr,  # outputs, contiguous: o (R, H, L, d), end_out (R, H, n, d, d)
     H, L, D, eta_max,
-    N: tl.constexpr, SELF_MOD: tl.constexpr, K_MEM: tl.constexpr, V_MEM: tl.constexpr, ETA_MEM: tl.constexpr,
-    ALPHA_MEM: tl.constexpr, RETENTION: tl.constexpr, SAME: tl.constexpr, ANCHOR: tl.constexpr,
+    N: tl.constexpr, GENERATE: tl.constexpr, SELF_TARGETS: tl.constexpr, K_MEM: tl.constexpr, V_MEM: tl.constexpr,
+    ETA_MEM: tl.constexpr, ALPHA_MEM: tl.constexpr, RETENTION: tl.constexpr, SAME: tl.constexpr, ANCHOR: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -127,7 +127,7 @@ def _linear_chunk_kernel(
     q = _tile(q_ptr + r * sq_r + h * sq_h, sq_t, 1, rows, dims, act_mask)
     write = tl.load(w_ptr + r * sw_r + rows * sw_t, mask=tok, other=0.0).to(tl.float32)
     snap = snap_ptr + r * ss_r + h * ss_h
-    if SELF_MOD:  # Eq. 87, 90: keys, values and the retention gate from the snapshot memories
+    if GENERATE:  # Eq. 87, 90: keys, values and the retention gate from the snapshot memories
         uk = _tile(a_ptr + r * sa_r + h * sa_h, sa_t, 1, rows, dims, act_mask)
         uv = _tile(a_ptr + r * sa_r + h * sa_h + D, sa_t, 1, rows, dims, act_mask)
         k, v = uk, uv
@@ -157,7 +157,7 @@ def _linear_chunk_kernel(
     dkk = decay * _mm(k, tl.trans(k))
     ksq = tl.sum(k * k, 1)
     for j in tl.static_range(N):  # every memory's gated delta rule (Eq. 88, 91)
-        if SELF_MOD:
+        if GENERATE:
             eta = eta_max * tl.sigmoid(_gate(uk, s_eta, tl.load(er_ptr + (h * N + j) * D + dims, mask=dim, other=0.0),
                                              tl.load(eb_ptr + h * N + j), True))
         else:
@@ -170,7 +170,7 @@ def _linear_chunk_kernel(
         if ANCHOR:
             a_w = _tile(anc_ptr + h * sn_h + j * sn_n, sn_i, 1, dims, dims, w_mask)
         z = k  # what W_out multiplies in the error: k - v where the target is self-generated, k for the output memory
-        if SELF_MOD and j < N - 1:
+        if SELF_TARGETS and j < N - 1:
             z = k - v
         u1, end = _memory_write(k, z, k - v, eta * write, ksq, dkk, e_prev, e_end, to_end, s_w, c_w, a_w, rows, L,
                                 SAME, ANCHOR)
@@ -238,7 +238,8 @@ def chunk_step(spec, gen_spec, *inputs, block_l: int | None = None, block_d: int
         current_out if anchor_out is None else anchor_out, *_strides(anchor_out, 3),
         *(q if p is None else p for p in (eta_readout, eta_bias, alpha_readout, alpha_bias)),
         o, end_out, heads, length, dim, float(gen_spec.eta_max) if gen_spec is not None else 0.0,
-        N=n, SELF_MOD=gen_spec is not None, K_MEM=index("k"), V_MEM=index("v"), ETA_MEM=max(index("eta"), 0),
+        N=n, GENERATE=gen_spec is not None, SELF_TARGETS=spec.self_modifying, K_MEM=index("k"), V_MEM=index("v"),
+        ETA_MEM=max(index("eta"), 0),
         ALPHA_MEM=index("alpha"), RETENTION=retention, SAME=same, ANCHOR=anchor_out is not None,
         BLOCK_L=block_l or _block(length), BLOCK_D=block_d or _block(dim), num_warps=4 if dim <= 64 else 8,
     )

@@ -1,0 +1,202 @@
+"""The fused Triton kernels of the linear memories' scan (`hope_hf/memory_triton.py`, `memory_kernels`): the torch
+path's numbers (float32, 1e-4 relative), one launch per chunk and layer, and the dispatch.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (numpy): conftest.py sets `TRITON_INTERPRET=1`
+before triton is first imported. Shapes are small for that reason. Skipped where triton is not installed.
+"""
+
+import os
+
+import pytest
+import torch
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytest.importorskip("triton")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 before triton is imported",
+                allow_module_level=True)
+
+from hope_hf import HopeConfig, HopeForCausalLM, memory_chunk, memory_triton  # noqa: E402
+from hope_hf.configuration_hope import RUNTIME_SWITCHES  # noqa: E402
+from hope_hf.memory_chunk import chunk_forward, generated_chunk_forward  # noqa: E402
+from hope_hf.memory_common import ChunkSpec, GenerateSpec  # noqa: E402
+from hope_hf.memory_hope import HopeSelfModifyingTitans  # noqa: E402
+
+from conftest import small_config  # noqa: E402
+
+
+SWITCHES = [{}, {"self_modifying": False}, {"retention": False}, {"retain_toward_init": False},
+            {"adaptive_k": False, "adaptive_v": False}]
+
+
+def make_layer(**overrides):
+    """A float32 layer of linear memories (2 heads of 8, chunk 4) with large random parameters, so that every term of
+    the rule matters (as tests/test_memory.py's)."""
+    config = HopeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, chunk_size=4,
+                        memory_depth=1, eta_max=0.9, **overrides)
+    layer = HopeSelfModifyingTitans(config, layer_idx=0)
+    layer.init_memory_weights()
+    with torch.no_grad():
+        layer.fast_init.eta_bias.fill_(1.0)
+        layer.fast_init.init_out.add_(0.3 * torch.randn_like(layer.fast_init.init_out))
+        for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.g_proj, layer.o_proj):
+            lin.weight.normal_(0, 0.5)
+        if hasattr(layer.fast_init, "alpha_bias"):
+            layer.fast_init.alpha_bias.fill_(1.0)
+    return layer.to(DEVICE)
+
+
+def run(layer, kernels, *args, **kwargs):
+    """`forward_with_state` without gradients under `memory_kernels=kernels`; the kernel launches it made."""
+    layer.config.memory_kernels = kernels
+    memory_triton.LAUNCHES.clear()
+    with torch.no_grad():
+        out, state = layer.forward_with_state(*args, **kwargs)
+    return out, state, memory_triton.LAUNCHES["linear_chunk"]
+
+
+def assert_same(fused, ref):
+    """Outputs and every tensor of the final states equal to 1e-4 relative."""
+    (out, state), (ref_out, ref_state) = fused, ref
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for name, t in state.tensors().items():
+        torch.testing.assert_close(t, getattr(ref_state, name), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(s) or "default")
+def test_kernels_equal_the_torch_path_with_padding_packing_and_a_partial_chunk(switches):
+    layer = make_layer(**switches)
+    x = torch.randn(2, 11, 16, device=DEVICE)  # 11 tokens: two chunks and a partial one
+    mask = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
+    mask[0, :3] = 0  # left padding
+    mask[1, 6] = 0  # a hole
+    pos = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 0, 1, 2], list(range(11))], device=DEVICE)  # a document starts
+    ref = run(layer, "torch", x, attention_mask=mask, position_ids=pos)
+    out, state, launches = run(layer, "triton", x, attention_mask=mask, position_ids=pos)
+    assert launches > 0
+    assert_same((out, state), ref[:2])
+
+
+def test_kernels_equal_the_torch_path_fed_in_pieces_and_token_by_token():
+    """Pieces that start inside a chunk (the snapshot differs from the current weights) and decoding steps."""
+    layer = make_layer()
+    x = torch.randn(2, 10, 16, device=DEVICE)
+    results = {}
+    for kernels in ("torch", "triton"):
+        a, mid, _ = run(layer, kernels, x[:, :5])
+        b, mid, _ = run(layer, kernels, x[:, 5:8], state=mid)
+        steps = []
+        for t in range(8, 10):
+            o, mid, launches = run(layer, kernels, x[:, t : t + 1], state=mid)
+            steps.append(o)
+            assert launches == (kernels == "triton")  # one launch per token and layer
+        results[kernels] = torch.cat([a, b, *steps], 1), mid
+    assert_same(results["triton"], results["torch"])
+
+
+def test_the_chunk_step_equals_the_torch_chunk_step_for_any_block_sizes():
+    """`chunk_step` directly, with a snapshot distinct from the current weights and anchors: the same numbers
+    with the default blocks and with larger ones (block sizes are the kernel's parameters)."""
+    n, d, length = 5, 8, 6
+    spec = ChunkSpec(chunk_size=length, num_memories=n, memory_dim=d, self_modifying=True, detach_self_targets=False,
+                     dgd=True, retain_toward_init=True, depth=1)
+    gen_spec = GenerateSpec(memories=("k", "v", "eta", "alpha", "o"), memory_dim=d, eta_max=0.9, retention=True,
+                            depth=1)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    q = torch.nn.functional.normalize(rand(2, 3, length, d), dim=-1)
+    write = torch.tensor([[[1.0, 1, 0, 1, 1, 1]], [[1.0, 1, 1, 1, 1, 0]]], device=DEVICE)
+    snapshot, current, anchor = 0.3 * rand(2, 3, n, d, d), 0.3 * rand(2, 3, n, d, d), 0.3 * rand(3, n, d, d)
+    empty = q.new_zeros(2, 3, d, 0)
+    inputs = (q, rand(2, 3, length, 2 * d), write, empty, snapshot, empty, current, None, anchor, rand(3, n, d),
+              rand(3, n), rand(3, d), rand(3))
+    ref_o, _, ref_end, _ = generated_chunk_forward(spec, gen_spec, *inputs)
+    for blocks in ({}, {"block_l": 32, "block_d": 32}):
+        o, end_in, end_out = memory_triton.chunk_step(spec, gen_spec, *inputs, **blocks)
+        torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(end_out, ref_end, rtol=1e-4, atol=1e-5)
+        assert end_in is empty
+    # the same chunk with its keys, values and gates given (a memory that does not modify itself)
+    k, v = (torch.nn.functional.normalize(rand(2, 3, length, d), dim=-1) for _ in range(2))
+    eta, log_alpha = torch.rand(2, 3, length, 1, device=DEVICE), -torch.rand(2, 3, length, device=DEVICE)
+    static = ChunkSpec(chunk_size=length, num_memories=1, memory_dim=d, self_modifying=False,
+                       detach_self_targets=False, dgd=True, retain_toward_init=True, depth=1)
+    chunk = (q, k, v, eta, log_alpha, write, empty, snapshot[:, :, -1:], empty, current[:, :, -1:], None,
+             anchor[:, -1:])
+    ref_o, _, ref_end = chunk_forward(static, *chunk)
+    o, _, end_out = memory_triton.chunk_step(static, None, *chunk)
+    torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(end_out, ref_end, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("self_modifying", [True, False])
+def test_one_launch_per_chunk_and_layer_whatever_the_number_of_memories(self_modifying):
+    """The launch count of a model's forward: one kernel per chunk and Titans layer (2 layers, 3 chunks: 6), with
+    5 memories per layer (self-modifying) as with 1."""
+    model = HopeForCausalLM(small_config("linear", self_modifying=self_modifying)).to(DEVICE).eval()
+    model.config.memory_kernels = "triton"
+    ids = torch.randint(1, 61, (1, 12), device=DEVICE)  # chunk 4: 3 chunks
+    memory_triton.LAUNCHES.clear()
+    with torch.no_grad():
+        fused = model(ids).logits
+    assert memory_triton.LAUNCHES["linear_chunk"] == 2 * 3
+    model.config.memory_kernels = "torch"
+    with torch.no_grad():
+        torch.testing.assert_close(fused, model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_training_runs_the_torch_path():
+    """The kernels have no backward yet: passes that need gradients run the torch path (no launch, its gradients)."""
+    layer = make_layer()
+    x = torch.randn(1, 9, 16, device=DEVICE)
+    grads = {}
+    for kernels in ("torch", "triton"):
+        layer.config.memory_kernels = kernels
+        memory_triton.LAUNCHES.clear()
+        layer.zero_grad()
+        layer.forward_with_state(x)[0].square().sum().backward()
+        assert memory_triton.LAUNCHES["linear_chunk"] == 0
+        grads[kernels] = [p.grad.clone() for p in layer.parameters()]
+    for a, b in zip(grads["torch"], grads["triton"]):
+        assert torch.equal(a, b)
+
+
+def test_auto_runs_the_kernels_on_cuda_only_and_mlp_memories_run_torch():
+    layer = make_layer()
+    x = torch.randn(1, 8, 16, device=DEVICE)
+    assert run(layer, "auto", x)[2] == (2 if DEVICE == "cuda" else 0)
+    mlp = HopeSelfModifyingTitans(HopeConfig(hidden_size=16, num_attention_heads=2, chunk_size=4, memory_depth=2,
+                                             memory_kernels="triton"), layer_idx=0).to(DEVICE)
+    mlp.init_memory_weights()
+    assert run(mlp, "triton", x)[2] == 0
+
+
+def test_memory_kernels_is_a_checked_runtime_switch(tmp_path, monkeypatch):
+    """Never saved; a bad value names the field and its values; "triton" without triton says what to install."""
+    assert "memory_kernels" in RUNTIME_SWITCHES
+    config = small_config("linear", memory_kernels="triton")
+    config.save_pretrained(tmp_path)
+    assert "memory_kernels" not in (tmp_path / "config.json").read_text()
+    assert HopeConfig.from_pretrained(tmp_path).memory_kernels == "auto"
+    with pytest.raises(ValueError, match=r"(?s)memory_kernels.*'auto', 'torch', 'triton'"):
+        HopeConfig(memory_kernels="cuda")
+    monkeypatch.setattr(memory_chunk, "_kernels_module", lambda: None)
+    layer = make_layer()
+    with pytest.raises(ImportError, match="memory_kernels='triton' needs the triton package"):
+        run(layer, "triton", torch.randn(1, 8, 16, device=DEVICE))
+    assert run(layer, "auto", torch.randn(1, 8, 16, device=DEVICE))[2] == 0
+
+
+def test_the_kernels_stay_out_of_the_model_code():
+    """Hub remote code copies the model files and what they import with `from .x import y`: not the kernels, and
+    Transformers' import check of the model files finds no triton."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    from hope_hf.hub import MODEL_CODE_FILES
+
+    assert "memory_triton.py" not in MODEL_CODE_FILES
+    root = Path(memory_chunk.__file__).parent
+    for name in MODEL_CODE_FILES:
+        assert "triton" not in get_imports(root / name), name

@@ -103,13 +103,13 @@ def _memory_write(k, z, e_base, eta, ksq, dkk, e_prev, e_end, to_end, s_w, c_w, 
 # ------------------------------------------------------------------------------------------------ the kernel
 @triton.jit
 def _linear_chunk_kernel(
-    q_ptr, sq_r, sq_h, sq_t,  # q (R, H, L, d), last dimension contiguous
-    a_ptr, sa_r, sa_h, sa_t,  # GENERATE: u = [u_k, u_v] (R, H, L, 2d); else k
-    b_ptr, sb_r, sb_h, sb_t,  # else v
+    q_ptr, sq_r, sq_h, sq_t, sq_d,  # q (R, H, L, d)
+    a_ptr, sa_r, sa_h, sa_t, sa_d,  # GENERATE: u = [u_k, u_v] (R, H, L, 2d); else k
+    b_ptr, sb_r, sb_h, sb_t, sb_d,  # else v
     eta_ptr, se_r, se_h, se_t, se_n,  # else eta (R, H, L, n)
     la_ptr, sl_r, sl_h, sl_t,  # else log_alpha (R, H, L)
     w_ptr, sw_r, sw_t,  # write (R, 1, L)
-    snap_ptr, ss_r, ss_h, ss_n, ss_i,  # snapshot_out (R, H, n, d, d) (the current weights where SAME)
+    snap_ptr, ss_r, ss_h, ss_n, ss_i,  # snapshot_out (R, H, n, d, d), last dimension contiguous (SAME: current_out)
     cur_ptr, sc_r, sc_h, sc_n, sc_i,  # current_out
     anc_ptr, sn_h, sn_n, sn_i,  # anchor_out (H, n, d, d)
     er_ptr, eb_ptr, ar_ptr, ab_ptr,  # eta_readout (H, n, d), eta_bias (H, n), alpha_readout (H, d), alpha_bias (H,)
@@ -124,12 +124,12 @@ def _linear_chunk_kernel(
     rows, cols_l, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
     tok, dim = rows < L, dims < D
     act_mask, w_mask = tok[:, None] & dim[None, :], dim[:, None] & dim[None, :]
-    q = _tile(q_ptr + r * sq_r + h * sq_h, sq_t, 1, rows, dims, act_mask)
+    q = _tile(q_ptr + r * sq_r + h * sq_h, sq_t, sq_d, rows, dims, act_mask)
     write = tl.load(w_ptr + r * sw_r + rows * sw_t, mask=tok, other=0.0).to(tl.float32)
     snap = snap_ptr + r * ss_r + h * ss_h
     if GENERATE:  # Eq. 87, 90: keys, values and the retention gate from the snapshot memories
-        uk = _tile(a_ptr + r * sa_r + h * sa_h, sa_t, 1, rows, dims, act_mask)
-        uv = _tile(a_ptr + r * sa_r + h * sa_h + D, sa_t, 1, rows, dims, act_mask)
+        uk = _tile(a_ptr + r * sa_r + h * sa_h, sa_t, sa_d, rows, dims, act_mask)
+        uv = _tile(a_ptr + r * sa_r + h * sa_h + D * sa_d, sa_t, sa_d, rows, dims, act_mask)
         k, v = uk, uv
         if K_MEM >= 0:
             k += _mm(uk, _tile(snap + K_MEM * ss_n, ss_i, 1, dims, dims, w_mask))
@@ -144,8 +144,8 @@ def _linear_chunk_kernel(
                         ALPHA_MEM >= 0)
             log_alpha = _log_sigmoid(pre)
     else:
-        k = _tile(a_ptr + r * sa_r + h * sa_h, sa_t, 1, rows, dims, act_mask)
-        v = _tile(b_ptr + r * sb_r + h * sb_h, sb_t, 1, rows, dims, act_mask)
+        k = _tile(a_ptr + r * sa_r + h * sa_h, sa_t, sa_d, rows, dims, act_mask)
+        v = _tile(b_ptr + r * sb_r + h * sb_h, sb_t, sb_d, rows, dims, act_mask)
         log_alpha = tl.load(la_ptr + r * sl_r + h * sl_h + rows * sl_t, mask=tok, other=0.0).to(tl.float32)
     # decays (memory_common.decays): gamma as cumulative log-retentions, pad tokens retain everything
     log_alpha = log_alpha * write
@@ -199,7 +199,7 @@ def _strides(t: torch.Tensor | None, count: int):
 
 
 def _inner_contiguous(t: torch.Tensor | None):
-    """t with its last dimension contiguous (a view where it is; the kernels index every other one by stride)."""
+    """Weights with their last dimension contiguous (a view where they are, as the scan's always are)."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -218,8 +218,7 @@ def chunk_step(spec, gen_spec, *inputs, block_l: int | None = None, block_d: int
         params, memories = (None,) * 4, ("o",)
     rows, heads, length, dim = q.shape
     n = current_out.shape[2]
-    q, a, b, eta, log_alpha, write, snapshot_out, current_out, anchor_out = map(
-        _inner_contiguous, (q, a, b, eta, log_alpha, write, snapshot_out, current_out, anchor_out))
+    snapshot_out, current_out, anchor_out = map(_inner_contiguous, (snapshot_out, current_out, anchor_out))
     eta_readout, eta_bias, alpha_readout, alpha_bias = (None if p is None else p.contiguous() for p in params)
     same = snapshot_out is None
     snap = current_out if same else snapshot_out
@@ -231,7 +230,7 @@ def chunk_step(spec, gen_spec, *inputs, block_l: int | None = None, block_d: int
 
     retention = gen_spec is not None and gen_spec.retention
     _linear_chunk_kernel[(rows * heads,)](
-        q, *_strides(q, 3), a, *_strides(a, 3), q if b is None else b, *_strides(b, 3),
+        q, *_strides(q, 4), a, *_strides(a, 4), q if b is None else b, *_strides(b, 4),
         q if eta is None else eta, *_strides(eta, 4), q if log_alpha is None else log_alpha, *_strides(log_alpha, 3),
         write, write.stride(0), write.stride(2),
         snap, *_strides(snap, 4), current_out, *_strides(current_out, 4),

@@ -139,22 +139,24 @@ def _kernels_module():
 
 
 def fused_chunk_step(spec: ChunkSpec, *tensors):
-    """The fused Triton chunk step (`memory_triton.chunk_step`: `ChunkStep.apply`'s inputs and results, forward
-    only) where `spec.kernels` asks for it and it applies, else None (the torch path). It applies to linear memories
-    (depth 1) with float32 `tensors` (the step's inputs, None allowed) of which none needs a gradient; "auto" runs it
-    on CUDA tensors where triton imports, "triton" on any device (CPU tensors under Triton's interpreter) and
-    raises where triton is missing, "torch" never."""
+    """The fused Triton chunk step where `spec.kernels` asks for it and it applies, else None (the torch path):
+    `memory_triton.chunk_step` where no tensor needs a gradient, `memory_triton.FusedChunkStep.apply` (with its
+    backward kernel) where one does; both take `ChunkStep.apply`'s inputs and give its results. It applies to
+    linear memories (depth 1) with float32 `tensors` (the step's inputs, None allowed); "auto" runs it on CUDA
+    tensors where triton imports, "triton" on any device (CPU tensors under Triton's interpreter) and raises where
+    triton is missing, "torch" never."""
     if spec.kernels == "torch" or spec.depth != 1:
         return None
     given = [t for t in tensors if t is not None]
-    if spec.kernels == "auto" and not given[0].is_cuda:
-        return None
-    if any(t.dtype != torch.float32 for t in given) or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in given)):
+    if (spec.kernels == "auto" and not given[0].is_cuda) or any(t.dtype != torch.float32 for t in given):
         return None
     module = _kernels_module()
     if module is None and spec.kernels == "triton":
         raise ImportError(f"memory_kernels='triton' needs the triton package and the installed hope_hf package "
                           f"({KERNELS_MODULE}): pip install 'hope-hf[gpu]', or set memory_kernels to 'auto' or "
                           f"'torch'")
-    return None if module is None else module.chunk_step
+    if module is None:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return module.FusedChunkStep.apply
+    return module.chunk_step

@@ -75,19 +75,19 @@ def memory_scan(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, start: Tit
         generated = generate(gen_spec, u, None, None, *params.generation())
         src_chunks = list(zip(*(t.split(sizes, dim=2) for t in generated)))
     chunks = list(zip(q_chunks, src_chunks, write_chunks))
-    fused = fused_chunk_step(spec, q, u, start.current_out, start.snapshot_out, *params)  # no gradients: no segments
+    chunk_step = fused_chunk_step(spec, q, u, start.current_out, start.snapshot_out, *params) or ChunkStep.apply
     same = start.snapshot_in is start.current_in and start.snapshot_out is start.current_out
     carry = ScanCarry(None if same else start.snapshot_in, None if same else start.snapshot_out, start.current_in,
                       start.current_out, start.snapshot_in, start.snapshot_out)
-    recompute = recompute and torch.is_grad_enabled() and len(chunks) > 1 and fused is None
+    recompute = recompute and torch.is_grad_enabled() and len(chunks) > 1
     step = math.ceil(math.sqrt(len(chunks))) if recompute else len(chunks)
     outs = []
     for first in range(0, len(chunks), step):
         segment = chunks[first : first + step]
         if recompute:
-            o_seg, carry = RecomputedSegment.run(spec, gen_spec, params, first, segment, carry, layout)
+            o_seg, carry = RecomputedSegment.run(spec, gen_spec, params, first, segment, carry, layout, chunk_step)
         else:
-            o_seg, carry = scan_chunks(spec, gen_spec, params, first, segment, carry, layout, fused or ChunkStep.apply)
+            o_seg, carry = scan_chunks(spec, gen_spec, params, first, segment, carry, layout, chunk_step)
         outs.append(o_seg)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     full = (layout.end_pos == 0).view(-1, 1, 1, 1)
@@ -161,21 +161,22 @@ class RecomputedSegment(torch.autograd.Function):
 
     @staticmethod
     def run(spec: ChunkSpec, gen_spec: GenerateSpec, params: ScanParams, first: int, segment, carry: ScanCarry,
-            layout: "Layout"):
+            layout: "Layout", step=ChunkStep.apply):
         flat, tree = tree_flatten((params, segment, carry))
-        o, current_in, current_out, last_in, last_out = RecomputedSegment.apply(spec, gen_spec, first, layout, tree,
-                                                                                *flat)
+        o, current_in, current_out, last_in, last_out = RecomputedSegment.apply(spec, gen_spec, (first, step), layout,
+                                                                                tree, *flat)
         return o, ScanCarry(None, None, current_in, current_out, last_in, last_out)  # ends on a complete chunk
 
     @staticmethod
-    def _scan(spec, gen_spec, first, layout, tree, flat):
+    def _scan(spec, gen_spec, first_and_step, layout, tree, flat):
         params, segment, carry = tree_unflatten(list(flat), tree)
-        o, end = scan_chunks(spec, gen_spec, params, first, segment, carry, layout)
+        first, step = first_and_step  # the segment's first chunk, and the chunk step (`scan_chunks`)
+        o, end = scan_chunks(spec, gen_spec, params, first, segment, carry, layout, step)
         return o, end.current_in, end.current_out, end.last_in, end.last_out
 
     @staticmethod
-    def forward(ctx, spec, gen_spec, first, layout, tree, *flat):
-        ctx.args = spec, gen_spec, first, layout, tree
+    def forward(ctx, spec, gen_spec, first_and_step, layout, tree, *flat):
+        ctx.args = spec, gen_spec, first_and_step, layout, tree
         # which input each one repeats (the current weights and each row's last snapshot are one tensor at a scan's
         # start), so that the recomputation sees the same aliasing as this pass
         first_of = {}

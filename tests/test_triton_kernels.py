@@ -1,10 +1,11 @@
 """The fused Triton kernels of the linear memories' scan (`hope_hf/memory_triton.py`, `memory_kernels`): the torch
-path's numbers (float32, 1e-4 relative), one launch per chunk and layer, and the dispatch.
+path's numbers and gradients (float32, 1e-4 relative), one launch per chunk and layer, and the dispatch.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (numpy): conftest.py sets `TRITON_INTERPRET=1`
 before triton is first imported. Shapes are small for that reason. Skipped where triton is not installed.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -19,7 +20,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 from hope_hf import HopeConfig, HopeForCausalLM, memory_chunk, memory_triton  # noqa: E402
 from hope_hf.configuration_hope import RUNTIME_SWITCHES  # noqa: E402
-from hope_hf.memory_chunk import chunk_forward, generated_chunk_forward  # noqa: E402
+from hope_hf.memory_chunk import ChunkStep, chunk_forward, generated_chunk_forward  # noqa: E402
 from hope_hf.memory_common import ChunkSpec, GenerateSpec  # noqa: E402
 from hope_hf.memory_hope import HopeSelfModifyingTitans  # noqa: E402
 
@@ -95,38 +96,62 @@ def test_kernels_equal_the_torch_path_fed_in_pieces_and_token_by_token():
     assert_same(results["triton"], results["torch"])
 
 
-def test_the_chunk_step_equals_the_torch_chunk_step_for_any_block_sizes():
-    """`chunk_step` directly, with a snapshot distinct from the current weights and anchors: the same numbers
-    with the default blocks and with larger ones (block sizes are the kernel's parameters)."""
-    n, d, length = 5, 8, 6
+def chunk_cases(n=5, d=8, length=6):
+    """(spec, gen_spec, inputs) of one chunk of 2 rows and 3 heads with a write mask, a snapshot distinct from the
+    current weights and anchors: a self-modifying chunk (generation inside) and a static one (keys, values, gates
+    given); every float input requires a gradient."""
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE).requires_grad_()  # noqa: E731
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, device=DEVICE), dim=-1).requires_grad_()  # noqa: E731,E501
+    small = lambda *shape: (0.3 * torch.randn(*shape, device=DEVICE)).requires_grad_()  # noqa: E731
+    write = torch.tensor([[[1.0, 1, 0, 1, 1, 1]], [[1.0, 1, 1, 1, 1, 0]]], device=DEVICE)
+    empty = torch.zeros(2, 3, d, 0, device=DEVICE)
     spec = ChunkSpec(chunk_size=length, num_memories=n, memory_dim=d, self_modifying=True, detach_self_targets=False,
                      dgd=True, retain_toward_init=True, depth=1)
     gen_spec = GenerateSpec(memories=("k", "v", "eta", "alpha", "o"), memory_dim=d, eta_max=0.9, retention=True,
                             depth=1)
-    rand = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
-    q = torch.nn.functional.normalize(rand(2, 3, length, d), dim=-1)
-    write = torch.tensor([[[1.0, 1, 0, 1, 1, 1]], [[1.0, 1, 1, 1, 1, 0]]], device=DEVICE)
-    snapshot, current, anchor = 0.3 * rand(2, 3, n, d, d), 0.3 * rand(2, 3, n, d, d), 0.3 * rand(3, n, d, d)
-    empty = q.new_zeros(2, 3, d, 0)
-    inputs = (q, rand(2, 3, length, 2 * d), write, empty, snapshot, empty, current, None, anchor, rand(3, n, d),
-              rand(3, n), rand(3, d), rand(3))
-    ref_o, _, ref_end, _ = generated_chunk_forward(spec, gen_spec, *inputs)
-    for blocks in ({}, {"block_l": 32, "block_d": 32}):
-        o, end_in, end_out = memory_triton.chunk_step(spec, gen_spec, *inputs, **blocks)
-        torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(end_out, ref_end, rtol=1e-4, atol=1e-5)
-        assert end_in is empty
-    # the same chunk with its keys, values and gates given (a memory that does not modify itself)
-    k, v = (torch.nn.functional.normalize(rand(2, 3, length, d), dim=-1) for _ in range(2))
-    eta, log_alpha = torch.rand(2, 3, length, 1, device=DEVICE), -torch.rand(2, 3, length, device=DEVICE)
-    static = ChunkSpec(chunk_size=length, num_memories=1, memory_dim=d, self_modifying=False,
-                       detach_self_targets=False, dgd=True, retain_toward_init=True, depth=1)
-    chunk = (q, k, v, eta, log_alpha, write, empty, snapshot[:, :, -1:], empty, current[:, :, -1:], None,
-             anchor[:, -1:])
-    ref_o, _, ref_end = chunk_forward(static, *chunk)
-    o, _, end_out = memory_triton.chunk_step(static, None, *chunk)
-    torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(end_out, ref_end, rtol=1e-4, atol=1e-5)
+    generated = (unit(2, 3, length, d), rand(2, 3, length, 2 * d), write, empty, small(2, 3, n, d, d), empty,
+                 small(2, 3, n, d, d), None, small(3, n, d, d), rand(3, n, d), rand(3, n), rand(3, d), rand(3))
+    static_spec = ChunkSpec(chunk_size=length, num_memories=1, memory_dim=d, self_modifying=False,
+                            detach_self_targets=False, dgd=True, retain_toward_init=True, depth=1)
+    static = (unit(2, 3, length, d), unit(2, 3, length, d), unit(2, 3, length, d),
+              torch.rand(2, 3, length, 1, device=DEVICE).requires_grad_(),
+              (-torch.rand(2, 3, length, device=DEVICE)).requires_grad_(), write, empty, small(2, 3, 1, d, d), empty,
+              small(2, 3, 1, d, d), None, small(3, 1, d, d))
+    return [(spec, gen_spec, generated), (static_spec, None, static)]
+
+
+def test_the_chunk_step_equals_the_torch_chunk_step_for_any_block_sizes():
+    """`chunk_step` directly: the same numbers as the torch chunk step with the default blocks and with larger ones
+    (block sizes are the kernel's parameters)."""
+    for spec, gen_spec, inputs in chunk_cases():
+        with torch.no_grad():
+            if gen_spec is not None:
+                ref_o, _, ref_end, _ = generated_chunk_forward(spec, gen_spec, *inputs)
+            else:
+                ref_o, _, ref_end = chunk_forward(spec, *inputs)
+            for blocks in ({}, {"block_l": 32, "block_d": 32}):
+                o, end_in, end_out = memory_triton.chunk_step(spec, gen_spec, *inputs, **blocks)
+                torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(end_out, ref_end, rtol=1e-4, atol=1e-5)
+                assert end_in is inputs[5 if gen_spec is not None else 8]
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["targets", "detached_targets"])
+def test_the_backward_kernel_equals_the_written_out_backward(detach):
+    """`FusedChunkStep` against `ChunkStep`: every input's gradient, with a snapshot distinct from the current
+    weights (its own gradient), anchors and the generation's parameters."""
+    for spec, gen_spec, inputs in chunk_cases():
+        spec = dataclasses.replace(spec, detach_self_targets=detach and spec.self_modifying)
+        found = {}
+        for name, step in (("torch", ChunkStep.apply), ("fused", memory_triton.FusedChunkStep.apply)):
+            o, _, end = step(spec, gen_spec, *inputs)
+            weights = torch.Generator().manual_seed(1)
+            loss = (o * torch.randn(o.shape, generator=weights).to(DEVICE)).sum() + (
+                end * torch.randn(end.shape, generator=weights).to(DEVICE)).sum()
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            found[name] = torch.autograd.grad(loss, wanted, allow_unused=True)
+        for a, b in zip(found["fused"], found["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6)
 
 
 @pytest.mark.parametrize("self_modifying", [True, False])
@@ -145,20 +170,49 @@ def test_one_launch_per_chunk_and_layer_whatever_the_number_of_memories(self_mod
         torch.testing.assert_close(fused, model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_training_runs_the_torch_path():
-    """The kernels have no backward yet: passes that need gradients run the torch path (no launch, its gradients)."""
-    layer = make_layer()
-    x = torch.randn(1, 9, 16, device=DEVICE)
-    grads = {}
-    for kernels in ("torch", "triton"):
-        layer.config.memory_kernels = kernels
-        memory_triton.LAUNCHES.clear()
-        layer.zero_grad()
-        layer.forward_with_state(x)[0].square().sum().backward()
-        assert memory_triton.LAUNCHES["linear_chunk"] == 0
-        grads[kernels] = [p.grad.clone() for p in layer.parameters()]
-    for a, b in zip(grads["torch"], grads["triton"]):
-        assert torch.equal(a, b)
+def gradients(layer, kernels, x, **kwargs):
+    """The output, final state and gradients (the layer's parameters, then x) of a loss on the output and the
+    final fast weights, under `memory_kernels=kernels`; and the kernel launches (forward, backward)."""
+    layer.config.memory_kernels = kernels
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    memory_triton.LAUNCHES.clear()
+    out, state = layer.forward_with_state(x, **kwargs)
+    weights = torch.randn(state.current_out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (out.square().sum() + (state.current_out * weights).sum()).backward()
+    grads = [p.grad for p in layer.parameters()] + [x.grad]
+    return out, state, grads, (memory_triton.LAUNCHES["linear_chunk"], memory_triton.LAUNCHES["linear_chunk_backward"])
+
+
+# the default switches run by default, both ways; every other switch (slow under the interpreter) with -m slow
+GRADIENT_CASES = [({}, True), ({}, False)] + [
+    pytest.param(switches, False, marks=pytest.mark.slow)
+    for switches in SWITCHES[1:] + [{"detach_self_targets": True}]]
+
+
+@pytest.mark.parametrize("switches, recompute", GRADIENT_CASES,
+                         ids=lambda v: ("-".join(v) or "default") if isinstance(v, dict) else ("recompute" if v else
+                                                                                              "stored"))
+def test_training_gradients_equal_the_torch_path(switches, recompute):
+    """Every gradient (the layer's parameters and its input) through the backward kernel, with padding, a document
+    start and a partial last chunk, with the recomputed segments and without."""
+    layer = make_layer(recompute_memory_states=recompute, **switches)
+    x = torch.randn(2, 11, 16, device=DEVICE)
+    mask = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
+    mask[0, :2] = 0
+    pos = torch.tensor([list(range(11)), [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]], device=DEVICE)
+    *ref, ref_grads, ref_launches = gradients(layer, "torch", x, attention_mask=mask, position_ids=pos)
+    *fused, fused_grads, launches = gradients(layer, "triton", x, attention_mask=mask, position_ids=pos)
+    assert ref_launches == (0, 0)
+    assert launches[1] == 3 and launches[0] == (6 if recompute else 3)  # 3 chunks; recomputation runs them twice
+    assert_same(fused, ref)
+    for (name, _), a, b in zip([*layer.named_parameters(), ("x", None)], fused_grads, ref_grads):
+        if b is None:
+            assert a is None or not a.any(), name
+        else:
+            # float32 rounding: 1e-4 of the gradient's scale (an element near zero differs more relative to itself)
+            atol = 1e-4 * float(b.abs().max())
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_auto_runs_the_kernels_on_cuda_only_and_mlp_memories_run_torch():

@@ -1,8 +1,9 @@
-"""Launches per chunk and layer of the Titans memory scan without gradients: the fused Triton kernels
-(`memory_kernels="triton"`, counted by `hope_hf.memory_triton.LAUNCHES`) and the ATen calls of either path (counted
-by a dispatch mode; an upper bound on GPU kernels, since views launch none), for a prefill forward (the increment per
-chunk between two lengths, so that what runs once per layer cancels) and a decoding step, with self-modifying (5
-memories) and static (1 memory) layers. Counts, not times: on a CPU the Triton kernels run in Triton's interpreter.
+"""Launches per chunk and layer of the Titans memory scan: the fused Triton kernels (`memory_kernels="triton"`,
+counted by `hope_hf.memory_triton.LAUNCHES`) and the ATen calls of either path (counted by a dispatch mode; an upper
+bound on GPU kernels, since views launch none), for a forward without gradients and a training step (forward and
+backward, `recompute_memory_states` off), each as the increment per chunk between two lengths so that what runs once
+per layer cancels, and a decoding step; self-modifying (5 memories) and static (1 memory) layers. Counts, not times:
+on a CPU the Triton kernels run in Triton's interpreter.
 
     python benchmarks/kernel_launches.py              # head size 64, chunk 16
     python benchmarks/kernel_launches.py --quick      # small sizes: what CI runs
@@ -52,20 +53,28 @@ class Uncounted:
         return launch
 
 
-def count(layer, kernels: str, x, state=None):
-    """(Triton launches, ATen calls) of one `forward_with_state` without gradients under `memory_kernels=kernels`."""
+KERNELS = ("_linear_chunk_kernel", "_linear_chunk_backward_kernel")
+
+
+def count(layer, kernels: str, x, state=None, train: bool = False):
+    """(Triton launches, ATen calls) of one `forward_with_state` under `memory_kernels=kernels`, without gradients
+    or (`train`) with a backward pass of the output's sum."""
     from hope_hf import memory_triton
 
     layer.config.memory_kernels = kernels
     memory_triton.LAUNCHES.clear()
-    kernel = memory_triton._linear_chunk_kernel
-    with torch.no_grad(), AtenCalls() as mode:
-        memory_triton._linear_chunk_kernel = Uncounted(kernel, mode)
+    originals = {name: getattr(memory_triton, name) for name in KERNELS}
+    with torch.set_grad_enabled(train), AtenCalls() as mode:
+        for name, kernel in originals.items():
+            setattr(memory_triton, name, Uncounted(kernel, mode))
         try:
-            layer.forward_with_state(x, state=state)
+            out, _ = layer.forward_with_state(x, state=state)
+            if train:
+                out.sum().backward()
         finally:
-            memory_triton._linear_chunk_kernel = kernel
-    return memory_triton.LAUNCHES["linear_chunk"], mode.calls
+            for name, kernel in originals.items():
+                setattr(memory_triton, name, kernel)
+    return sum(memory_triton.LAUNCHES.values()), mode.calls
 
 
 def measure(args):
@@ -75,7 +84,7 @@ def measure(args):
     rows = []
     for self_modifying in (True, False):
         config = HopeConfig(hidden_size=args.heads * args.head_dim, num_attention_heads=args.heads,
-                            chunk_size=args.chunk_size, self_modifying=self_modifying)
+                            chunk_size=args.chunk_size, self_modifying=self_modifying, recompute_memory_states=False)
         layer = HopeSelfModifyingTitans(config, 0)
         layer.init_memory_weights()
         short, long = (torch.randn(1, c * args.chunk_size, config.hidden_size) for c in (args.chunks, 2 * args.chunks))
@@ -83,9 +92,12 @@ def measure(args):
             _, state = layer.forward_with_state(short)
         row = {"self_modifying": self_modifying, "memories": layer.num_memories}
         for kernels in ("triton", "torch"):
-            (launch_a, calls_a), (launch_b, calls_b) = count(layer, kernels, short), count(layer, kernels, long)
-            row[f"{kernels}_launches_per_chunk"] = (launch_b - launch_a) / args.chunks
-            row[f"{kernels}_aten_calls_per_chunk"] = (calls_b - calls_a) / args.chunks
+            for train in (False, True):
+                (launch_a, calls_a), (launch_b, calls_b) = (count(layer, kernels, t, train=train)
+                                                            for t in (short, long))
+                pass_name = "train" if train else "forward"
+                row[f"{kernels}_{pass_name}_launches_per_chunk"] = (launch_b - launch_a) / args.chunks
+                row[f"{kernels}_{pass_name}_aten_calls_per_chunk"] = (calls_b - calls_a) / args.chunks
             row[f"{kernels}_launches_per_token_step"], row[f"{kernels}_aten_calls_per_token_step"] = count(
                 layer, kernels, short[:, :1], state)
         rows.append(row)

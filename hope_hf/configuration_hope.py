@@ -242,11 +242,11 @@ class HopeConfig(PreTrainedConfig):
             rounding. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode stays
             eager. Speed: docs/performance.md.
         memory_kernels (`str`, defaults to `"auto"`): runtime switch (not saved). Where the Titans memory scan of
-            linear memories (`memory_depth=1`) runs fused Triton kernels, one launch per chunk and layer, in passes
-            that need no gradient (evaluation, prefill, decoding; training runs the torch path): `"auto"` on CUDA
-            tensors where the `triton` package is installed (`pip install 'hope-hf[gpu]'`), `"triton"` on any device
-            (CPU tensors only under Triton's interpreter, `TRITON_INTERPRET=1`; an error without triton),
-            `"torch"` never. Numbers equal the torch path up to float32 rounding (docs/performance.md).
+            linear memories (`memory_depth=1`) runs fused Triton kernels, one launch per chunk and layer forward and
+            one backward (training, evaluation, decoding): `"auto"` on CUDA tensors where the `triton` package is
+            installed (`pip install 'hope-hf[gpu]'`), `"triton"` on any device (CPU tensors only under Triton's
+            interpreter, `TRITON_INTERPRET=1`; an error without triton), `"torch"` never. Numbers and gradients equal
+            the torch path up to float32 rounding (docs/performance.md).
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the memory scan for linear memories (`memory_depth=1`, the default): forward only.
+"""Fused Triton kernels of the memory scan for linear memories (`memory_depth=1`, the default), forward and backward.
 
 One launch per chunk and layer computes the whole chunk step for every head and memory: the generation of keys,
 values, learning rates and retention gates from the snapshot memories (Eq. 87, 90; for a self-modifying chunk), the
@@ -6,7 +6,8 @@ decays, every memory's gated delta rule in chunk form with its UT transform solv
 (Eq. 88-91) and the output memory's per-token reads before the write (Eq. 86). One program per row and head keeps
 the chunk's tokens and one memory's weights at a time on chip. Fast weights float32; activations float32 or bf16.
 The math is `memory_chunk_linear.linear_chunk_forward` after `memory_generate.generate`, which the tests compare it
-with.
+with. The backward (`FusedChunkStep`) is one more launch per chunk: it recomputes the chunk's intermediates and
+writes every gradient, stage by stage as `linear_chunk_backward` and `generate_backward` do.
 
 Not model code: `memory_chunk.fused_chunk_step` loads this module by name from the installed `hope_hf` (importlib),
 so that the model files never import triton and Hub remote code runs where it is missing. Importing it imports
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 
-__all__ = ["LAUNCHES", "chunk_step"]
+__all__ = ["LAUNCHES", "FusedChunkStep", "chunk_step", "chunk_step_backward"]
 
 # Launches per kernel name since the process started (or the counter was cleared): what the tests and
 # docs/performance.md count per chunk and layer.

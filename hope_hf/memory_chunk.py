@@ -144,8 +144,8 @@ def fused_chunk_step(spec: ChunkSpec, *tensors):
     backward kernel) where one does; both take `ChunkStep.apply`'s inputs and give its results. It applies to
     linear memories (depth 1) with float32 `tensors` (the step's inputs, None allowed); "auto" runs it on CUDA
     tensors where triton imports, "triton" on any device (CPU tensors under Triton's interpreter) and raises where
-    triton is missing, "torch" never."""
-    if spec.kernels == "torch" or spec.depth != 1:
+    triton is missing, "torch" never. Not inside `torch.compile`, which brings its own kernels."""
+    if spec.kernels == "torch" or spec.depth != 1 or torch.compiler.is_compiling():
         return None
     given = [t for t in tensors if t is not None]
     if (spec.kernels == "auto" and not given[0].is_cuda) or any(t.dtype != torch.float32 for t in given):

@@ -78,27 +78,30 @@ def _gate(uk, s_mem, readout, bias, IS_MEMORY: tl.constexpr):
 
 
 @triton.jit
-def _memory_write(k, z, e_base, eta, ksq, dkk, e_prev, e_end, to_end, s_w, c_w, a_w, rows, L,
+def _memory_write(k, z, e_base, eta, ksq, dkk, e_prev, s_w, c_w, a_w, rows, L,
                   SAME: tl.constexpr, ANCHOR: tl.constexpr):
-    """One memory's chunk (`_errors`, `_step_sizes`, `_update` of memory_chunk_linear): returns u1 and end_out."""
+    """One memory's chunk (`_errors`, `_step_sizes`, `_update` of memory_chunk_linear) up to u1: returns (e, the
+    step size's denominator 1 + eta |k|^2, eta1, k y0, rhs / eta1, the lower matrix, u1, the start that decays:
+    W_out less its anchor). The forward and the backward kernel both run it."""
     e = e_base + _mm(z, s_w)
-    eta1 = eta / (1.0 + eta * ksq)
+    den = 1.0 + eta * ksq
+    eta1 = eta / den
     k_y0 = _mm(k, c_w)
     k_ys = k_y0
     if not SAME:
         k_ys = _mm(k, s_w)
-    end = e_end * c_w
+    start = c_w
     if ANCHOR:
         k_anchor = _mm(k, a_w)
         k_y0 -= k_anchor
         k_ys -= k_anchor
-        end = a_w + e_end * (c_w - a_w)
+        start = c_w - a_w
     if SAME:
         k_ys = k_y0
-    rhs = eta1[:, None] * (k_ys - e - e_prev[:, None] * k_y0)
-    u1 = _solve(eta1[:, None] * dkk, rhs, rows, L)
-    end += _mm(tl.trans(k), to_end[:, None] * u1)
-    return u1, end
+    wv = k_ys - e - e_prev[:, None] * k_y0
+    lower = eta1[:, None] * dkk
+    u1 = _solve(lower, eta1[:, None] * wv, rows, L)
+    return e, den, eta1, k_y0, wv, lower, u1, start
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -173,8 +176,11 @@ def _linear_chunk_kernel(
         z = k  # what W_out multiplies in the error: k - v where the target is self-generated, k for the output memory
         if SELF_TARGETS and j < N - 1:
             z = k - v
-        u1, end = _memory_write(k, z, k - v, eta * write, ksq, dkk, e_prev, e_end, to_end, s_w, c_w, a_w, rows, L,
-                                SAME, ANCHOR)
+        _, _, _, _, _, _, u1, start = _memory_write(k, z, k - v, eta * write, ksq, dkk, e_prev, s_w, c_w, a_w, rows, L,
+                                                    SAME, ANCHOR)
+        end = e_end * start + _mm(tl.trans(k), to_end[:, None] * u1)
+        if ANCHOR:
+            end += a_w
         out = end_ptr + ((r * H + h) * N + j) * D * D
         tl.store(out + dims[:, None] * D + dims[None, :], end, mask=w_mask)
         if j == N - 1:  # the output memory's reads at the per-token state, before the write (Eq. 86)
@@ -413,25 +419,8 @@ def _linear_chunk_backward_kernel(
         z = k
         if SELF_TARGETS and j < N - 1:
             z = k - v
-        # the forward of this memory again (`_memory_write`)
-        e = (k - v) + _mm(z, s_w)
-        den = 1.0 + eta * ksq
-        eta1 = eta / den
-        k_y0 = _mm(k, c_w)
-        k_ys = k_y0
-        if not SAME:
-            k_ys = _mm(k, s_w)
-        start = c_w
-        if ANCHOR:
-            k_anchor = _mm(k, a_w)
-            k_y0 -= k_anchor
-            k_ys -= k_anchor
-            start = c_w - a_w
-        if SAME:
-            k_ys = k_y0
-        wv = k_ys - e - e_prev[:, None] * k_y0
-        lower = eta1[:, None] * dkk
-        u1 = _solve(lower, eta1[:, None] * wv, rows, L)
+        e, den, eta1, k_y0, wv, lower, u1, start = _memory_write(k, z, k - v, eta, ksq, dkk, e_prev, s_w, c_w, a_w,
+                                                                  rows, L, SAME, ANCHOR)  # the forward again
         # end_out = e_end * start (+ anchor) + k^T (to_end * u1)
         d_y0 = e_end * d_end
         d_g_end += tl.sum(tl.sum(d_end * start, 1), 0) * e_end

@@ -244,7 +244,8 @@ class HopeConfig(PreTrainedConfig):
         memory_kernels (`str`, defaults to `"auto"`): runtime switch (not saved). Where the Titans memory scan of
             linear memories (`memory_depth=1`) runs fused Triton kernels, one launch per chunk and layer forward and
             one backward (training, evaluation, decoding): `"auto"` on CUDA tensors where the `triton` package is
-            installed (`pip install 'hope-hf[gpu]'`), `"triton"` on any device (CPU tensors only under Triton's
+            installed (`pip install 'hope-hf[gpu]'`) except in training with `compile_chunk_step` on, `"triton"`
+            on any device (CPU tensors only under Triton's
             interpreter, `TRITON_INTERPRET=1`; an error without triton), `"torch"` never. Numbers and gradients equal
             the torch path up to float32 rounding (docs/performance.md).
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,

@@ -143,12 +143,15 @@ def fused_chunk_step(spec: ChunkSpec, *tensors):
     `memory_triton.chunk_step` where no tensor needs a gradient, `memory_triton.FusedChunkStep.apply` (with its
     backward kernel) where one does; both take `ChunkStep.apply`'s inputs and give its results. It applies to
     linear memories (depth 1) with float32 `tensors` (the step's inputs, None allowed); "auto" runs it on CUDA
-    tensors where triton imports, "triton" on any device (CPU tensors under Triton's interpreter) and raises where
-    triton is missing, "torch" never. Not inside `torch.compile`, which brings its own kernels."""
+    tensors where triton imports, unless the compiled chunk step is on (`spec.compiled`: the measured setting of
+    `hope-hf train` on a GPU keeps its speed), "triton" on any device (CPU tensors under Triton's interpreter) and
+    raises where triton is missing, "torch" never. Not inside `torch.compile`, which brings its own kernels."""
     if spec.kernels == "torch" or spec.depth != 1 or torch.compiler.is_compiling():
         return None
     given = [t for t in tensors if t is not None]
-    if (spec.kernels == "auto" and not given[0].is_cuda) or any(t.dtype != torch.float32 for t in given):
+    if spec.kernels == "auto" and (spec.compiled or not given[0].is_cuda):
+        return None
+    if any(t.dtype != torch.float32 for t in given):
         return None
     module = _kernels_module()
     if module is None and spec.kernels == "triton":

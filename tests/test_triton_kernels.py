@@ -225,6 +225,34 @@ def test_auto_runs_the_kernels_on_cuda_only_and_mlp_memories_run_torch():
     assert run(mlp, "triton", x)[2] == 0
 
 
+class Stub:
+    """What `fused_chunk_step` reads of a tensor, for a device this machine may not have."""
+
+    def __init__(self, is_cuda=True, dtype=torch.float32, requires_grad=False):
+        self.is_cuda, self.dtype, self.requires_grad = is_cuda, dtype, requires_grad
+
+
+def test_the_dispatch_policy():
+    """Which step `fused_chunk_step` picks, CUDA included: "auto" on CUDA unless the compiled chunk step is on,
+    "triton" anywhere, "torch" never; linear float32 memories only; the autograd Function where a gradient is
+    needed."""
+    spec = ChunkSpec(chunk_size=4, num_memories=5, memory_dim=8, self_modifying=True, detach_self_targets=False,
+                     dgd=True, retain_toward_init=True, depth=1)
+    pick = lambda kernels, *tensors, **changes: memory_chunk.fused_chunk_step(  # noqa: E731
+        dataclasses.replace(spec, kernels=kernels, **changes), *tensors)
+    assert pick("auto", Stub(), None) is memory_triton.chunk_step
+    assert pick("auto", Stub(is_cuda=False)) is None
+    assert pick("auto", Stub(), compiled=True) is None
+    assert pick("triton", Stub(), compiled=True) is memory_triton.chunk_step
+    assert pick("triton", Stub(is_cuda=False)) is memory_triton.chunk_step
+    assert pick("torch", Stub()) is None
+    assert pick("triton", Stub(), depth=2) is None
+    assert pick("triton", Stub(), Stub(dtype=torch.float64)) is None
+    assert pick("triton", Stub(), Stub(requires_grad=True)) == memory_triton.FusedChunkStep.apply
+    with torch.no_grad():
+        assert pick("triton", Stub(), Stub(requires_grad=True)) is memory_triton.chunk_step
+
+
 def test_memory_kernels_is_a_checked_runtime_switch(tmp_path, monkeypatch):
     """Never saved; a bad value names the field and its values; "triton" without triton says what to install."""
     assert "memory_kernels" in RUNTIME_SWITCHES

@@ -168,9 +168,9 @@ class HopeSelfModifyingTitans(nn.Module):
 
     @property
     def chunk_spec(self) -> "ChunkSpec":
-        """The chunk step's settings. `compile_chunk_step` is read from the config at each use (like
-        `memory_cuda_graphs`, so that it can be switched on a loaded model) and applies in training mode only:
-        prompts of varying lengths would make inference compile again and again."""
+        """The chunk step's settings. `compile_chunk_step` and `memory_kernels` are read from the config at each use
+        (like `memory_cuda_graphs`, so that they can be switched on a loaded model); the compiled step applies in
+        training mode only: prompts of varying lengths would make inference compile again and again."""
         compiled = self.config.compile_chunk_step and self.training
         kernels = self.config.memory_kernels
         if (self._chunk_spec.compiled, self._chunk_spec.kernels) != (compiled, kernels):

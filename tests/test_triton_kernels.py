@@ -282,3 +282,33 @@ def test_the_kernels_stay_out_of_the_model_code():
     root = Path(memory_chunk.__file__).parent
     for name in MODEL_CODE_FILES:
         assert "triton" not in get_imports(root / name), name
+
+
+def test_without_triton_the_model_runs_the_torch_path_and_triton_says_what_to_install():
+    """In a process where `import triton` fails: the package imports, "auto" runs the torch path, and "triton" raises
+    an ImportError naming the package and the extra."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError
+import torch
+from hope_hf import HopeConfig, HopeForCausalLM
+model = HopeForCausalLM(HopeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   chunk_size=4)).eval()
+ids = torch.randint(0, 32, (1, 9))
+with torch.no_grad():
+    assert model(ids).logits.shape == (1, 9, 32)
+model.config.memory_kernels = "triton"
+try:
+    with torch.no_grad():
+        model(ids)
+except ImportError as err:
+    assert "pip install 'hope-hf[gpu]'" in str(err), err
+else:
+    raise AssertionError("no ImportError")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -36,7 +36,9 @@ MAX_ETA_MAX = {1: 16.0, 2: 2.0}
 # Settings of how a model runs on this machine, not of the model: set at load time
 # (`from_pretrained(path, memory_cuda_graphs=True)`) or on `model.config`, never written to `config.json` (a model
 # trained with CUDA graphs must not ship with them on), and ignored where an older `config.json` holds them.
-RUNTIME_SWITCHES = ("memory_cuda_graphs", "compile_chunk_step")
+RUNTIME_SWITCHES = ("memory_cuda_graphs", "compile_chunk_step", "memory_kernels")
+# Where the Titans memory's fused Triton kernels run (`memory_kernels`).
+MEMORY_KERNELS = ("auto", "torch", "triton")
 
 # Keys that a config accepts besides its fields: the ones `PreTrainedConfig` itself takes (and pops) and what a saved
 # config.json or the Auto classes pass along. Any other key is a misspelling or a field of another model: an error in
@@ -239,6 +241,13 @@ class HopeConfig(PreTrainedConfig):
             compiled by `torch.compile` (Inductor). Compiles in the first step; numbers equal up to float32
             rounding. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode stays
             eager. Speed: docs/performance.md.
+        memory_kernels (`str`, defaults to `"auto"`): runtime switch (not saved). Where the Titans memory scan of
+            linear memories (`memory_depth=1`) runs fused Triton kernels, one launch per chunk and layer forward and
+            one backward (training, evaluation, decoding): `"auto"` on CUDA tensors where the `triton` package is
+            installed (`pip install 'hope-hf[gpu]'`) except in training with `compile_chunk_step` on, `"triton"`
+            on any device (CPU tensors only under Triton's
+            interpreter, `TRITON_INTERPRET=1`; an error without triton), `"torch"` never. Numbers and gradients equal
+            the torch path up to float32 rounding (docs/performance.md).
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
             [`default_cms_levels`]`(hidden_size)`.
@@ -284,6 +293,7 @@ class HopeConfig(PreTrainedConfig):
     recompute_memory_states: bool = _bool_field(True)
     memory_cuda_graphs: bool = _bool_field(False)  # runtime switches: never saved (RUNTIME_SWITCHES)
     compile_chunk_step: bool = _bool_field(False)
+    memory_kernels: str = _choice_field("auto", MEMORY_KERNELS)
     # continuum memory system
     cms_levels: list[dict] | None = None
     cms_variant: str = _choice_field("sequential", CMS_VARIANTS)

@@ -1,9 +1,11 @@
 """The chunk step: `chunk_forward` / `chunk_backward` for either memory depth, the self-modifying chunk (generation
-inside the step), their compiled versions, and `ChunkStep`, the autograd Function the scan calls."""
+inside the step), their compiled versions, `ChunkStep`, the autograd Function the scan calls, and the dispatch to the
+fused Triton kernels (`fused_chunk_step`)."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import NamedTuple, Union
 
 import torch
@@ -121,3 +123,43 @@ class ChunkStep(torch.autograd.Function):
         inputs = tensors[: ctx.num_inputs]
         saved = tree_unflatten(list(tensors[ctx.num_inputs :]), ctx.saved_spec)
         return (None, None, *ctx.chunk_backward(inputs, saved, d_o, d_end_in, d_end_out))  # none for the specs
+
+
+# The fused kernels live outside the model files' imports (they import triton, which Hub remote code must not need):
+# loaded by name from the installed package.
+KERNELS_MODULE = "hope_hf.memory_triton"
+
+
+@functools.cache
+def _kernels_module():
+    try:
+        return importlib.import_module(KERNELS_MODULE)
+    except ImportError:  # no triton, or no installed hope_hf (Hub remote code)
+        return None
+
+
+def fused_chunk_step(spec: ChunkSpec, *tensors):
+    """The fused Triton chunk step where `spec.kernels` asks for it and it applies, else None (the torch path):
+    `memory_triton.chunk_step` where no tensor needs a gradient, `memory_triton.FusedChunkStep.apply` (with its
+    backward kernel) where one does; both take `ChunkStep.apply`'s inputs and give its results. It applies to
+    linear memories (depth 1) with float32 `tensors` (the step's inputs, None allowed); "auto" runs it on CUDA
+    tensors where triton imports, unless the compiled chunk step is on (`spec.compiled`: the measured setting of
+    `hope-hf train` on a GPU keeps its speed), "triton" on any device (CPU tensors under Triton's interpreter) and
+    raises where triton is missing, "torch" never. Not inside `torch.compile`, which brings its own kernels."""
+    if spec.kernels == "torch" or spec.depth != 1 or torch.compiler.is_compiling():
+        return None
+    given = [t for t in tensors if t is not None]
+    if spec.kernels == "auto" and (spec.compiled or not given[0].is_cuda):
+        return None
+    if any(t.dtype != torch.float32 for t in given):
+        return None
+    module = _kernels_module()
+    if module is None and spec.kernels == "triton":
+        raise ImportError(f"memory_kernels='triton' needs the triton package and the installed hope_hf package "
+                          f"({KERNELS_MODULE}): pip install 'hope-hf[gpu]', or set memory_kernels to 'auto' or "
+                          f"'torch'")
+    if module is None:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
+        return module.FusedChunkStep.apply
+    return module.chunk_step

@@ -80,6 +80,7 @@ class ChunkSpec:
     retain_toward_init: bool
     depth: int = 2  # memory_depth: 2 = residual MLP memories (`mlp_chunk_forward`), 1 = linear (`linear_chunk_forward`)
     compiled: bool = False  # `compile_chunk_step` in training mode: `ChunkStep` runs the compiled `chunk_functions`
+    kernels: str = "torch"  # `memory_kernels`: where the fused Triton kernels run (`memory_chunk.fused_chunk_step`)
 
     @property
     def output_columns(self) -> slice:

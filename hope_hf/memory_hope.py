@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory_chunk import ChunkStep, chunk_forward
+from .memory_chunk import ChunkStep, chunk_forward, fused_chunk_step
 from .memory_common import ChunkSpec, GenerateSpec, TitansState, fp32, l2norm
 from .memory_generate import generate
 from .memory_graphs import GraphedScan, ScanGraphs
@@ -168,12 +168,13 @@ class HopeSelfModifyingTitans(nn.Module):
 
     @property
     def chunk_spec(self) -> "ChunkSpec":
-        """The chunk step's settings. `compile_chunk_step` is read from the config at each use (like
-        `memory_cuda_graphs`, so that it can be switched on a loaded model) and applies in training mode only:
-        prompts of varying lengths would make inference compile again and again."""
+        """The chunk step's settings. `compile_chunk_step` and `memory_kernels` are read from the config at each use
+        (like `memory_cuda_graphs`, so that they can be switched on a loaded model); the compiled step applies in
+        training mode only: prompts of varying lengths would make inference compile again and again."""
         compiled = self.config.compile_chunk_step and self.training
-        if self._chunk_spec.compiled != compiled:
-            self._chunk_spec = replace(self._chunk_spec, compiled=compiled)
+        kernels = self.config.memory_kernels
+        if (self._chunk_spec.compiled, self._chunk_spec.kernels) != (compiled, kernels):
+            self._chunk_spec = replace(self._chunk_spec, compiled=compiled, kernels=kernels)
         return self._chunk_spec
 
     # ------------------------------------------------------------------------------------------------ init
@@ -319,7 +320,10 @@ class HopeSelfModifyingTitans(nn.Module):
                            *params.generation())
             inputs = (q, *gen, write, *snapshot, state.current_in, state.current_out,
                       *params.anchors(self.chunk_spec))
-            if torch.is_grad_enabled():
+            fused = fused_chunk_step(self.chunk_spec, *inputs)
+            if fused is not None:
+                o, end_in, end_out = fused(self.chunk_spec, None, *inputs)
+            elif torch.is_grad_enabled():
                 o, end_in, end_out = ChunkStep.apply(self.chunk_spec, None, *inputs)
             else:  # decoding: nothing to keep for a backward
                 o, end_in, end_out = chunk_forward(self.chunk_spec, *inputs)

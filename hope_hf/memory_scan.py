@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .memory_chunk import ChunkStep
+from .memory_chunk import ChunkStep, fused_chunk_step
 from .memory_common import ChunkSpec, GenerateSpec, TitansState
 from .memory_generate import generate
 from .memory_layout import frame_rows, join_rows
@@ -75,6 +75,7 @@ def memory_scan(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, start: Tit
         generated = generate(gen_spec, u, None, None, *params.generation())
         src_chunks = list(zip(*(t.split(sizes, dim=2) for t in generated)))
     chunks = list(zip(q_chunks, src_chunks, write_chunks))
+    chunk_step = fused_chunk_step(spec, q, u, start.current_out, start.snapshot_out, *params) or ChunkStep.apply
     same = start.snapshot_in is start.current_in and start.snapshot_out is start.current_out
     carry = ScanCarry(None if same else start.snapshot_in, None if same else start.snapshot_out, start.current_in,
                       start.current_out, start.snapshot_in, start.snapshot_out)
@@ -84,9 +85,9 @@ def memory_scan(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, start: Tit
     for first in range(0, len(chunks), step):
         segment = chunks[first : first + step]
         if recompute:
-            o_seg, carry = RecomputedSegment.run(spec, gen_spec, params, first, segment, carry, layout)
+            o_seg, carry = RecomputedSegment.run(spec, gen_spec, params, first, segment, carry, layout, chunk_step)
         else:
-            o_seg, carry = scan_chunks(spec, gen_spec, params, first, segment, carry, layout)
+            o_seg, carry = scan_chunks(spec, gen_spec, params, first, segment, carry, layout, chunk_step)
         outs.append(o_seg)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     full = (layout.end_pos == 0).view(-1, 1, 1, 1)
@@ -100,9 +101,10 @@ def memory_scan(spec: ChunkSpec, gen_spec: GenerateSpec, q, u, write, start: Tit
 
 
 def scan_chunks(spec: ChunkSpec, gen_spec: GenerateSpec, params: ScanParams, first: int, chunks, carry: ScanCarry,
-                layout: "Layout"):
+                layout: "Layout", step=ChunkStep.apply):
     """Chunks `first, first + 1, ...` (each `(q, u or the generated k, v, eta, log_alpha, write)`) from `carry`;
-    returns their reads and the new carry.
+    returns their reads and the new carry. `step`: the chunk step (`ChunkStep.apply`, or the fused kernels'
+    `memory_chunk.fused_chunk_step`).
 
     Only the rows that hold tokens in a chunk are computed (the frame's rows are ordered so that they are a prefix,
     `Layout.rows_with_tokens`): a finished row's weights are set aside as they are, so that a packed row's short
@@ -126,10 +128,9 @@ def scan_chunks(spec: ChunkSpec, gen_spec: GenerateSpec, params: ScanParams, fir
         part = (lambda t: t[:n]) if n < rows else (lambda t: t)  # noqa: E731
         weights = (part(write_c), snapshot_in, snapshot_out, current_in, current_out, *anchors)
         if spec.self_modifying:  # keys, values and gates generated inside the step
-            o_c, end_in, end_out = ChunkStep.apply(spec, gen_spec, part(q_c), part(src), *weights,
-                                                   *params.generation())
+            o_c, end_in, end_out = step(spec, gen_spec, part(q_c), part(src), *weights, *params.generation())
         else:
-            o_c, end_in, end_out = ChunkStep.apply(spec, None, part(q_c), *map(part, src), *weights)
+            o_c, end_in, end_out = step(spec, None, part(q_c), *map(part, src), *weights)
         if n < rows:  # the finished rows hold no token here: they read nothing
             o_c = torch.cat([o_c, o_c.new_zeros((rows - n, *o_c.shape[1:]))])
         outs.append(o_c)
@@ -160,21 +161,22 @@ class RecomputedSegment(torch.autograd.Function):
 
     @staticmethod
     def run(spec: ChunkSpec, gen_spec: GenerateSpec, params: ScanParams, first: int, segment, carry: ScanCarry,
-            layout: "Layout"):
+            layout: "Layout", step=ChunkStep.apply):
         flat, tree = tree_flatten((params, segment, carry))
-        o, current_in, current_out, last_in, last_out = RecomputedSegment.apply(spec, gen_spec, first, layout, tree,
-                                                                                *flat)
+        o, current_in, current_out, last_in, last_out = RecomputedSegment.apply(spec, gen_spec, (first, step), layout,
+                                                                                tree, *flat)
         return o, ScanCarry(None, None, current_in, current_out, last_in, last_out)  # ends on a complete chunk
 
     @staticmethod
-    def _scan(spec, gen_spec, first, layout, tree, flat):
+    def _scan(spec, gen_spec, first_and_step, layout, tree, flat):
         params, segment, carry = tree_unflatten(list(flat), tree)
-        o, end = scan_chunks(spec, gen_spec, params, first, segment, carry, layout)
+        first, step = first_and_step  # the segment's first chunk, and the chunk step (`scan_chunks`)
+        o, end = scan_chunks(spec, gen_spec, params, first, segment, carry, layout, step)
         return o, end.current_in, end.current_out, end.last_in, end.last_out
 
     @staticmethod
-    def forward(ctx, spec, gen_spec, first, layout, tree, *flat):
-        ctx.args = spec, gen_spec, first, layout, tree
+    def forward(ctx, spec, gen_spec, first_and_step, layout, tree, *flat):
+        ctx.args = spec, gen_spec, first_and_step, layout, tree
         # which input each one repeats (the current weights and each row's last snapshot are one tensor at a scan's
         # start), so that the recomputation sees the same aliasing as this pass
         first_of = {}

@@ -13,6 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels on CPU tensors run in Triton's interpreter (tests/ops/test_triton_kernels.py); it must be on before
+    # triton is imported (Transformers imports it with hope_hf), since triton's own library functions are decorated then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hope_hf  # noqa: E402, F401  (registers the Auto classes)
 from hope_hf import HopeConfig  # noqa: E402

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,3 +190,16 @@ def test_language_modeling_quick(tmp_path):
     for row in report["results"]:
         assert len(row["train_losses"]) == 3 and math.isfinite(row["eval_perplexity"])
         assert [b["positions"] for b in row["loss_by_position"]] == [[1, 32], [33, 63]]
+
+
+def test_kernel_launches_quick(tmp_path):
+    """The launch count of the fused kernels: one per chunk and layer forward, two with the backward, one per decoded
+    token, with 5 memories as with 1, and far fewer ATen calls per chunk than the torch path."""
+    pytest.importorskip("triton")
+    report = run_quick("kernel_launches.py", tmp_path)
+    assert [row["memories"] for row in report["rows"]] == [5, 1]
+    for row in report["rows"]:
+        assert row["triton_forward_launches_per_chunk"] == 1 and row["triton_train_launches_per_chunk"] == 2
+        assert row["triton_launches_per_token_step"] == 1
+        assert row["torch_forward_launches_per_chunk"] == row["torch_train_launches_per_chunk"] == 0
+        assert row["triton_forward_aten_calls_per_chunk"] < row["torch_forward_aten_calls_per_chunk"] / 10

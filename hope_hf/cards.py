@@ -24,7 +24,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import __version__
-from .configuration_hope import HopeConfig
+from .configuration_hope import RUNTIME_SWITCHES, HopeConfig
 from .presets import available_presets, count_parameters, get_preset
 
 
@@ -79,7 +79,8 @@ DEFAULT_LIMITATIONS = "\n".join(
 
 # HopeConfig's own fields, in declaration order: the exact configuration the card prints (library-level fields such
 # as `transformers_version` or `dtype` are left out so that a card does not change with the Transformers release).
-_CONFIG_FIELDS = list(HopeConfig.__annotations__)
+# what config.json holds: every field but the runtime switches, which describe a machine, not the model
+_CONFIG_FIELDS = [name for name in HopeConfig.__annotations__ if name not in RUNTIME_SWITCHES]
 
 _MIXER_NAMES = {
     "linear_attention": "self-modifying Titans",

@@ -241,12 +241,13 @@ class HopeConfig(PreTrainedConfig):
             compiled by `torch.compile` (Inductor). Compiles in the first step; numbers equal up to float32
             rounding. Needs what `torch.compile` needs (Triton on a GPU, a C++ compiler on a CPU). Eval mode stays
             eager. Speed: docs/performance.md.
-        memory_kernels (`str`, defaults to `"auto"`): runtime switch (not saved). Where the Titans memory scan of
+        memory_kernels (`str`, defaults to `"torch"`): runtime switch (not saved). Where the Titans memory scan of
             linear memories (`memory_depth=1`) runs fused Triton kernels, one launch per chunk and layer forward and
-            one backward (training, evaluation, decoding): `"auto"` on CUDA tensors where the `triton` package is
+            one backward (training, evaluation, decoding): `"torch"` never (the default until the kernels have been
+            checked on a GPU), `"auto"` on CUDA tensors where the `triton` package is
             installed (`pip install 'hope-hf[gpu]'`) except in training with `compile_chunk_step` on, `"triton"`
             on any device (CPU tensors only under Triton's
-            interpreter, `TRITON_INTERPRET=1`; an error without triton), `"torch"` never. Numbers and gradients equal
+            interpreter, `TRITON_INTERPRET=1`; an error without triton). Numbers and gradients equal
             the torch path up to float32 rounding (docs/performance.md).
         cms_levels (`list[dict]`, *optional*): CMS levels, lowest first, each `{"period": tokens,
             "intermediate_size": n}`; `period` 0 means frozen (a plain MLP). Defaults to
@@ -293,7 +294,7 @@ class HopeConfig(PreTrainedConfig):
     recompute_memory_states: bool = _bool_field(True)
     memory_cuda_graphs: bool = _bool_field(False)  # runtime switches: never saved (RUNTIME_SWITCHES)
     compile_chunk_step: bool = _bool_field(False)
-    memory_kernels: str = _choice_field("auto", MEMORY_KERNELS)
+    memory_kernels: str = _choice_field("torch", MEMORY_KERNELS)
     # continuum memory system
     cms_levels: list[dict] | None = None
     cms_variant: str = _choice_field("sequential", CMS_VARIANTS)

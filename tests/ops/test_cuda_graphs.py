@@ -1,7 +1,7 @@
 """`memory_cuda_graphs`: the Titans memory scan replayed from CUDA graphs in training gives the eager numbers.
 
-The tests that capture graphs need a CUDA device (skipped elsewhere: `python -m pytest tests/ops/test_cuda_graphs.py` on a
-CUDA machine). On a CPU the option must change nothing, and what the graphs hold is checked eagerly.
+The tests that capture graphs need a CUDA device (skipped elsewhere: `python -m pytest tests/ops/test_cuda_graphs.py`
+on a CUDA machine). On a CPU the option must change nothing, and what the graphs hold is checked eagerly.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def test_memory_kernels_is_a_checked_runtime_switch(tmp_path, monkeypatch):
     config = small_config("linear", memory_kernels="triton")
     config.save_pretrained(tmp_path)
     assert "memory_kernels" not in (tmp_path / "config.json").read_text()
-    assert HopeConfig.from_pretrained(tmp_path).memory_kernels == "auto"
+    assert HopeConfig.from_pretrained(tmp_path).memory_kernels == "torch"
     with pytest.raises(ValueError, match=r"(?s)memory_kernels.*'auto', 'torch', 'triton'"):
         HopeConfig(memory_kernels="cuda")
     monkeypatch.setattr(memory_chunk, "_kernels_module", lambda: None)

@@ -25,6 +25,7 @@ from hope_hf.cards import (
     preset_card_filename,
     write_preset_cards,
 )
+from hope_hf.configuration_hope import RUNTIME_SWITCHES
 from hope_hf.hub import MODEL_CODE_FILES, HubPublishError, push_to_hub
 from hope_hf.modeling_hope import HOPE_AUTO_MAP
 from hope_hf.presets import available_presets, get_preset
@@ -133,6 +134,8 @@ def test_push_uploads_exactly_the_expected_files_and_a_card_that_parses(online, 
         k: getattr(config, k) for k in exact if k != "model_type"
     }
     assert exact["cms_levels"] == config.cms_levels and exact["chunk_size"] == 4 and exact["num_hidden_layers"] == 2
+    saved = json.loads((uploaded / "config.json").read_text())  # the card's config holds what config.json holds
+    assert set(exact) <= set(saved) and not set(exact) & set(RUNTIME_SWITCHES)
     assert "| Titans chunk size | 4 tokens |" in text
     assert "| 1 | 0 (frozen) | 48 |" in text and "| 2 | 16 | 24 |" in text
     assert "- **data**: Python standard library sources" in text and "- **tokens**: 2.1M" in text

@@ -26,6 +26,7 @@ __all__ = [
     "log",
     "resolve_device",
     "same_or_nested",
+    "wants_suite",
 ]
 
 
@@ -276,3 +277,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, **gen_kwar
         )
     model.train(was_training)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def wants_suite(argv: list[str]) -> bool:
+    """True when the ``eval`` arguments ask for the long-context suite (``--task``)."""
+    return any(a == "--task" or a.startswith("--task=") for a in argv)

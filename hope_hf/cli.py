@@ -33,7 +33,7 @@ from ._cli_arguments import (
     TrainingDefaults,
     make_parser,
 )
-from ._cli_common import CliError, CliFailure, describe_exception
+from ._cli_common import CliError, CliFailure, describe_exception, wants_suite
 
 __all__ = ["COMMANDS", "main"]
 
@@ -83,7 +83,7 @@ def print_help(command: str, everything: bool = False) -> None:
 
 
 def _wants_help(command: str, argv: list[str]) -> bool:
-    if command == "eval" and any(a == "--task" or a.startswith("--task=") for a in argv):
+    if command == "eval" and wants_suite(argv):
         return False  # the long-context suite's own parser answers its --help
     return any(a in ("-h", "--help", HELP_ALL) for a in argv)
 
@@ -103,7 +103,6 @@ def _usage() -> str:
     lines += [f"  {name:<9} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "--debug (or HOPE_HF_DEBUG=1): show the traceback of a failure instead of its one-line message"]
     return "\n".join(lines)
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,11 @@ import importlib.util
 import json
 import os
 
-from .._cli_common import CliError, load_model_and_tokenizer
+from .._cli_common import CliError, load_model_and_tokenizer, wants_suite
 from .._outputs import MANIFEST_NAME, SUITE_COMMAND, is_run_of
 from .tasks import TASKS, TaskError, parse_depths, parse_lengths
 
 __all__ = ["build_suite_parser", "cmd_eval_suite", "wants_suite"]
-
-
-def wants_suite(argv: list[str]) -> bool:
-    """True when the ``eval`` arguments ask for the long-context suite (``--task``)."""
-    return any(a == "--task" or a.startswith("--task=") for a in argv)
 
 
 def build_suite_parser() -> argparse.ArgumentParser:

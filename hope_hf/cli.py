@@ -767,12 +767,14 @@ def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: 
     """(The trainer, its `train` result, the wall time of training in seconds)."""
     from transformers import Trainer
 
+    from .threads import FreeCoreThreadsCallback
     from .training import HopeTrainer
 
     trainer_cls = HopeTrainer if model_args.continuum else Trainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
+    trainer.add_callback(FreeCoreThreadsCallback(report=log))  # CPU threads from the free cores, re-checked
     t0 = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -889,12 +891,14 @@ def cmd_eval(argv: list[str]) -> dict:
         return cmd_eval_suite(argv)
     from .data import check_seq_len
     from .evaluation.perplexity import evaluate_perplexity
+    from .threads import FreeCoreThreads
 
     (a,) = _parse("eval", argv)
     if a.output_file:
         _check_output_file(a.output_file, a.overwrite_output_file)
     model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     for_option("--seq_len", check_seq_len, a.seq_len, model.config)
+    print(FreeCoreThreads().start().describe(), file=sys.stderr)  # stdout is the JSON result
     ds = _eval_dataset(a, tokenizer, model.config)
     result = evaluate_perplexity(model, tokenizer, ds, a.batch_size)
     result = {"model": a.model_name_or_path, "data": a.data, "split": a.split, "seq_len": a.seq_len,

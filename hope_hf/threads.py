@@ -44,12 +44,15 @@ def threads_for(cores: int, used_by_others: float) -> int:
 def user_thread_choice(cores: int, environ=None) -> str | None:
     """How the user chose torch's intra-op thread count (an environment variable, or `torch.set_num_threads` to a
     count other than the default of one per core), or None if nothing was chosen."""
+    return _environment_choice(environ) or (
+        f"torch.set_num_threads({torch.get_num_threads()})" if torch.get_num_threads() != cores else None)
+
+
+def _environment_choice(environ=None) -> str | None:
     environ = os.environ if environ is None else environ
     for name in _THREAD_VARIABLES:
         if environ.get(name, "").strip():
             return f"{name}={environ[name].strip()}"
-    if torch.get_num_threads() != cores:
-        return f"torch.set_num_threads({torch.get_num_threads()})"
     return None
 
 
@@ -63,16 +66,15 @@ class CpuTimes(NamedTuple):
 
 def read_cpu_times(cpus, stat_path: str = "/proc/stat") -> CpuTimes:
     """Busy seconds (all but idle and iowait) of the CPUs numbered `cpus` since boot, from `stat_path`."""
-    ticks = os.sysconf("SC_CLK_TCK")
     wanted = {f"cpu{c}" for c in cpus}
     busy = 0
-    with open(stat_path) as f:
+    with open(stat_path) as f:  # first: where there is no /proc/stat, there is no os.sysconf either (Windows)
         for line in f:
             fields = line.split()
             if fields and fields[0] in wanted:
                 values = [int(v) for v in fields[1:8]]  # user nice system idle iowait irq softirq
                 busy += sum(values) - values[3] - values[4]
-    return CpuTimes(busy / ticks, time.process_time(), time.monotonic())
+    return CpuTimes(busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic())
 
 
 def used_by_others(before: CpuTimes, after: CpuTimes) -> float:
@@ -95,7 +97,9 @@ class FreeCoreThreads:
         if period <= 0:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         self.period = period
-        self.cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+        if cpus is None:  # the CPUs this process may run on (Linux); elsewhere every CPU
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.cpus = sorted(cpus)
         self.reader = reader
         self.threads = torch.get_num_threads()
         self.reason = NOT_STARTED
@@ -104,14 +108,17 @@ class FreeCoreThreads:
 
     def start(self, wait: float = 0.25) -> FreeCoreThreads:
         """Choose the thread count from two readings `wait` seconds apart, unless the user chose it; returns self."""
-        choice = user_thread_choice(len(self.cpus))
+        self.threads = torch.get_num_threads()
+        choice = _environment_choice()
+        if choice is None:
+            try:
+                self._last = self.reader(self.cpus)
+            except (OSError, ValueError) as err:  # no /proc/stat (not Linux) or an unreadable one: torch's default
+                self.reason = f"torch's default (cannot read the CPU load: {err})"
+                return self
+            choice = user_thread_choice(len(self.cpus))  # (torch's default differs from the CPU count elsewhere)
         if choice is not None:
-            self.threads, self.reason = torch.get_num_threads(), f"chosen by the user ({choice})"
-            return self
-        try:
-            self._last = self.reader(self.cpus)
-        except (OSError, ValueError) as err:  # no /proc/stat (not Linux) or an unreadable one: torch's default
-            self.threads, self.reason = torch.get_num_threads(), f"torch's default (cannot read the CPU load: {err})"
+            self.reason = f"chosen by the user ({choice})"
             return self
         time.sleep(wait)
         self.adapting = True

@@ -189,3 +189,16 @@ def test_language_modeling_quick(tmp_path):
     for row in report["results"]:
         assert len(row["train_losses"]) == 3 and math.isfinite(row["eval_perplexity"])
         assert [b["positions"] for b in row["loss_by_position"]] == [[1, 32], [33, 63]]
+
+
+def test_cpu_threads_quick(tmp_path):
+    """Each thread setting is measured idle and with a busy loop on one core, in the order run (A/B/A/B)."""
+    report = run_quick("cpu_threads.py", tmp_path)
+    settings = report["config"]["settings"]
+    assert [(r["setting"], r["condition"]) for r in report["rows"]] == [(s, c) for s in settings
+                                                                        for c in ("idle", "busy")]
+    for row in report["rows"]:
+        assert row["stream_tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
+    assert [line["setting"] for line in report["table"]] == settings
+    for line in report["table"]:
+        assert math.isclose(line["stream_slowdown_when_busy"], line["stream_idle"] / line["stream_busy"])

@@ -81,8 +81,9 @@ def test_the_users_choice_is_respected(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     torch.set_num_threads(3)
     assert user_thread_choice(2) == "torch.set_num_threads(3)"
-    assert FreeCoreThreads(cpus=[0, 1], reader=unread).start(wait=0).describe() == (
-        "CPU threads: 3 (chosen by the user (torch.set_num_threads(3)))")
+    threads = FreeCoreThreads(cpus=[0, 1], reader=FakeLoad((0.25, 0.0, 0.0))).start(wait=0)
+    assert threads.describe() == "CPU threads: 3 (chosen by the user (torch.set_num_threads(3)))"
+    assert not threads.adapting and torch.get_num_threads() == 3
 
 
 def test_a_thread_count_set_during_the_run_stops_the_adapting():

@@ -135,7 +135,11 @@ class FreeCoreThreads:
             self.threads = torch.get_num_threads()
             self.reason = f"chosen by the user (torch.set_num_threads({self.threads}) during the run)"
             return self.threads
-        now = self.reader(self.cpus)
+        try:
+            now = self.reader(self.cpus)
+        except (OSError, ValueError) as err:  # the load cannot be read any more: keep the count
+            self.adapting, self.reason = False, f"{self.reason}; no longer re-checked ({err})"
+            return self.threads
         if now.clock - self._last.clock >= self.period:
             self._apply(self._measure(now))
         return self.threads
@@ -151,13 +155,12 @@ class FreeCoreThreads:
     def _apply(self, others: float) -> None:
         self.threads = threads_for(len(self.cpus), others)
         torch.set_num_threads(self.threads)
-        self.reason = (f"{self.threads} of {len(self.cpus)} cores free (other processes used {others:.1f} cores); "
-                       f"re-checked every {self.period:g} s")
+        self.reason = f"{self.threads} of {len(self.cpus)} cores free (other processes used {others:.1f} cores)"
 
 
 class FreeCoreThreadsCallback(TrainerCallback):
-    """`Trainer` callback: `FreeCoreThreads.start()` when training begins (unless started already; its line
-    `describe()` passed to `report`, if given), `update()` before every training step (on the main thread, where
+    """`Trainer` callback: `FreeCoreThreads.start()` when training begins (unless started already; its one-line
+    description passed to `report`, if given), `update()` before every training step (on the main thread, where
     torch's thread count applies)."""
 
     def __init__(self, threads: FreeCoreThreads | None = None, report=None):
@@ -168,7 +171,8 @@ class FreeCoreThreadsCallback(TrainerCallback):
         if self.threads.reason == NOT_STARTED:
             self.threads.start()
         if self.report is not None:
-            self.report(self.threads.describe())
+            again = f"; re-checked every {self.threads.period:g} s" if self.threads.adapting else ""
+            self.report(self.threads.describe() + again)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.threads.update()

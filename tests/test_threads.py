@@ -35,6 +35,8 @@ class FakeLoad:
     def __call__(self, cpus):
         self.calls += 1
         if self.calls > 1:
+            if not self.steps:
+                raise OSError("no more readings")
             clock, others, own = self.steps.pop(0)
             span = clock - self.times.clock
             self.times = CpuTimes(self.times.busy + (others + own) * span, self.times.own + own * span, clock)
@@ -63,8 +65,7 @@ def test_a_busy_core_is_left_out_and_taken_back_when_free():
     load = FakeLoad((0.25, 1.0, 0.0), (10.0, 0.0, 1.0), (31.0, 0.0, 1.0), (62.0, 1.0, 1.0))
     threads = FreeCoreThreads(period=30, cpus=[0, 1], reader=load).start(wait=0)
     assert threads.threads == torch.get_num_threads() == 1 and threads.adapting
-    assert threads.describe() == ("CPU threads: 1 (1 of 2 cores free (other processes used 1.0 cores); "
-                                  "re-checked every 30 s)")
+    assert threads.describe() == "CPU threads: 1 (1 of 2 cores free (other processes used 1.0 cores))"
     assert threads.update() == 1  # 10 s after the last reading: not yet re-measured
     assert threads.update() == 2 == torch.get_num_threads()  # 31 s: the other process has stopped
     assert threads.update() == 1 == torch.get_num_threads()  # 62 s: busy again
@@ -102,6 +103,9 @@ def test_unreadable_load_keeps_torchs_default():
 
     threads = FreeCoreThreads(cpus=[0, 1], reader=missing).start(wait=0)
     assert threads.threads == 2 and not threads.adapting and "cannot read the CPU load" in threads.reason
+    load = FakeLoad((0.25, 1.0, 0.0))
+    threads = FreeCoreThreads(cpus=[0, 1], reader=load).start(wait=0)
+    assert threads.update() == 1 and not threads.adapting and "no longer re-checked" in threads.reason
 
 
 def test_bad_period_is_refused_by_name():
@@ -126,7 +130,7 @@ def test_callback_starts_reports_and_updates():
     lines = []
     callback = FreeCoreThreadsCallback(FreeCoreThreads(cpus=[0, 1], reader=load), report=lines.append)
     callback.on_train_begin(None, None, None)
-    assert lines == ["CPU threads: 1 (1 of 2 cores free (other processes used 1.0 cores); re-checked every 30 s)"]
+    assert lines == ["CPU threads: 1 (1 of 2 cores free (other processes used 1.0 cores)); re-checked every 30 s"]
     callback.on_step_begin(None, None, None)
     assert torch.get_num_threads() == 2
 
@@ -147,8 +151,8 @@ def test_cli_train_and_eval_report_their_threads(tmp_path, capsys, monkeypatch):
                  "--per_device_train_batch_size", "2", "--max_eval_samples", "2", "--disable_tqdm", "true",
                  "--sample_max_new_tokens", "2"]) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU threads")]
-    match = re.fullmatch(rf"CPU threads: (\d+) \(\1 of {cores} cores free \(other processes used \d+\.\d cores\); "
-                         r"re-checked every 30 s\)", line)
+    match = re.fullmatch(rf"CPU threads: (\d+) \(\1 of {cores} cores free \(other processes used \d+\.\d cores\)\); "
+                         r"re-checked every 30 s", line)
     assert match, line
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)

@@ -115,6 +115,7 @@ def stop(process: subprocess.Popen) -> None:
 
 def measure(args, setting: str, condition: str) -> dict:
     """One worker process for `setting`, with the busy loop running if `condition` is "busy"."""
+    # each setting chooses its own threads: a thread count in this environment would make them all the same
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(SETTINGS[setting][0])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

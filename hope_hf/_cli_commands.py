@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ._cli_arguments import ConvertArguments, EvalArguments, GenerateArguments, _parse_extra_levels, parse_arguments
@@ -29,12 +30,14 @@ def cmd_eval(argv: list[str]) -> dict:
         return cmd_eval_suite(argv)
     from .data import check_seq_len
     from .evaluation.perplexity import evaluate_perplexity
+    from .threads import FreeCoreThreads
 
     (a,) = parse_arguments("eval", (EvalArguments,), argv)
     if a.output_file:
         check_output_file(a.output_file, a.overwrite_output_file)
     model, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.tokenizer_name_or_path, a.device)
     for_option("--seq_len", check_seq_len, a.seq_len, model.config)
+    print(FreeCoreThreads().start().describe(), file=sys.stderr)  # stdout is the JSON result
     ds = _eval_dataset(a, tokenizer, model.config)
     result = evaluate_perplexity(model, tokenizer, ds, a.batch_size)
     result = {"model": a.model_name_or_path, "data": a.data, "split": a.split, "seq_len": a.seq_len,

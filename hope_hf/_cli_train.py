@@ -244,12 +244,14 @@ def _run_trainer(model_args, args, model, tokenizer, train_ds, eval_ds, resume: 
     """(The trainer, its `train` result, the wall time of training in seconds)."""
     from transformers import Trainer
 
+    from .threads import FreeCoreThreadsCallback
     from .training import HopeTrainer
 
     trainer_cls = HopeTrainer if model_args.continuum else Trainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
+    trainer.add_callback(FreeCoreThreadsCallback(report=log))  # CPU threads from the free cores, re-checked
     _print_readable_logs(trainer)
     t0 = time.time()
     try:

@@ -203,3 +203,16 @@ def test_kernel_launches_quick(tmp_path):
         assert row["triton_launches_per_token_step"] == 1
         assert row["torch_forward_launches_per_chunk"] == row["torch_train_launches_per_chunk"] == 0
         assert row["triton_forward_aten_calls_per_chunk"] < row["torch_forward_aten_calls_per_chunk"] / 10
+
+
+def test_cpu_threads_quick(tmp_path):
+    """Each thread setting is measured idle and with a busy loop on one core, in the order run (A/B/A/B)."""
+    report = run_quick("cpu_threads.py", tmp_path)
+    settings = report["config"]["settings"]
+    assert [(r["setting"], r["condition"]) for r in report["rows"]] == [(s, c) for s in settings
+                                                                        for c in ("idle", "busy")]
+    for row in report["rows"]:
+        assert row["stream_tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
+    assert [line["setting"] for line in report["table"]] == settings
+    for line in report["table"]:
+        assert math.isclose(line["stream_slowdown_when_busy"], line["stream_idle"] / line["stream_busy"])

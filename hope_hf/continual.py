@@ -185,56 +185,18 @@ class StreamLearner:
             raise StreamLearnerError("the stream learner needs a HOPE model (a model whose config has cms_levels)")
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise StreamLearnerError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        num_levels = len(config.cms_levels)
-        if periods is None:
-            periods = [int(level["period"]) for level in config.cms_levels]
-        periods = list(periods)
-        if len(periods) != num_levels:
-            raise StreamLearnerError(f"periods has {len(periods)} entries, the model has {num_levels} CMS levels")
-        for i, p in enumerate(periods):
-            if not isinstance(p, int) or isinstance(p, bool) or p < 0:
-                raise StreamLearnerError(f"periods[{i}] must be an int >= 0 (0 = frozen), got {p!r}")
         self.model = model
         self.config = config
         self.chunk_size = chunk_size
-        self.periods = periods
+        self.periods = _checked_periods(config, periods)
         self.progress = progress
         model.eval()
 
         # The learner's own copies of the CMS weights of every level that learns (period > 0).
-        self.param_level: dict[str, int] = {}
-        self.weights: dict[str, torch.Tensor] = {}
-        for name, param in model.named_parameters():
-            match = CMS_PARAM_PATTERN.search(name)
-            if match is None:
-                continue
-            level = int(match.group(1))
-            if level >= num_levels:
-                raise StreamLearnerError(
-                    f"parameter {name!r} belongs to CMS level {level}, the config has {num_levels}")
-            if periods[level] == 0:
-                continue
-            self.param_level[name] = level
-            self.weights[name] = param.detach().clone().requires_grad_(True)
+        self.param_level, self.weights = _learning_cms_weights(model, self.periods)
         self.levels = sorted({level for level in self.param_level.values()})
         self.level_lr = self._level_lrs(lr)
-
-        groups = []
-        for level in self.levels:
-            params = [w for n, w in self.weights.items() if self.param_level[n] == level]
-            groups.append({"params": params, "lr": self.level_lr[level], "cms_level": level})
-        kwargs = dict(optimizer_kwargs or {})
-        if optimizer_cls is torch.optim.SGD:
-            kwargs.setdefault("momentum", 0.0)
-            kwargs.setdefault("weight_decay", 0.0)
-        if groups:
-            inner = optimizer_cls(groups, **kwargs)
-            levels_of = {self.weights[n]: (level, periods[level]) for n, level in self.param_level.items()}
-            self.optimizer: ContinuumOptimizer | None = ContinuumOptimizer(
-                inner, param_levels=levels_of, track_tokens=False, sync_tokens=False
-            )
-        else:
-            self.optimizer = None  # nothing learns (every period is 0): the learner only streams
+        self.optimizer: ContinuumOptimizer | None = self._build_optimizer(optimizer_cls, optimizer_kwargs)
 
         self.cache = HopeCache(config)
         self.pending = torch.empty(0, dtype=torch.long, device=self.device)
@@ -243,6 +205,23 @@ class StreamLearner:
         self.update_log: list[tuple[int, int]] = []  # (tokens_learned at the update, level), in order
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _build_optimizer(self, optimizer_cls, optimizer_kwargs) -> ContinuumOptimizer | None:
+        """One parameter group per learning level, stepped by the CMS rule; None where nothing learns (every period
+        is 0: the learner only streams)."""
+        if not self.levels:
+            return None
+        groups = []
+        for level in self.levels:
+            params = [w for n, w in self.weights.items() if self.param_level[n] == level]
+            groups.append({"params": params, "lr": self.level_lr[level], "cms_level": level})
+        kwargs = dict(optimizer_kwargs or {})
+        if optimizer_cls is torch.optim.SGD:
+            kwargs.setdefault("momentum", 0.0)
+            kwargs.setdefault("weight_decay", 0.0)
+        inner = optimizer_cls(groups, **kwargs)
+        levels_of = {self.weights[n]: (level, self.periods[level]) for n, level in self.param_level.items()}
+        return ContinuumOptimizer(inner, param_levels=levels_of, track_tokens=False, sync_tokens=False)
+
     def _level_lrs(self, lr) -> dict[int, float]:
         if isinstance(lr, Mapping):
             out = {int(k): float(v) for k, v in lr.items()}
@@ -498,3 +477,36 @@ class StreamLearner:
             f"level {i}: period {self.periods[i]}, lr {self.level_lr.get(i, 0.0):g}" for i in range(len(self.periods))
         )
         return f"StreamLearner({levels}; {self.tokens_learned} tokens learned)"
+
+
+def _checked_periods(config, periods) -> list[int]:
+    """The update period of every CMS level: the config's, or the given list (one int >= 0 per level)."""
+    num_levels = len(config.cms_levels)
+    if periods is None:
+        periods = [int(level["period"]) for level in config.cms_levels]
+    periods = list(periods)
+    if len(periods) != num_levels:
+        raise StreamLearnerError(f"periods has {len(periods)} entries, the model has {num_levels} CMS levels")
+    for i, p in enumerate(periods):
+        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+            raise StreamLearnerError(f"periods[{i}] must be an int >= 0 (0 = frozen), got {p!r}")
+    return periods
+
+
+def _learning_cms_weights(model: nn.Module, periods: list[int]) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """(parameter name -> CMS level, parameter name -> a trainable copy) for every level whose period is not 0."""
+    param_level: dict[str, int] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        match = CMS_PARAM_PATTERN.search(name)
+        if match is None:
+            continue
+        level = int(match.group(1))
+        if level >= len(periods):
+            raise StreamLearnerError(
+                f"parameter {name!r} belongs to CMS level {level}, the config has {len(periods)}")
+        if periods[level] == 0:
+            continue
+        param_level[name] = level
+        weights[name] = param.detach().clone().requires_grad_(True)
+    return param_level, weights

@@ -56,6 +56,18 @@ def _log_sigmoid(x):
 
 
 @triton.jit
+def _decays(log_alpha, rows):
+    """The chunk's retention products from per-token log-retentions (memory_common.decays): cumulative gamma g, its
+    value before each token, the pairwise decay (token t from token s < t) and the factors to the chunk's start and
+    end."""
+    g = tl.cumsum(log_alpha, 0)
+    g_prev = g - log_alpha
+    g_end = tl.sum(log_alpha, 0)
+    decay = tl.where(rows[:, None] > rows[None, :], tl.exp(g_prev[:, None] - g[None, :]), 0.0)
+    return g, g_prev, decay, tl.exp(g_prev), tl.exp(g_end), tl.exp(g_end - g)
+
+
+@triton.jit
 def _solve(lower, rhs, rows, L):
     """(I + lower)^-1 rhs for a strictly lower-triangular `lower` (the UT transform, Eq. 91): forward substitution,
     one token at a time."""
@@ -125,7 +137,7 @@ def _linear_chunk_kernel(
 ):
     pid = tl.program_id(0)
     r, h = (pid // H).to(tl.int64), (pid % H).to(tl.int64)
-    rows, cols_l, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+    rows, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
     tok, dim = rows < L, dims < D
     act_mask, w_mask = tok[:, None] & dim[None, :], dim[:, None] & dim[None, :]
     q = _tile(q_ptr + r * sq_r + h * sq_h, sq_t, sq_d, rows, dims, act_mask)
@@ -153,11 +165,7 @@ def _linear_chunk_kernel(
         log_alpha = tl.load(la_ptr + r * sl_r + h * sl_h + rows * sl_t, mask=tok, other=0.0).to(tl.float32)
     # decays (memory_common.decays): gamma as cumulative log-retentions, pad tokens retain everything
     log_alpha = log_alpha * write
-    g = tl.cumsum(log_alpha, 0)
-    g_prev = g - log_alpha
-    g_end = tl.sum(log_alpha, 0)
-    decay = tl.where(rows[:, None] > cols_l[None, :], tl.exp(g_prev[:, None] - g[None, :]), 0.0)
-    e_prev, e_end, to_end = tl.exp(g_prev), tl.exp(g_end), tl.exp(g_end - g)
+    g, g_prev, decay, e_prev, e_end, to_end = _decays(log_alpha, rows)
     dkk = decay * _mm(k, tl.trans(k))
     ksq = tl.sum(k * k, 1)
     for j in tl.static_range(N):  # every memory's gated delta rule (Eq. 88, 91)
@@ -385,11 +393,7 @@ def _linear_chunk_backward_kernel(
         v = _tile(b_ptr + r * sb_r + h * sb_h, sb_t, sb_d, rows, dims, act_mask)
         log_alpha = tl.load(la_ptr + r * sl_r + h * sl_h + rows * sl_t, mask=tok, other=0.0).to(tl.float32)
     log_alpha = log_alpha * write
-    g = tl.cumsum(log_alpha, 0)
-    g_prev = g - log_alpha
-    g_end = tl.sum(log_alpha, 0)
-    decay = tl.where(rows[:, None] > rows[None, :], tl.exp(g_prev[:, None] - g[None, :]), 0.0)
-    e_prev, e_end, to_end = tl.exp(g_prev), tl.exp(g_end), tl.exp(g_end - g)
+    g, g_prev, decay, e_prev, e_end, to_end = _decays(log_alpha, rows)
     kk = _mm(k, tl.trans(k))
     dkk = decay * kk
     ksq = tl.sum(k * k, 1)
